@@ -1,0 +1,60 @@
+"""Run items through a batched function: halve the batch on out-of-memory, isolate bad items.
+
+A crash of one batch must cost neither its neighbours' results nor the run: out-of-memory shrinks
+the batch and retries the same items (and the smaller size is kept for what follows); any other
+error retries the batch's items one by one, so only the item at fault is marked failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class Outcome(Generic[T, R]):
+    item: T
+    result: R | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class AdaptiveBatcher(Generic[T, R]):
+    fn: Callable[[list[T]], list[R]]
+    size: int
+
+    def run(self, items: list[T]) -> Iterator[list[Outcome[T, R]]]:
+        """Yield the outcomes batch by batch, in the items' order."""
+        start = 0
+        while start < len(items):
+            batch = items[start:start + self.size]
+            try:
+                results = self.fn(batch)
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded per item
+                if is_out_of_memory(exc) and self.size > 1:
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    self.size = max(1, self.size // 2)
+                    continue
+                yield self._one_by_one(batch) if len(batch) > 1 else [Outcome(batch[0], error=exc)]
+            else:
+                yield [Outcome(item, result) for item, result in zip(batch, results)]
+            start += len(batch)
+
+    def _one_by_one(self, batch: list[T]) -> list[Outcome[T, R]]:
+        outcomes = []
+        for item in batch:
+            try:
+                outcomes.append(Outcome(item, self.fn([item])[0]))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(Outcome(item, error=exc))
+        return outcomes

@@ -1,0 +1,102 @@
+"""Device leases: a GPU stage runs only while it holds one concrete device.
+
+Prefect's tag concurrency limits count slots but pick no device, and have leaked slots when a
+process was killed hard. A lease here is an exclusive `flock` on a file named for the physical
+device: the kernel drops it when the holder's process dies, however it dies, so a lease can
+never outlive its process, and every process on the machine (threads, Dask workers, separate
+runs) sees the same leases.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # what torch calls it in this process: "cpu", "cuda:0", …
+    physical_id: str  # stable across processes, whatever CUDA_VISIBLE_DEVICES says
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _cuda_device(index: int) -> Device:
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    return Device(f"cuda:{index}", f"gpu-{uuid}" if uuid else f"gpu-{index}")
+
+
+def visible_devices(requested: str = "auto") -> list[Device]:
+    """The devices a run may lease: every visible GPU for "auto", else what was asked for."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return [Device("cpu", "cpu")]
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+    if requested in ("auto", "cuda"):
+        return [_cuda_device(i) for i in range(torch.cuda.device_count())]
+    index = int(requested.split(":", 1)[1])
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
+    return [_cuda_device(index)]
+
+
+def default_dtype(device: Device, requested: str = "auto") -> torch.dtype:
+    """float32 on the CPU; on CUDA bfloat16 where supported, else float16."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.name == "cpu":
+        return torch.float32
+    index = int(device.name.split(":")[1])
+    return torch.bfloat16 if torch.cuda.get_device_capability(index)[0] >= 8 else torch.float16
+
+
+def lock_dir() -> Path:
+    path = Path(os.environ.get("CATALOGEN_LOCK_DIR", Path(tempfile.gettempdir()) / "catalogen-leases"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _try_lock(device: Device) -> int | None:
+    fd = os.open(lock_dir() / f"{device.physical_id}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} thread {threading.get_ident()}\n".encode())
+    return fd
+
+
+@contextmanager
+def lease(devices: list[Device], poll_seconds: float = 0.05, timeout: float | None = None) -> Iterator[Device]:
+    """Hold one of `devices` exclusively for the duration of the block.
+
+    Each `flock` is on its own open file, so threads of one process exclude each other too.
+    """
+    if not devices:
+        raise ValueError("no devices to lease")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for device in devices:
+            fd = _try_lock(device)
+            if fd is not None:
+                try:
+                    yield device
+                finally:
+                    os.close(fd)  # closing the file releases the lock
+                return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"no device free among {', '.join(map(str, devices))} after {timeout} s")
+        time.sleep(poll_seconds)
