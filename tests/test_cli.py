@@ -1,0 +1,117 @@
+"""The command line as users run it: subprocesses against a real `prefect server start`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from catalogen.cli import app
+from conftest import BIN, REPO, cli_env, prompts, write_catalog
+
+FAST_ARGS = ["--set", "generate.width=32", "--set", "generate.height=32"]
+
+
+def catalogen(*args: str, api_url: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "catalogen"), *args], env=cli_env(api_url), cwd=REPO, capture_output=True, text=True,
+        timeout=300, **kwargs,
+    )
+
+
+def api(url: str, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        f"{url}/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted((out / "stages" / "generate").glob("part-*.parquet"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(prefect_server: str, tmp_path: Path):
+    catalog = write_catalog(tmp_path / "catalog.parquet", prompts(16))
+    args = ["run", str(catalog), "--rows-per-shard", "2", "--set", "generate.steps=8"]
+
+    whole = catalogen(*args, "--out", str(tmp_path / "whole"), api_url=prefect_server)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [str(BIN / "catalogen"), *args, "--out", str(out)], env=cli_env(prefect_server), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not parts(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: CLI, flow, tasks, at once
+    proc.wait()
+    done_before = len(parts(out))
+    assert 1 <= done_before < 8, "the kill must land mid-run"
+    assert not (out / "results.parquet").exists()
+
+    again = catalogen(*args, "--out", str(out), api_url=prefect_server)
+    assert again.returncode == 0, again.stderr
+
+    columns = ["id", "variant", "status", "image_path", "image_sha256", "generate_seed", "generate_key"]
+    expected = pd.read_parquet(tmp_path / "whole" / "results.parquet", columns=columns)
+    got = pd.read_parquet(out / "results.parquet", columns=columns)
+    pd.testing.assert_frame_equal(expected, got)
+    assert not got.duplicated(["id", "variant"]).any()
+    # The finished shards were kept, and only the missing rows were generated again.
+    assert sum(pq.read_metadata(p).num_rows for p in parts(out)) == 16
+    info = json.loads((out / "run.json").read_text())
+    assert info["invocations"][-1]["pending"]["generate"] == 16 - 2 * done_before
+
+
+@pytest.mark.slow
+def test_demo_run_against_a_prefect_server(prefect_server: str, tmp_path: Path):
+    out = tmp_path / "demo"
+    result = catalogen("run", "catalogs/demo_prompts.parquet", "--out", str(out), "--set", "generate.steps=2",
+                       *FAST_ARGS, api_url=prefect_server)
+    assert result.returncode == 0, result.stderr
+    assert "25 rows: 25 ok, 0 failed, 0 skipped" in result.stdout
+    assert "generate" in result.stderr and "25/25" in result.stderr  # the progress bar's last state
+    runs = api(prefect_server, "flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    assert any(r["parameters"].get("out") == str(out) for r in runs)
+    tasks = api(prefect_server, "task_runs/filter", {})
+    assert any(t["name"].startswith("generate-") for t in tasks)
+    df = pd.read_parquet(out / "results.parquet")
+    assert df.source.eq("demo").all() and len(df) == 25
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_with_its_schedule(prefect_server: str):
+    env = cli_env(prefect_server)
+    created = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "catalogen", "--type", "process"],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+    deployments = api(prefect_server, "deployments/filter", {})
+    found = next(d for d in deployments if d["name"] == spec["name"])
+    assert found["parameters"] == spec["parameters"]
+    assert found["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert found["entrypoint"] == "flows/run.py:catalogen_run"
+
+
+def test_offline_run_with_missing_models_fails_fast(tmp_path: Path):
+    result = CliRunner().invoke(app, ["run", "catalogs/demo_prompts.parquet", "--profile", "sd15", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.output and "offline" in result.output
+    assert not (tmp_path / "o").exists()

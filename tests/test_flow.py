@@ -1,0 +1,141 @@
+"""The Prefect flow on its ephemeral API: outputs, resume, changed settings, --retry-failed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catalogen import models
+from catalogen.pngmeta import parse_parameters, read_png_text
+from catalogen.hashing import sha256_file
+from conftest import FAST, prompts, write_catalog
+from flows.run import catalogen_run
+
+
+def run(catalog: Path, out: Path, **kwargs) -> dict:
+    overrides = {**FAST, "rows_per_shard": 3, **kwargs.pop("overrides", {})}
+    return catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, **kwargs)
+
+
+def results(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "results.parquet")
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Path:
+    columns = prompts(7)
+    columns["guidance_scale"] = [None, None, 4.0, None, None, None, None]
+    columns["num_variants"] = [1, 2, 1, 1, 1, 1, 1]
+    columns["brand_note"] = [f"note {i}" for i in range(7)]  # unknown: passes through
+    return write_catalog(tmp_path / "catalog.parquet", columns)
+
+
+def test_outputs_follow_the_contract(tmp_path: Path, catalog: Path):
+    out = tmp_path / "out"
+    summary = run(catalog, out)
+    assert summary == {"rows": 8, "ok": 8, "failed": 0, "skipped": 0, "out": str(out), "crashed_shards": 0}
+
+    table = pq.read_table(out / "results.parquet")
+    names = table.column_names
+    assert names[:6] == ["id", "prompt", "guidance_scale", "num_variants", "brand_note", "variant"]
+    assert names[6:12] == ["status", "error", "image_path", "image_sha256", "image_width", "image_height"]
+    for column in ("generate_seed", "generate_model", "generate_model_revision", "generate_device", "generate_seconds",
+                   "generate_steps", "generate_scheduler", "generate_key"):
+        assert column in names
+    df = table.to_pandas()
+    assert list(zip(df.id, df.variant)) == [("row-0", 0), ("row-1", 0), ("row-1", 1), *[(f"row-{i}", 0) for i in range(2, 7)]]
+    assert df.brand_note.tolist()[:3] == ["note 0", "note 1", "note 1"]
+    assert set(df.generate_device) == {"cpu"} and set(df.generate_dtype) == {"float32"}
+    assert df.generate_guidance_scale.tolist()[3] == 4.0 and df.generate_guidance_scale.tolist()[0] == 7.5
+    assert df.generate_seed.nunique() == 8
+    for row in df.itertuples():
+        assert sha256_file(out / row.image_path) == row.image_sha256
+        parsed = parse_parameters(read_png_text(str(out / row.image_path))["parameters"])
+        assert (parsed["seed"], parsed["prompt"], parsed["width"]) == (row.generate_seed, row.prompt, 32)
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["generate"]["steps"] == 3
+    assert info["models"]["generate"]["revision"] == df.generate_model_revision[0]
+    assert {"torch", "diffusers", "prefect"} <= set(info["versions"])
+    assert len(list((out / "stages" / "generate").glob("part-*.parquet"))) == 3  # 8 rows, 3 per shard
+
+    # Other readers see the same table.
+    assert duckdb.sql(f"select count(*), count(distinct image_sha256) from '{out / 'results.parquet'}'").fetchall() == [(8, 8)]
+
+
+def test_rerun_does_nothing_and_loads_no_model(tmp_path: Path, catalog: Path):
+    out = tmp_path / "out"
+    run(catalog, out)
+    before = results(out)
+    parts = sorted(p.name for p in (out / "stages" / "generate").glob("*"))
+    models.clear_cache()
+    run(catalog, out)
+    assert models.load_count() == 0
+    assert sorted(p.name for p in (out / "stages" / "generate").glob("*")) == parts
+    pd.testing.assert_frame_equal(before, results(out))
+    info = json.loads((out / "run.json").read_text())
+    assert [i["pending"]["generate"] for i in info["invocations"]] == [8, 0]
+
+
+def test_a_changed_setting_recomputes_only_the_rows_it_affects(tmp_path: Path, catalog: Path):
+    out = tmp_path / "out"
+    run(catalog, out)
+    before = results(out).set_index(["id", "variant"])
+    run(catalog, out, overrides={"generate.guidance_scale": 9.0})
+    after = results(out).set_index(["id", "variant"])
+    changed = before.generate_image_sha256 != after.generate_image_sha256
+    # row-2 sets its own guidance_scale, so the new default does not touch it.
+    assert changed.to_dict() == {key: key[0] != "row-2" for key in before.index}
+    assert before.loc[("row-2", 0), "generate_finished_at"] == after.loc[("row-2", 0), "generate_finished_at"]
+    for path in before.image_path:  # nothing already produced was overwritten or lost
+        assert (out / path).exists()
+    assert set(after.generate_guidance_scale) == {9.0, 4.0}
+
+
+def test_retry_failed_recomputes_failed_rows_only(tmp_path: Path, catalog: Path):
+    from catalogen.config import load_config
+    from catalogen.runplan import prepare
+    from tasks import STAGES
+
+    out = tmp_path / "out"
+    # Make one image impossible to write: a folder already sits at its path.
+    plan = prepare(catalog, load_config(None, {**FAST, "rows_per_shard": 3}), out, STAGES)
+    planned = plan.planned["generate"].to_pylist()[4]
+    blocker = out / plan.store.image_path("generate", planned["id"], planned["variant"], planned["key"])
+    blocker.mkdir(parents=True)
+
+    summary = run(catalog, out)
+    assert (summary["ok"], summary["failed"]) == (7, 1)
+    first = results(out).set_index(["id", "variant"])
+    failed = first[first.status == "failed"]
+    assert list(failed.index) == [(planned["id"], planned["variant"])]
+    assert "could not write image" in failed.error.iloc[0]
+
+    blocker.rmdir()
+    assert run(catalog, out)["failed"] == 1  # a plain re-run keeps the recorded failure
+    assert run(catalog, out, retry_failed=True)["failed"] == 0
+    second = results(out).set_index(["id", "variant"])
+    assert (second.status == "ok").all()
+    redone = first.generate_finished_at != second.generate_finished_at
+    assert list(second.index[redone]) == [(planned["id"], planned["variant"])]
+
+
+def test_new_rows_in_the_catalog_are_the_only_work(tmp_path: Path):
+    out = tmp_path / "out"
+    small = write_catalog(tmp_path / "small.parquet", prompts(4))
+    run(small, out)
+    first = results(out).set_index("id")
+    grown = write_catalog(tmp_path / "grown.parquet", {k: v[:2] + ["brand new"] + v[2:] if k == "prompt" else v[:2] + ["new"] + v[2:] for k, v in prompts(4).items()})
+    run(grown, out)
+    second = results(out).set_index("id")
+    assert list(second.index) == ["row-0", "row-1", "new", "row-2", "row-3"]
+    for rid in first.index:
+        assert first.loc[rid, "generate_finished_at"] == second.loc[rid, "generate_finished_at"]
+        assert first.loc[rid, "image_sha256"] == second.loc[rid, "image_sha256"]
+    assert second.loc["new", "status"] == "ok"

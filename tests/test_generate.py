@@ -1,0 +1,181 @@
+"""The generate stage on the tiny profile: determinism, parity with plain diffusers, SDXL, safety."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from catalogen.config import RunConfig
+from catalogen.models import resolve_model
+from catalogen.pngmeta import parse_parameters, read_png_text
+from catalogen.hashing import sha256_file
+from conftest import fast_config, run_stage
+
+TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}
+
+
+def pixels(out: Path, table: pa.Table, row_id: str = "target") -> np.ndarray:
+    row = table.filter(pa.compute.equal(table.column("id"), row_id)).to_pylist()[0]
+    assert row["status"] == "ok", row["error"]
+    return np.asarray(Image.open(out / row["image_path"]))
+
+
+def as_columns(rows: list[dict]) -> dict[str, list]:
+    keys = sorted({k for r in rows for k in r}, key=lambda k: ["id", "prompt", "negative_prompt", "seed"].index(k))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def test_image_depends_on_its_row_only(tmp_path: Path):
+    others = [{"id": f"n{i}", "prompt": f"neighbour {i} " * (i + 1), "negative_prompt": "", "seed": i} for i in range(6)]
+    alone = run_stage(pa.table(as_columns([TARGET])), fast_config(**{"generate.batch_size": 1}), tmp_path / "alone")
+    in_four = run_stage(pa.table(as_columns([*others[:3], TARGET])), fast_config(**{"generate.batch_size": 4}), tmp_path / "four")
+    mixed = run_stage(
+        pa.table(as_columns([others[5], TARGET, *others[3:5]])), fast_config(**{"generate.batch_size": 3}), tmp_path / "mixed"
+    )
+    assert in_four.column("batch_size").to_pylist()[-1] == 4  # really batched
+    reference = pixels(tmp_path / "alone", alone)
+    assert reference.std() > 1  # a real image, not a constant
+    assert np.array_equal(reference, pixels(tmp_path / "four", in_four))
+    assert np.array_equal(reference, pixels(tmp_path / "mixed", mixed))
+    shas = {t.filter(pa.compute.equal(t.column("id"), "target")).column("image_sha256")[0].as_py() for t in (alone, in_four, mixed)}
+    assert len(shas) == 1  # byte-identical files, provenance chunks included
+
+
+def _plain_scheduler(name: str, config):
+    # Written out as a diffusers user would, independently of catalogen's scheduler table.
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "dpm++_2m_karras":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    return DDIMScheduler.from_config(config)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpm++_2m_karras", "ddim"])
+def test_matches_a_plain_diffusers_call(tmp_path: Path, scheduler: str):
+    cfg = fast_config(**{"generate.scheduler": scheduler, "generate.guidance_scale": 6.0, "generate.steps": 4})
+    table = run_stage(pa.table(as_columns([TARGET])), cfg, tmp_path)
+    ours = pixels(tmp_path, table)
+
+    identity = resolve_model(cfg.model_for("generate"), cfg)
+    pipe = StableDiffusionPipeline.from_pretrained(identity.path, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = _plain_scheduler(scheduler, pipe.scheduler.config)
+    image = pipe(
+        TARGET["prompt"], negative_prompt=TARGET["negative_prompt"], width=32, height=32,
+        num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(TARGET["seed"]),
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(image))
+
+
+def test_png_parameters_round_trip(tmp_path: Path):
+    row = {**TARGET, "prompt": 'a "quoted", comma: prompt\nover two lines'}
+    cfg = fast_config(**{"generate.scheduler": "dpm++_2m_karras"})
+    table = run_stage(pa.table(as_columns([row])), cfg, tmp_path)
+    result = table.to_pylist()[0]
+    path = tmp_path / result["image_path"]
+    assert sha256_file(path) == result["image_sha256"]
+    text = read_png_text(str(path))
+    parsed = parse_parameters(text["parameters"])
+    assert parsed["prompt"] == row["prompt"]
+    assert parsed["negative_prompt"] == "fog"
+    assert (parsed["seed"], parsed["steps"], parsed["width"], parsed["height"]) == (1234, 3, 32, 32)
+    assert (parsed["sampler"], parsed["Schedule type"], parsed["scheduler"]) == ("DPM++ 2M", "Karras", "dpm++_2m_karras")
+    assert parsed["guidance_scale"] == 7.5 and parsed["model"] == "tiny:sd15"
+    provenance = __import__("json").loads(text["catalogen"])
+    assert provenance["key"] == result["key"] and provenance["model_revision"] == result["model_revision"]
+
+
+def test_sdxl_shaped_pipeline_runs_through_the_same_path(tmp_path: Path):
+    cfg = fast_config(profile="tiny-sdxl", **{"generate.scheduler": "euler_a"})
+    table = run_stage(pa.table(as_columns([TARGET, {**TARGET, "id": "second", "seed": 9}])), cfg, tmp_path)
+    assert table.column("status").to_pylist() == ["ok", "ok"]
+    assert table.column("model").to_pylist()[0] == "tiny:sdxl"
+    ours = pixels(tmp_path, table)
+    identity = resolve_model(cfg.model_for("generate"), cfg)
+    pipe = StableDiffusionXLPipeline.from_pretrained(identity.path, add_watermarker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    image = pipe(
+        TARGET["prompt"], negative_prompt=TARGET["negative_prompt"], width=32, height=32,
+        num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(TARGET["seed"]),
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(image))
+
+
+def test_a_failing_row_fails_alone(tmp_path: Path):
+    from catalogen.catalog import expand_rows, validate_catalog
+    from catalogen.devices import Device
+    from catalogen.stage import StageContext
+    from catalogen.store import RunStore
+    from tasks import generate
+
+    cfg = fast_config()
+    rows = expand_rows(validate_catalog(pa.table(as_columns([TARGET, {**TARGET, "id": "other"}])), cfg), cfg)
+    identity = resolve_model(cfg.model_for("generate"), cfg)
+    planned = generate.plan(rows, cfg, identity)
+    # A size the pipeline rejects (validation would have refused it): only that row may fail.
+    planned = planned.set_column(planned.schema.get_field_index("width"), "width", pa.array([20, 32], pa.int32()))
+    out = generate.process(planned, StageContext(cfg, RunStore(tmp_path), identity, Device("cpu", "cpu"), torch.float32))
+    first, second = out.to_pylist()
+    assert first["status"] == "failed" and "divisible by 8" in first["error"] and first["image_path"] is None
+    assert second["status"] == "ok" and (tmp_path / second["image_path"]).exists()
+
+
+@pytest.fixture(scope="module")
+def flag_everything_model(tmp_path_factory) -> dict:
+    """A copy of the tiny SD1.5 model whose safety checker flags every image."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    source = Path(resolve_model(fast_config().model_for("generate"), fast_config()).path)
+    folder = tmp_path_factory.mktemp("strict") / "sd15"
+    shutil.copytree(source, folder)
+    checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker")
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine similarity is always above -2
+    checker.save_pretrained(folder / "safety_checker")
+    return {"repo": str(folder), "kind": "sd15", "default_size": 64, "min_size": 16, "max_size": 512, "has_safety_checker": True}
+
+
+def test_safety_verdict_is_recorded_not_blacked_out(tmp_path: Path, flag_everything_model):
+    flagged = run_stage(pa.table(as_columns([TARGET])), fast_config(**{"generate.model": flag_everything_model}), tmp_path / "flag")
+    row = flagged.to_pylist()[0]
+    assert row["status"] == "ok" and row["safety_flagged"] is True
+    assert pixels(tmp_path / "flag", flagged).std() > 1  # not the pipeline's black square
+
+    default = run_stage(pa.table(as_columns([TARGET])), fast_config(), tmp_path / "default")
+    assert default.to_pylist()[0]["safety_flagged"] is False  # the tiny checker passes everything
+
+    cfg = fast_config(**{"generate.model": flag_everything_model, "generate.safety_checker": "withhold"})
+    withheld = run_stage(pa.table(as_columns([TARGET])), cfg, tmp_path / "withhold").to_pylist()[0]
+    assert withheld["status"] == "failed" and "safety checker" in withheld["error"]
+    assert withheld["image_path"] is None and not (tmp_path / "withhold" / "images").exists()
+
+    off = run_stage(pa.table(as_columns([TARGET])), fast_config(**{"generate.safety_checker": "off"}), tmp_path / "off")
+    assert off.to_pylist()[0]["safety_flagged"] is None
+
+
+def test_safety_checker_on_a_model_without_one_is_refused():
+    from catalogen.config import ConfigError
+    from tasks.generate import safety_mode
+
+    assert safety_mode(fast_config(profile="tiny-sdxl")) == "off"
+    with pytest.raises(ConfigError, match="has no safety checker"):
+        safety_mode(fast_config(profile="tiny-sdxl", **{"generate.safety_checker": "flag"}))
+
+
+def test_tiny_models_build_identically(tmp_path: Path):
+    # Same weights on every machine: the same row gives the same image everywhere.
+    first = resolve_model(fast_config().model_for("generate"), fast_config())
+    again = resolve_model(fast_config().model_for("generate"), RunConfig(cache_dir=tmp_path))
+    assert first.revision == again.revision and first.path != again.path

@@ -1,0 +1,187 @@
+"""The small pure pieces: configuration, batching, leases, atomic writes, PNG parameters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from catalogen.batching import AdaptiveBatcher
+from catalogen.config import ConfigError, load_config, parse_override
+from catalogen.devices import Device, lease
+from catalogen.pngmeta import format_parameters, parse_parameters
+from catalogen.store import RunStore, safe_name, write_atomic
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_yaml_then_overrides(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text("profile: tiny\nseed: 3\ngenerate:\n  steps: 12\n  scheduler: ddim\n")
+    cfg = load_config(path, dict([parse_override("generate.steps=30"), parse_override("rows_per_shard=8")]))
+    assert (cfg.seed, cfg.generate.steps, cfg.generate.scheduler, cfg.rows_per_shard) == (3, 30, "ddim", 8)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("generate:\n  steps: 0\n", {}, "generate.steps"),
+        ("generate:\n  stepz: 10\n", {}, "generate.stepz"),
+        ("profile: huge\n", {}, "unknown profile"),
+        ("", {"generate.scheduler": "magic"}, "generate.scheduler"),
+        ("", {"device": "tpu"}, "device must be"),
+        ("[1, 2]\n", {}, "mapping"),
+        ("a: [\n", {}, "not valid YAML"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path: Path, text, overrides, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_example_config_is_valid_and_bad_override_refused():
+    assert load_config("configs/run.example.yaml").generate.steps == 25
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("no-equals-sign")
+
+
+# --- batching ---------------------------------------------------------------------------------------
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_size():
+    calls = []
+
+    def fn(batch):
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return [x * 10 for x in batch]
+
+    batcher = AdaptiveBatcher(fn, size=8)
+    outcomes = [o for batch in batcher.run(list(range(7))) for o in batch]
+    assert [o.result for o in outcomes] == [x * 10 for x in range(7)]
+    assert calls == [7, 4, 2, 2, 2, 1]  # all 7 fail, 4 fail, then pairs; the last one alone
+    assert batcher.size == 2
+
+
+def test_a_bad_item_fails_alone():
+    def fn(batch):
+        if 3 in batch:
+            raise ValueError("three is bad")
+        return [x + 1 for x in batch]
+
+    outcomes = [o for batch in AdaptiveBatcher(fn, size=4).run(list(range(6))) for o in batch]
+    assert [o.result for o in outcomes] == [1, 2, 3, None, 5, 6]
+    assert isinstance(outcomes[3].error, ValueError)
+
+
+def test_out_of_memory_at_batch_size_one_is_a_row_failure():
+    def fn(batch):
+        raise torch.OutOfMemoryError("out of memory")
+
+    outcomes = [o for batch in AdaptiveBatcher(fn, size=2).run([1, 2]) for o in batch]
+    assert all(isinstance(o.error, torch.OutOfMemoryError) for o in outcomes)
+
+
+# --- leases -----------------------------------------------------------------------------------------
+
+CPU = Device("cpu", "test-device-a")
+
+
+def test_a_lease_is_exclusive_across_threads():
+    inside, overlaps = [], []
+
+    def work():
+        with lease([CPU], poll_seconds=0.005):
+            inside.append(1)
+            overlaps.append(len(inside))
+            time.sleep(0.02)
+            inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1] * 5
+
+
+def test_leases_spread_over_devices_and_time_out():
+    a, b = Device("cuda:0", "test-gpu-0"), Device("cuda:1", "test-gpu-1")
+    with lease([a, b]) as first, lease([a, b]) as second:
+        assert {first, second} == {a, b}
+        with pytest.raises(TimeoutError, match="no device free"):
+            with lease([a, b], timeout=0.1):
+                pass
+
+
+def test_a_lease_dies_with_its_process():
+    device = Device("cuda:0", "test-gpu-killed")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from catalogen.devices import Device, lease\n"
+            f"with lease([Device('cuda:0', '{device.physical_id}')]):\n"
+            "    print('held', flush=True); time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True, env=os.environ,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(TimeoutError):
+        with lease([device], timeout=0.2):
+            pass
+    holder.kill()  # SIGKILL: no cleanup code runs
+    holder.wait()
+    with lease([device], timeout=5) as got:
+        assert got == device
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path):
+    target = tmp_path / "sub" / "file.bin"
+    write_atomic(target, b"first")
+
+    with pytest.raises(TypeError):
+        write_atomic(target, object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+
+
+def test_image_names_cannot_escape_the_run_folder():
+    store = RunStore("/runs/x")
+    path = store.image_path("generate", "../../etc/passwd", 0, "ab" * 32)
+    assert ".." not in path and path.startswith("images/generate/ab/")
+    assert safe_name("/") == "row" and safe_name("é/ü x") == "x"
+
+
+# --- PNG parameters ---------------------------------------------------------------------------------
+
+
+def test_parameters_format_matches_a1111():
+    text = format_parameters(
+        "a cat", "blurry", steps=20, scheduler="euler_a", guidance_scale=7.0, seed=42, width=512, height=768,
+        model="runwayml/sd, v1", model_hash="abcdef1234",
+    )
+    assert text == (
+        "a cat\nNegative prompt: blurry\n"
+        'Steps: 20, Sampler: Euler a, CFG scale: 7.0, Seed: 42, Size: 512x768, Model hash: abcdef1234, Model: "runwayml/sd, v1"'
+    )
+    parsed = parse_parameters(text)
+    assert parsed["model"] == "runwayml/sd, v1" and parsed["scheduler"] == "euler_a" and parsed["height"] == 768
+
+
+def test_parameters_written_by_other_tools_parse():
+    # As A1111 writes them, with settings catalogen does not know and no negative prompt.
+    text = "masterpiece, (castle:1.3)\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 7, Size: 1024x1024, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Denoising strength: 0.4, Hires upscale: 2"
+    parsed = parse_parameters(text)
+    assert parsed["prompt"] == "masterpiece, (castle:1.3)" and parsed["negative_prompt"] == ""
+    assert parsed["scheduler"] == "dpm++_2m_karras" and parsed["Hires upscale"] == "2"
