@@ -17,7 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from catalogen.catalog import CatalogError, load_catalog
 from catalogen.config import PROFILES, ConfigError, load_config, parse_override
+from catalogen.devices import DeviceError
 from catalogen.models import MissingModelsError, resolve_models
+from catalogen.runplan import check
 
 app = typer.Typer(
     help="Turn Parquet catalogs into images with full provenance.",
@@ -48,19 +50,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _preflight(catalog: Path, config: Optional[Path], overrides: dict[str, Any]):
-    """Everything that can refuse the run, checked before anything is written or loaded."""
+def _preflight(catalog: Path, config: Optional[Path], overrides: dict[str, Any]) -> None:
+    """Refuse a bad catalog, configuration, device or model before Prefect even starts."""
     try:
-        cfg = load_config(config, overrides)
-        table = load_catalog(catalog, cfg)
-        resolve_models({name: cfg.model_for(name) for name in cfg.stages}, cfg)
-        if "generate" in cfg.stages:
-            from tasks.generate import safety_mode
-
-            safety_mode(cfg)
-    except (CatalogError, ConfigError, MissingModelsError) as exc:
+        check(catalog, load_config(config, overrides))
+    except (CatalogError, ConfigError, DeviceError, MissingModelsError) as exc:
         _fail(exc)
-    return cfg, table
 
 
 @app.command()

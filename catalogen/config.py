@@ -120,6 +120,9 @@ class RunConfig(_Strict):
             raise ValueError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        model = self.model_for("generate")
+        if self.generate.safety_checker not in (None, "off") and not model.has_safety_checker:
+            raise ValueError(f"generate.safety_checker={self.generate.safety_checker!r} but {model.repo} has no safety checker")
         return self
 
     def model_for(self, stage: str) -> ModelSpec:

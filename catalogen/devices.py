@@ -22,6 +22,10 @@ from typing import Iterator
 import torch
 
 
+class DeviceError(RuntimeError):
+    """The configured device is not on this machine."""
+
+
 @dataclass(frozen=True)
 class Device:
     name: str  # what torch calls it in this process: "cpu", "cuda:0", …
@@ -42,23 +46,21 @@ def visible_devices(requested: str = "auto") -> list[Device]:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return [Device("cpu", "cpu")]
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+        raise DeviceError(f"device {requested!r} requested but CUDA is not available")
     if requested in ("auto", "cuda"):
         return [_cuda_device(i) for i in range(torch.cuda.device_count())]
     index = int(requested.split(":", 1)[1])
     if index >= torch.cuda.device_count():
-        raise RuntimeError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
+        raise DeviceError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
     return [_cuda_device(index)]
 
 
 def default_dtype(device: Device, requested: str = "auto") -> torch.dtype:
-    """float32 on the CPU; on CUDA bfloat16 where supported, else float16."""
+    """float32 on the CPU; float16 on CUDA, as Stable Diffusion is usually run (diffusers upcasts
+    the SDXL VAE itself where float16 would overflow)."""
     if requested != "auto":
         return getattr(torch, requested)
-    if device.name == "cpu":
-        return torch.float32
-    index = int(device.name.split(":")[1])
-    return torch.bfloat16 if torch.cuda.get_device_capability(index)[0] >= 8 else torch.float16
+    return torch.float32 if device.name == "cpu" else torch.float16
 
 
 def lock_dir() -> Path:

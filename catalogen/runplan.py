@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import catalogen
 from catalogen.catalog import expand_rows, load_catalog, shard
 from catalogen.config import RunConfig
+from catalogen.devices import visible_devices
 from catalogen.hashing import sha256_file, stable_hash
 from catalogen.models import ModelIdentity, resolve_models
 from catalogen.stage import Stage
@@ -46,17 +47,27 @@ def default_out(catalog_path: str | Path, cfg: RunConfig, root: str | Path = "ou
     return Path(root) / f"{Path(catalog_path).stem}-{cfg.profile}"
 
 
+def check(catalog_path: str | Path, cfg: RunConfig) -> tuple[pa.Table, dict[str, ModelIdentity]]:
+    """Everything that can refuse a run, done before anything is written or a model loaded.
+
+    Raises CatalogError, DeviceError or MissingModelsError; returns the validated catalog and
+    every stage's model identity.
+    """
+    catalog = load_catalog(catalog_path, cfg)
+    visible_devices(cfg.device)  # a device that is not there fails now, not in every shard
+    return catalog, resolve_models({name: cfg.model_for(name) for name in cfg.stages}, cfg)
+
+
 def prepare(
     catalog_path: str | Path,
     cfg: RunConfig,
     out: str | Path | None,
     stages: Mapping[str, Stage],
 ) -> RunPlan:
-    """Validate, resolve models and plan every stage; nothing is written before all of that passes."""
+    """Check the run and plan every stage; nothing is written before all of that passes."""
     catalog_path = Path(catalog_path)
-    catalog = load_catalog(catalog_path, cfg)
+    catalog, identities = check(catalog_path, cfg)
     rows = expand_rows(catalog, cfg)
-    identities = resolve_models({name: cfg.model_for(name) for name in cfg.stages}, cfg)
     planned = {name: stages[name].plan(rows, cfg, identities[name]) for name in cfg.stages}
     store = RunStore(out if out is not None else default_out(catalog_path, cfg))
     return RunPlan(catalog_path, catalog, rows, cfg, store, identities, planned)

@@ -8,12 +8,15 @@ writes new files beside the old ones instead of overwriting them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -61,6 +64,10 @@ def safe_name(text: str, limit: int = 60) -> str:
     return cleaned or "row"
 
 
+class RunFolderBusy(RuntimeError):
+    """Another invocation is writing to the same run folder."""
+
+
 class RunStore:
     """One run's output folder (see DESIGN §3 for the layout)."""
 
@@ -88,6 +95,23 @@ class RunStore:
     def image_path(self, stage: str, row_id: str, variant: int, key: str, ext: str = "png") -> str:
         """Relative to the run folder, so a results table stays valid when the folder moves."""
         return f"images/{stage}/{key[:2]}/{safe_name(row_id)}-v{variant}-{key[:12]}.{ext}"
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the folder for one invocation; a second one at the same time is refused at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                raise RunFolderBusy(f"{self.root} is in use by another run ({holder or 'unknown holder'})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock, also when the process dies
 
     # -- writing --
     def write_image(self, relative: str, data: bytes) -> str:

@@ -7,16 +7,20 @@ output folder does only what is missing.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen.config import load_config
+from catalogen.devices import visible_devices
 from catalogen.progress import tracker
 from catalogen.runplan import (
+    RunPlan,
     assemble_results,
     pending_shards,
     prepare,
@@ -30,7 +34,31 @@ from tasks.runner import shard_task
 DEMO_CATALOG = "catalogs/demo_prompts.parquet"
 
 
-@flow(name="catalogen-run", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def _run_stage(plan: RunPlan, stage: str, todo: list[tuple[str, pa.Table]], window: int) -> list[str]:
+    """Submit one task run per shard, at most `window` at a time; returns the shards that crashed.
+
+    Shard inputs are written just before their task is submitted, so a million-row catalog never
+    has thousands of task runs (or shard files) waiting at once.
+    """
+    log = get_run_logger()
+    queue, in_flight, crashed = iter(todo), {}, []
+    while True:
+        for shard_name, rows in itertools.islice(queue, window - len(in_flight)):
+            write_shard_input(plan.store, stage, shard_name, rows)
+            in_flight[shard_task.submit(str(plan.store.root), stage, shard_name)] = (shard_name, rows.num_rows)
+        if not in_flight:
+            return crashed
+        future = next(as_completed(list(in_flight)))
+        shard_name, size = in_flight.pop(future)
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001 - its rows read as failed in the results
+            log.error("%s shard %s crashed: %s", stage, shard_name, exc)
+            crashed.append(shard_name)
+        tracker.shard(stage, shard_name, size)
+
+
+@flow(name="catalogen-run", task_runner=ThreadPoolTaskRunner())
 def catalogen_run(
     catalog: str = DEMO_CATALOG,
     out: str | None = None,
@@ -52,33 +80,22 @@ def catalogen_run(
     log = get_run_logger()
     cfg = load_config(config, {**(overrides or {}), "profile": profile})
     plan = prepare(catalog, cfg, out, STAGES)
-    shards = {name: pending_shards(plan, STAGES[name], retry_failed) for name in cfg.stages}
-    record_invocation(plan, {name: sum(t.num_rows for _, t in s) for name, s in shards.items()}, retry_failed)
-    log.info("run folder %s: %d rows (%d catalog ids)", plan.store.root, plan.rows.num_rows, plan.catalog.num_rows)
-    crashed = []
-    for name in cfg.stages:
-        todo = shards[name]
-        total = plan.rows.num_rows
-        tracker.begin(name, total)
-        tracker.shard(name, "(done before)", total - sum(t.num_rows for _, t in todo))
-        if not todo:
-            log.info("%s: nothing to do, every row is done", name)
-        futures = {}
-        for shard_name, rows in todo:
-            write_shard_input(plan.store, name, shard_name, rows)
-            future = shard_task.submit(str(plan.store.root), name, shard_name)
-            futures[future] = (shard_name, rows.num_rows)
-        for future in as_completed(list(futures)):
-            shard_name, size = futures[future]
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - the rows read as failed in the results
-                log.error("%s shard %s crashed: %s", name, shard_name, exc)
-                crashed.append(shard_name)
-            tracker.shard(name, shard_name, size)
-        tracker.end(name)
-    results = assemble_results(plan, STAGES)
-    plan.store.write_results(results)
+    with plan.store.exclusive():
+        shards = {name: pending_shards(plan, STAGES[name], retry_failed) for name in cfg.stages}
+        record_invocation(plan, {name: sum(t.num_rows for _, t in s) for name, s in shards.items()}, retry_failed)
+        log.info("run folder %s: %d rows (%d catalog ids)", plan.store.root, plan.rows.num_rows, plan.catalog.num_rows)
+        window = 2 * len(visible_devices(cfg.device))  # enough to keep every device busy, no more
+        crashed = []
+        for name in cfg.stages:
+            todo = shards[name]
+            tracker.begin(name, plan.rows.num_rows)
+            tracker.shard(name, "(done before)", plan.rows.num_rows - sum(t.num_rows for _, t in todo))
+            if not todo:
+                log.info("%s: nothing to do, every row is done", name)
+            crashed += _run_stage(plan, name, todo, window)
+            tracker.end(name)
+        results = assemble_results(plan, STAGES)
+        plan.store.write_results(results)
     summary = {**summarize(results), "out": str(plan.store.root), "crashed_shards": len(crashed)}
     log.info("results: %s", summary)
     create_markdown_artifact(

@@ -115,3 +115,10 @@ def test_offline_run_with_missing_models_fails_fast(tmp_path: Path):
     assert result.exit_code == 1
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.output and "offline" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_device_that_is_not_there_is_refused_up_front(tmp_path: Path):
+    result = CliRunner().invoke(app, ["run", "catalogs/demo_prompts.parquet", "--device", "cuda:99", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "CUDA is not available" in result.output or "GPU(s) visible" in result.output
+    assert not (tmp_path / "o").exists()

@@ -139,3 +139,14 @@ def test_new_rows_in_the_catalog_are_the_only_work(tmp_path: Path):
         assert first.loc[rid, "generate_finished_at"] == second.loc[rid, "generate_finished_at"]
         assert first.loc[rid, "image_sha256"] == second.loc[rid, "image_sha256"]
     assert second.loc["new", "status"] == "ok"
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path, catalog: Path):
+    from catalogen.store import RunFolderBusy, RunStore
+
+    out = tmp_path / "out"
+    with RunStore(out).exclusive():  # as another invocation would hold it
+        with pytest.raises(RunFolderBusy, match="in use by another run"):
+            run(catalog, out)
+    assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
+    assert run(catalog, out)["ok"] == 8  # free again once the holder is gone
