@@ -107,7 +107,7 @@ _SCHEDULER_CONFIG = dict(
 )
 
 
-def _safety_checker(folder: Path):
+def _safety_checker():
     """A tiny CLIP safety checker with thresholds that flag nothing, plus its image processor."""
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -129,13 +129,11 @@ def _safety_checker(folder: Path):
     return checker, processor
 
 
-def build_sd15(folder: Path) -> None:
-    import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _unet(**shape):
+    """The UNet both tiny pipelines share: two blocks, 32x32 latents; `shape` adds each family's parts."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
@@ -143,18 +141,36 @@ def build_sd15(folder: Path) -> None:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
+        **shape,
     )
+
+
+def _tokenizer(folder: Path):
+    """A CLIP tokenizer loaded back from the files written for it, and its vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    source = folder / "_tokenizer_src"
+    vocab = _write_clip_tokenizer(source)
+    tokenizer = CLIPTokenizer.from_pretrained(source)
+    shutil.rmtree(source)
+    return tokenizer, vocab
+
+
+def build_sd15(folder: Path) -> None:
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = _unet(cross_attention_dim=32, norm_num_groups=32)
     vae = _vae()
-    tok_dir = folder / "_tokenizer_src"
-    vocab = _write_clip_tokenizer(tok_dir)
+    tokenizer, vocab = _tokenizer(folder)
     text_encoder = CLIPTextModel(_text_config(vocab, 32, 32))
-    checker, processor = _safety_checker(folder)
+    checker, processor = _safety_checker()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        tokenizer=tokenizer,
         unet=unet,
         scheduler=PNDMScheduler.from_config(_SCHEDULER_CONFIG),
         safety_checker=checker,
@@ -162,23 +178,15 @@ def build_sd15(folder: Path) -> None:
         requires_safety_checker=True,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(tok_dir)
 
 
 def build_sdxl(folder: Path) -> None:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -189,9 +197,7 @@ def build_sdxl(folder: Path) -> None:
         norm_num_groups=1,
     )
     vae = _vae()
-    tok_dir = folder / "_tokenizer_src"
-    vocab = _write_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer, vocab = _tokenizer(folder)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(_text_config(vocab, 32, 32)),
@@ -204,7 +210,6 @@ def build_sdxl(folder: Path) -> None:
         add_watermarker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(tok_dir)
 
 
 _BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl}
