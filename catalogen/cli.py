@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from catalogen.catalog import CatalogError, load_catalog
@@ -46,7 +47,7 @@ def _overrides(items: list[str] | None, **named: Any) -> dict[str, Any]:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -136,6 +137,7 @@ def run(
     )
     _preflight(catalog, config, overrides)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
     from catalogen.progress import set_reporter
     from flows.run import catalogen_run
 

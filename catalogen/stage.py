@@ -6,8 +6,7 @@ nothing of Prefect, shards or files beyond `ctx.store`, so tests and benchmarks 
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import pyarrow as pa
@@ -31,7 +30,6 @@ class StageContext:
     device: Device
     dtype: torch.dtype
     progress: Callable[[int], None] = _ignore  # rows finished so far in this table
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("catalogen"))
 
 
 class Stage(Protocol):

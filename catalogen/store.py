@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -112,6 +113,15 @@ class RunStore:
             yield
         finally:
             os.close(fd)  # releases the lock, also when the process dies
+
+    def clear_leftovers(self) -> None:
+        """Remove shard inputs and half-written parts (what a killed invocation leaves behind).
+
+        Only safe while holding `exclusive()`: then no other invocation can be using them.
+        """
+        shutil.rmtree(self.root / "work", ignore_errors=True)
+        for tmp in (self.root / "stages").glob("*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     # -- writing --
     def write_image(self, relative: str, data: bytes) -> str:

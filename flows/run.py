@@ -81,6 +81,7 @@ def catalogen_run(
     cfg = load_config(config, {**(overrides or {}), "profile": profile})
     plan = prepare(catalog, cfg, out, STAGES)
     with plan.store.exclusive():
+        plan.store.clear_leftovers()
         shards = {name: pending_shards(plan, STAGES[name], retry_failed) for name in cfg.stages}
         record_invocation(plan, {name: sum(t.num_rows for _, t in s) for name, s in shards.items()}, retry_failed)
         log.info("run folder %s: %d rows (%d catalog ids)", plan.store.root, plan.rows.num_rows, plan.catalog.num_rows)
@@ -96,6 +97,7 @@ def catalogen_run(
             tracker.end(name)
         results = assemble_results(plan, STAGES)
         plan.store.write_results(results)
+        plan.store.clear_leftovers()
     summary = {**summarize(results), "out": str(plan.store.root), "crashed_shards": len(crashed)}
     log.info("results: %s", summary)
     create_markdown_artifact(

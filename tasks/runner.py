@@ -17,10 +17,13 @@ from prefect.cache_policies import NO_CACHE
 
 from catalogen.devices import default_dtype, lease, visible_devices
 from catalogen.progress import tracker
-from catalogen.runplan import read_config
+from catalogen.runplan import read_config, summarize
 from catalogen.stage import StageContext
 from catalogen.store import RunStore, write_parquet_atomic
 from tasks import STAGES
+
+
+MAX_LOGGED_FAILURES = 5  # per shard; every failure is in the results' error column
 
 
 def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
@@ -31,9 +34,9 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     source = store.shard_input_path(stage, shard)
     planned = pq.read_table(source)
     log = get_run_logger()
-    waited = time.perf_counter()
+    asked = time.perf_counter()
     with lease(visible_devices(cfg.device)) as device:
-        waited = time.perf_counter() - waited
+        waited = time.perf_counter() - asked
         started = time.perf_counter()
         ctx = StageContext(
             config=cfg,
@@ -46,14 +49,17 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
         out = module.process(planned, ctx)
     write_parquet_atomic(out, store.part_path(stage, shard))
     Path(source).unlink(missing_ok=True)
-    statuses = out.column("status").to_pylist()
-    counts = {s: statuses.count(s) for s in ("ok", "failed", "skipped")}
+    counts = summarize(out)
+    failures = [(r["id"], r["variant"], r["error"]) for r in out.select(["id", "variant", "status", "error"]).to_pylist()
+                if r["status"] == "failed"]
+    for row_id, variant, error in failures[:MAX_LOGGED_FAILURES]:
+        log.warning("%s row %s variant %s failed: %s", stage, row_id, variant, error)
     log.info(
         "%s shard %s: %d rows on %s in %.1f s (waited %.1f s for the device): %s",
         stage, shard, out.num_rows, device, time.perf_counter() - started, waited,
-        ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+        ", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "skipped") if counts[s]),
     )
-    return {"shard": shard, "rows": out.num_rows, "device": device.name, **counts}
+    return {"shard": shard, "device": device.name, **counts}
 
 
 shard_task = task(

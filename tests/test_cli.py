@@ -75,6 +75,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(prefect_server: 
     assert sum(pq.read_metadata(p).num_rows for p in parts(out)) == 16
     info = json.loads((out / "run.json").read_text())
     assert info["invocations"][-1]["pending"]["generate"] == 16 - 2 * done_before
+    assert not (out / "work").exists() and not list((out / "stages").rglob(".*.tmp"))  # no leftovers
 
 
 @pytest.mark.slow
