@@ -3,6 +3,9 @@
 A crash of one batch must cost neither its neighbours' results nor the run: out-of-memory shrinks
 the batch and retries the same items (and the smaller size is kept for what follows); any other
 error retries the batch's items one by one, so only the item at fault is marked failed.
+
+`fn(items, size)` gets the batch size in force as well as the items (possibly fewer), so it can
+pad every call to that size: see tasks/generate.py for why an image must not see its batch's shape.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
 @dataclass
 class Outcome(Generic[T, R]):
     item: T
+    batch_size: int
     result: R | None = None
     error: BaseException | None = None
 
 
 @dataclass
 class AdaptiveBatcher(Generic[T, R]):
-    fn: Callable[[list[T]], list[R]]
+    fn: Callable[[list[T], int], list[R]]
     size: int
 
     def run(self, items: list[T]) -> Iterator[list[Outcome[T, R]]]:
@@ -38,23 +42,23 @@ class AdaptiveBatcher(Generic[T, R]):
         while start < len(items):
             batch = items[start:start + self.size]
             try:
-                results = self.fn(batch)
+                results = self.fn(batch, self.size)
             except Exception as exc:  # noqa: BLE001 - every failure is recorded per item
                 if is_out_of_memory(exc) and self.size > 1:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     self.size = max(1, self.size // 2)
                     continue
-                yield self._one_by_one(batch) if len(batch) > 1 else [Outcome(batch[0], error=exc)]
+                yield self._one_by_one(batch) if len(batch) > 1 else [Outcome(batch[0], self.size, error=exc)]
             else:
-                yield [Outcome(item, result) for item, result in zip(batch, results)]
+                yield [Outcome(item, self.size, result) for item, result in zip(batch, results)]
             start += len(batch)
 
     def _one_by_one(self, batch: list[T]) -> list[Outcome[T, R]]:
         outcomes = []
         for item in batch:
             try:
-                outcomes.append(Outcome(item, self.fn([item])[0]))
+                outcomes.append(Outcome(item, self.size, self.fn([item], self.size)[0]))
             except Exception as exc:  # noqa: BLE001
-                outcomes.append(Outcome(item, error=exc))
+                outcomes.append(Outcome(item, self.size, error=exc))
         return outcomes

@@ -11,7 +11,6 @@ row gives the same image everywhere.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 TINY_MODELS = ("sd15", "sdxl")
 
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
@@ -39,23 +38,13 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _write_clip_tokenizer(folder: Path) -> int:
-    """Write a character-level CLIP BPE vocabulary; returns its size (the text encoder's vocab)."""
+def _clip_tokenizer():
+    """A character-level CLIP BPE tokenizer (every byte, alone and word-final, and no merges)."""
     from transformers import CLIPTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + list(_SPECIAL)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.save_pretrained(folder)
-    return len(tokens)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 def _text_config(vocab_size: int, hidden: int, projection: int):
@@ -145,17 +134,6 @@ def _unet(**shape):
     )
 
 
-def _tokenizer(folder: Path):
-    """A CLIP tokenizer loaded back from the files written for it, and its vocabulary size."""
-    from transformers import CLIPTokenizer
-
-    source = folder / "_tokenizer_src"
-    vocab = _write_clip_tokenizer(source)
-    tokenizer = CLIPTokenizer.from_pretrained(source)
-    shutil.rmtree(source)
-    return tokenizer, vocab
-
-
 def build_sd15(folder: Path) -> None:
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -164,8 +142,8 @@ def build_sd15(folder: Path) -> None:
     torch.manual_seed(0)
     unet = _unet(cross_attention_dim=32, norm_num_groups=32)
     vae = _vae()
-    tokenizer, vocab = _tokenizer(folder)
-    text_encoder = CLIPTextModel(_text_config(vocab, 32, 32))
+    tokenizer = _clip_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), 32, 32))
     checker, processor = _safety_checker()
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -197,11 +175,11 @@ def build_sdxl(folder: Path) -> None:
         norm_num_groups=1,
     )
     vae = _vae()
-    tokenizer, vocab = _tokenizer(folder)
+    tokenizer = _clip_tokenizer()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(_text_config(vocab, 32, 32)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, 32, 32)),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), 32, 32)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), 32, 32)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,

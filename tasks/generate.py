@@ -26,6 +26,7 @@ from catalogen.config import RunConfig
 from catalogen.hashing import stable_hash
 from catalogen.models import ModelIdentity, load_pipeline, load_safety_checker
 from catalogen.pngmeta import encode_png, format_parameters
+from catalogen.prompts import encode_sd, encode_sdxl, needs_own_encoding, plain_text, tokenize
 from catalogen.schedulers import make_scheduler
 from catalogen.stage import StageContext
 
@@ -91,7 +92,9 @@ def plan(rows: pa.Table, cfg: RunConfig, identity: ModelIdentity) -> pa.Table:
     """Each row's effective parameters (row override, else run default) and idempotency key.
 
     The key hashes exactly what changes the image: parameters, model identity, safety mode and
-    this stage's code version. Batch size and shard do not change an image, so they are left out.
+    this stage's code version. Shards and neighbours do not change an image; the batch size
+    changes only its last float bits (see `_generate`) and is a throughput setting, so it is left
+    out of the key and recorded per row instead.
     """
     g = cfg.generate
     model = cfg.model_for(NAME)
@@ -124,6 +127,7 @@ def plan(rows: pa.Table, cfg: RunConfig, identity: ModelIdentity) -> pa.Table:
 class _Job:
     position: int
     row: dict[str, Any]
+    chunks: int  # 0: the pipeline encodes the prompts itself; else 75-token chunks (see prompts.py)
 
 
 def _with_scheduler(pipe, scheduler):
@@ -138,22 +142,65 @@ def _with_scheduler(pipe, scheduler):
     return view
 
 
-def _generate(pipe, jobs: list[_Job]) -> list[Image.Image]:
+def _conditioning(pipe, jobs: list[_Job]) -> dict[str, Any]:
+    """The pipeline's prompt arguments for a batch whose rows share one encoding plan."""
+    chunks = jobs[0].chunks
+    positive = [job.row["prompt"] for job in jobs]
+    negative = [job.row["negative_prompt"] for job in jobs]
+    has_negative = bool(negative[0])  # part of the batch signature: all or none have one
+    if chunks == 0:
+        # None, not "", so SDXL zeroes the unconditional embedding exactly as a plain call does.
+        return {"prompt": [plain_text(p) for p in positive],
+                "negative_prompt": [plain_text(n) for n in negative] if has_negative else None}
+    if "text_encoder_2" not in pipe.components:
+        return {"prompt_embeds": torch.cat([encode_sd(pipe, p, chunks) for p in positive]),
+                "negative_prompt_embeds": torch.cat([encode_sd(pipe, n, chunks) for n in negative])}
+    embeds, pooled = (torch.cat(t) for t in zip(*(encode_sdxl(pipe, p, chunks) for p in positive)))
+    if has_negative or not pipe.config.force_zeros_for_empty_prompt:
+        negative_embeds, negative_pooled = (torch.cat(t) for t in zip(*(encode_sdxl(pipe, n, chunks) for n in negative)))
+    else:
+        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def _generate(pipe, jobs: list[_Job], size: int) -> list[Image.Image]:
+    """One pipeline call, always `size` images wide.
+
+    Kernels pick their blocking by batch shape, so the same row computed in a batch of 1 and of 4
+    differs in the last float bits (measured: ~1e-6, now and then one 8-bit level). At a fixed
+    shape each row's result does not depend on its neighbours or its place, so a short batch is
+    filled up with copies of its last row, whose images are dropped.
+    """
+    real = len(jobs)
+    jobs = jobs + [jobs[-1]] * (size - real)
     first = jobs[0].row
     view = _with_scheduler(pipe, make_scheduler(first["scheduler"], pipe.scheduler.config))
     generators = [torch.Generator("cpu").manual_seed(job.row["seed"]) for job in jobs]
     with torch.inference_mode():
         out = view(
-            prompt=[job.row["prompt"] for job in jobs],
-            negative_prompt=[job.row["negative_prompt"] for job in jobs],
+            **_conditioning(pipe, jobs),
             width=first["width"],
             height=first["height"],
             num_inference_steps=first["steps"],
             guidance_scale=first["guidance_scale"],
             generator=generators,
-            output_type="pil",
+            output_type="np",
         )
-    return out.images
+    arrays = out.images[:real]
+    if not all(np.isfinite(a).all() for a in arrays):
+        # Raised for the whole batch, the rows are retried one by one and only the bad one fails.
+        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}); try dtype float32")
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]  # as diffusers' "pil" output
+
+
+def _chunks(pipe, row: dict[str, Any]) -> int:
+    """How a row's prompts must be encoded: 0 by the pipeline, else in this many chunks (both
+    prompts alike, so their embeddings line up)."""
+    texts = (row["prompt"], row["negative_prompt"])
+    if not any(needs_own_encoding(pipe.tokenizer, t) for t in texts):
+        return 0
+    return max(tokenize(pipe.tokenizer, t).chunks for t in texts)
 
 
 def _safety_flags(ctx: StageContext, images: list[Image.Image]) -> list[bool]:
@@ -220,9 +267,12 @@ def _records(outcomes: list[Outcome], mode: str, ctx: StageContext) -> list[dict
     return records
 
 
-def _batch_signature(row: dict[str, Any]) -> tuple:
-    """Rows that can share one pipeline call: everything but prompts and seeds must match."""
-    return tuple(row[k] for k in ("width", "height", "steps", "guidance_scale", "scheduler"))
+def _batch_signature(job: _Job) -> tuple:
+    """Rows that can share one pipeline call without changing each other's image: everything but
+    the prompts' text and the seeds must match."""
+    row = job.row
+    return (*(row[k] for k in ("width", "height", "steps", "guidance_scale", "scheduler")),
+            bool(row["negative_prompt"]), job.chunks)
 
 
 def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
@@ -232,7 +282,8 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()
     groups: dict[tuple, list[_Job]] = {}
     for position, row in enumerate(rows):
-        groups.setdefault(_batch_signature(row), []).append(_Job(position, row))
+        job = _Job(position, row, _chunks(pipe, row))
+        groups.setdefault(_batch_signature(job), []).append(job)
 
     common = {
         "device": ctx.device.name,
@@ -241,18 +292,18 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
         "model_revision": ctx.identity.revision,
     }
     results: list[dict[str, Any] | None] = [None] * len(rows)
-    batcher = AdaptiveBatcher(lambda jobs: _generate(pipe, jobs), ctx.config.generate.batch_size)
+    batcher = AdaptiveBatcher(lambda jobs, size: _generate(pipe, jobs, size), ctx.config.generate.batch_size)
     done = 0
     for jobs in groups.values():
         started = time.perf_counter()
         for outcomes in batcher.run(jobs):
             records = _records(outcomes, mode, ctx)
-            seconds = (time.perf_counter() - started) / len(outcomes)  # batch time, shared out
+            seconds = (time.perf_counter() - started) / len(outcomes)  # batch time, shared by its rows
             finished = datetime.now(timezone.utc)
             for outcome, record in zip(outcomes, records):
                 results[outcome.item.position] = {
                     **outcome.item.row, **common, **record,
-                    "seconds": seconds, "batch_size": len(outcomes), "finished_at": finished,
+                    "seconds": seconds, "batch_size": outcome.batch_size, "finished_at": finished,
                 }
             done += len(outcomes)
             ctx.progress(done)

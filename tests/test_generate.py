@@ -39,13 +39,12 @@ def as_columns(rows: list[dict]) -> dict[str, list]:
 
 
 def test_image_depends_on_its_row_only(tmp_path: Path):
-    others = [{"id": f"n{i}", "prompt": f"neighbour {i} " * (i + 1), "negative_prompt": "", "seed": i} for i in range(6)]
-    alone = run_stage(pa.table(as_columns([TARGET])), fast_config(**{"generate.batch_size": 1}), tmp_path / "alone")
-    in_four = run_stage(pa.table(as_columns([*others[:3], TARGET])), fast_config(**{"generate.batch_size": 4}), tmp_path / "four")
-    mixed = run_stage(
-        pa.table(as_columns([others[5], TARGET, *others[3:5]])), fast_config(**{"generate.batch_size": 3}), tmp_path / "mixed"
-    )
-    assert in_four.column("batch_size").to_pylist()[-1] == 4  # really batched
+    others = [{"id": f"n{i}", "prompt": f"neighbour {i} " * (i + 1), "negative_prompt": f"blurry {i}", "seed": i} for i in range(6)]
+    cfg = fast_config(**{"generate.batch_size": 4})
+    alone = run_stage(pa.table(as_columns([TARGET])), cfg, tmp_path / "alone")
+    in_four = run_stage(pa.table(as_columns([*others[:3], TARGET])), cfg, tmp_path / "four")
+    mixed = run_stage(pa.table(as_columns([others[5], TARGET, *others[3:5], *others[:3]])), cfg, tmp_path / "mixed")
+    assert set(in_four.column("batch_size").to_pylist()) == {4}  # really batched
     reference = pixels(tmp_path / "alone", alone)
     assert reference.std() > 1  # a real image, not a constant
     assert np.array_equal(reference, pixels(tmp_path / "four", in_four))
@@ -65,7 +64,9 @@ def _plain_scheduler(name: str, config):
 
 @pytest.mark.parametrize("scheduler", ["euler_a", "dpm++_2m_karras", "ddim"])
 def test_matches_a_plain_diffusers_call(tmp_path: Path, scheduler: str):
-    cfg = fast_config(**{"generate.scheduler": scheduler, "generate.guidance_scale": 6.0, "generate.steps": 4})
+    # Batch size 1: the plain call makes one image, and results are exact only at equal batch shapes.
+    cfg = fast_config(**{"generate.scheduler": scheduler, "generate.guidance_scale": 6.0, "generate.steps": 4,
+                         "generate.batch_size": 1})
     table = run_stage(pa.table(as_columns([TARGET])), cfg, tmp_path)
     ours = pixels(tmp_path, table)
 
@@ -98,7 +99,7 @@ def test_png_parameters_round_trip(tmp_path: Path):
 
 
 def test_sdxl_shaped_pipeline_runs_through_the_same_path(tmp_path: Path):
-    cfg = fast_config(profile="tiny-sdxl", **{"generate.scheduler": "euler_a"})
+    cfg = fast_config(profile="tiny-sdxl", **{"generate.scheduler": "euler_a", "generate.batch_size": 1})
     table = run_stage(pa.table(as_columns([TARGET, {**TARGET, "id": "second", "seed": 9}])), cfg, tmp_path)
     assert table.column("status").to_pylist() == ["ok", "ok"]
     assert table.column("model").to_pylist()[0] == "tiny:sdxl"
@@ -107,7 +108,7 @@ def test_sdxl_shaped_pipeline_runs_through_the_same_path(tmp_path: Path):
     pipe = StableDiffusionXLPipeline.from_pretrained(identity.path, add_watermarker=False)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     image = pipe(
-        TARGET["prompt"], negative_prompt=TARGET["negative_prompt"], width=32, height=32,
+        TARGET["prompt"], negative_prompt=TARGET["negative_prompt"], width=32, height=32, guidance_scale=7.5,
         num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(TARGET["seed"]),
     ).images[0]
     assert np.array_equal(ours, np.asarray(image))
@@ -175,8 +176,97 @@ def test_safety_checker_on_a_model_without_one_is_refused():
         fast_config(profile="tiny-sdxl", **{"generate.safety_checker": "flag"})
 
 
+@pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
+def test_the_prompt_conditions_the_image(tmp_path: Path, profile: str):
+    # The tiny tokenizer reads real text, so the prompt (not only the seed) decides the pixels.
+    rows = [{"id": "a", "prompt": "a red door", "seed": 1}, {"id": "b", "prompt": "a blue boat", "seed": 1}]
+    table = run_stage(pa.table(as_columns(rows)), fast_config(profile=profile), tmp_path)
+    assert not np.array_equal(pixels(tmp_path, table, "a"), pixels(tmp_path, table, "b"))
+    tokenizer = _load_plain(fast_config(profile=profile)).tokenizer
+    assert tokenizer.decode(tokenizer("A red door!").input_ids, skip_special_tokens=True) == "a red door !"
+
+
 def test_tiny_models_build_identically(tmp_path: Path):
     # Same weights on every machine: the same row gives the same image everywhere.
     first = resolve_model(fast_config().model_for("generate"), fast_config())
     again = resolve_model(fast_config().model_for("generate"), RunConfig(cache_dir=tmp_path))
     assert first.revision == again.revision and first.path != again.path
+
+
+# --- long prompts and A1111 emphasis ---------------------------------------------------------------
+
+LONG = "a very detailed scene " * 6  # well past 75 tokens of the tiny (character-level) tokenizer
+
+
+def _load_plain(cfg: RunConfig):
+    identity = resolve_model(cfg.model_for("generate"), cfg)
+    if cfg.model_for("generate").kind == "sdxl":
+        return StableDiffusionXLPipeline.from_pretrained(identity.path, add_watermarker=False)
+    return StableDiffusionPipeline.from_pretrained(identity.path, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
+def test_own_encoding_of_a_plain_prompt_equals_the_pipelines(profile: str):
+    from catalogen.prompts import encode_sd, encode_sdxl
+
+    pipe = _load_plain(fast_config(profile=profile))
+    with torch.inference_mode():
+        if profile == "tiny":
+            expected = pipe.encode_prompt("a red fox", "cpu", 1, False)[0]
+            assert torch.equal(encode_sd(pipe, "a red fox", 1), expected)
+        else:
+            expected, _, pooled, _ = pipe.encode_prompt("a red fox", device="cpu", do_classifier_free_guidance=False)
+            embeds, own_pooled = encode_sdxl(pipe, "a red fox", 1)
+            assert torch.equal(embeds, expected) and torch.equal(own_pooled, pooled)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
+def test_the_end_of_a_long_prompt_is_not_dropped(tmp_path: Path, profile: str):
+    rows = [{"id": "a", "prompt": LONG + "with a red door"}, {"id": "b", "prompt": LONG + "with a blue boat"}]
+    table = run_stage(pa.table(as_columns([{**r, "seed": 5} for r in rows])), fast_config(profile=profile), tmp_path)
+    assert table.column("status").to_pylist() == ["ok", "ok"]
+    assert not np.array_equal(pixels(tmp_path, table, "a"), pixels(tmp_path, table, "b"))
+    # Plain diffusers truncates at 77 tokens, so for it the two prompts are one and the same.
+    pipe = _load_plain(fast_config(profile=profile))
+    a, b = (pipe(r["prompt"], width=32, height=32, num_inference_steps=3, generator=torch.Generator().manual_seed(5)).images[0]
+            for r in rows)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_emphasis_changes_the_image_and_weight_one_does_not(tmp_path: Path):
+    rows = [{"id": i, "prompt": p, "seed": 3} for i, p in
+            (("plain", "a cat on a mat"), ("one", "a (cat:1.0) on a mat"), ("strong", "a (cat:1.6) on a mat"),
+             ("nested", "a ((cat)) on a [mat]"))]
+    table = run_stage(pa.table(as_columns(rows)), fast_config(), tmp_path)
+    plain = pixels(tmp_path, table, "plain")
+    assert np.array_equal(plain, pixels(tmp_path, table, "one"))
+    assert not np.array_equal(plain, pixels(tmp_path, table, "strong"))
+    assert not np.array_equal(plain, pixels(tmp_path, table, "nested"))
+    # The emphasised row on its own gives the same image: weights do not leak across a batch.
+    alone = run_stage(pa.table(as_columns([rows[2]])), fast_config(), tmp_path / "alone")
+    assert np.array_equal(pixels(tmp_path / "alone", alone, "strong"), pixels(tmp_path, table, "strong"))
+
+
+def test_sdxl_without_negative_prompt_matches_a_plain_call(tmp_path: Path):
+    cfg = fast_config(profile="tiny-sdxl", **{"generate.batch_size": 1})
+    table = run_stage(pa.table(as_columns([{"id": "target", "prompt": "a lighthouse", "seed": 11}])), cfg, tmp_path)
+    pipe = _load_plain(cfg)
+    image = pipe("a lighthouse", width=32, height=32, guidance_scale=7.5, num_inference_steps=3,
+                 generator=torch.Generator().manual_seed(11)).images[0]
+    assert np.array_equal(pixels(tmp_path, table), np.asarray(image))
+
+
+def test_non_finite_pixels_fail_the_row_instead_of_shipping_garbage(tmp_path: Path):
+    from diffusers import AutoencoderKL
+
+    source = Path(resolve_model(fast_config().model_for("generate"), fast_config()).path)
+    folder = tmp_path / "broken"
+    shutil.copytree(source, folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(float("nan"))  # as an fp16 overflow would leave it
+    vae.save_pretrained(folder / "vae")
+    model = {"repo": str(folder), "kind": "sd15", "default_size": 64, "min_size": 16, "max_size": 512}
+    table = run_stage(pa.table(as_columns([TARGET, {**TARGET, "id": "other"}])), fast_config(**{"generate.model": model}), tmp_path / "out")
+    for row in table.to_pylist():
+        assert row["status"] == "failed" and "NaN or infinite" in row["error"] and row["image_path"] is None

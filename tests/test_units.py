@@ -59,21 +59,22 @@ def test_example_config_is_valid_and_bad_override_refused():
 def test_out_of_memory_halves_the_batch_and_keeps_the_size():
     calls = []
 
-    def fn(batch):
-        calls.append(len(batch))
-        if len(batch) > 2:
+    def fn(batch, size):
+        calls.append((len(batch), size))
+        if size > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return [x * 10 for x in batch]
 
     batcher = AdaptiveBatcher(fn, size=8)
     outcomes = [o for batch in batcher.run(list(range(7))) for o in batch]
     assert [o.result for o in outcomes] == [x * 10 for x in range(7)]
-    assert calls == [7, 4, 2, 2, 2, 1]  # all 7 fail, 4 fail, then pairs; the last one alone
-    assert batcher.size == 2
+    # 7 items at size 8 fail, at 4 fail, then pairs; the last item alone, still at size 2.
+    assert calls == [(7, 8), (4, 4), (2, 2), (2, 2), (2, 2), (1, 2)]
+    assert batcher.size == 2 and {o.batch_size for o in outcomes} == {2}
 
 
 def test_a_bad_item_fails_alone():
-    def fn(batch):
+    def fn(batch, size):
         if 3 in batch:
             raise ValueError("three is bad")
         return [x + 1 for x in batch]
@@ -84,7 +85,7 @@ def test_a_bad_item_fails_alone():
 
 
 def test_out_of_memory_at_batch_size_one_is_a_row_failure():
-    def fn(batch):
+    def fn(batch, size):
         raise torch.OutOfMemoryError("out of memory")
 
     outcomes = [o for batch in AdaptiveBatcher(fn, size=2).run([1, 2]) for o in batch]
@@ -185,3 +186,26 @@ def test_parameters_written_by_other_tools_parse():
     parsed = parse_parameters(text)
     assert parsed["prompt"] == "masterpiece, (castle:1.3)" and parsed["negative_prompt"] == ""
     assert parsed["scheduler"] == "dpm++_2m_karras" and parsed["Hires upscale"] == "2"
+
+
+# --- prompt emphasis --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a cat", [("a cat", 1.0)]),
+        ("a (cat:1.5) here", [("a ", 1.0), ("cat", 1.5), (" here", 1.0)]),
+        ("((cat))", [("cat", pytest.approx(1.21))]),
+        ("[dog] x", [("dog", pytest.approx(1 / 1.1)), (" x", 1.0)]),
+        ("(a (b:2):0.5)", [("a ", 0.5), ("b", 1.0)]),
+        (r"\(literal\) text", [("(literal) text", 1.0)]),
+        ("ratio 16:9, done)", [("ratio 16:9, done)", 1.0)]),
+        ("open (ended", [("open ", 1.0), ("ended", pytest.approx(1.1))]),
+        ("", [("", 1.0)]),
+    ],
+)
+def test_a1111_emphasis_parses(text, expected):
+    from catalogen.prompts import parse_weights
+
+    assert parse_weights(text) == expected
