@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from catalogen.config import SCHEDULERS, RunConfig
+from catalogen.config import SCHEDULERS, GenerateConfig, RunConfig, field_bounds
 from catalogen.hashing import MAX_SEED, derive_seed
 
 # Columns the results add at the top level; a catalog may not bring its own.
@@ -104,12 +104,12 @@ def _rules(cfg: RunConfig) -> dict[str, _Rule]:
     return {
         "prompt": _Rule("str"),
         "negative_prompt": _Rule("str"),
-        "seed": _Rule("int", _range(0, MAX_SEED)),
+        "seed": _Rule("int", _range(*field_bounds(RunConfig, "seed"))),
         "width": _Rule("int", size),
         "height": _Rule("int", size),
-        "steps": _Rule("int", _range(1, 150)),
-        "guidance_scale": _Rule("float", _range(0, 30)),
-        "num_variants": _Rule("int", _range(1, 64)),
+        "steps": _Rule("int", _range(*field_bounds(GenerateConfig, "steps"))),
+        "guidance_scale": _Rule("float", _range(*field_bounds(GenerateConfig, "guidance_scale"))),
+        "num_variants": _Rule("int", _range(*field_bounds(GenerateConfig, "num_variants"))),
         "scheduler": _Rule("str", _scheduler),
     }
 

@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from catalogen.catalog import CatalogError, load_catalog
+from catalogen.catalog import CatalogError, expand_rows, load_catalog
 from catalogen.config import PROFILES, ConfigError, load_config, parse_override
 from catalogen.devices import DeviceError
 from catalogen.models import MissingModelsError, resolve_models
+from catalogen.progress import set_reporter
 from catalogen.runplan import check
 
 app = typer.Typer(
@@ -72,12 +73,8 @@ def validate(
         table = load_catalog(catalog, cfg)
     except (CatalogError, ConfigError) as exc:
         _fail(exc)
-    variants = cfg.generate.num_variants
-    if "num_variants" in table.column_names:
-        counts = [v if v is not None else variants for v in table.column("num_variants").to_pylist()]
-    else:
-        counts = [variants] * table.num_rows
-    typer.echo(f"{catalog}: ok, {table.num_rows} ids, {int(sum(counts))} images to make with profile {cfg.profile}")
+    images = expand_rows(table, cfg).num_rows
+    typer.echo(f"{catalog}: ok, {table.num_rows} ids, {images} images to make with profile {cfg.profile}")
 
 
 @models_app.command("prepare")
@@ -138,8 +135,7 @@ def run(
     _preflight(catalog, config, overrides)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
-    from catalogen.progress import set_reporter
-    from flows.run import catalogen_run
+    from flows.run import catalogen_run  # Prefect reads the settings above when it is imported
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -6,6 +6,7 @@ idempotency key can hash exactly the settings that change its output.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +137,15 @@ class RunConfig(_Strict):
 
     def is_offline(self) -> bool:
         return self.offline or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def field_bounds(model: type[BaseModel], name: str) -> tuple[float, float]:
+    """A field's inclusive (ge, le) limits, so catalog rows are checked against the same numbers."""
+    lo, hi = -math.inf, math.inf
+    for constraint in model.model_fields[name].metadata:
+        lo = getattr(constraint, "ge", lo)
+        hi = getattr(constraint, "le", hi)
+    return lo, hi
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import catalogen
 from catalogen.catalog import expand_rows, load_catalog, shard
@@ -129,13 +128,6 @@ def pending_shards(plan: RunPlan, stage: Stage, retry_failed: bool) -> list[tupl
         (stable_hash(piece.column("key").to_pylist())[:16], piece)
         for piece in shard(todo, plan.config.rows_per_shard)
     ]
-
-
-def write_shard_input(store: RunStore, stage: str, name: str, rows: pa.Table) -> Path:
-    path = store.shard_input_path(stage, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows, path)
-    return path
 
 
 def assemble_results(plan: RunPlan, stages: Mapping[str, Stage]) -> pa.Table:

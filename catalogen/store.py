@@ -27,6 +27,7 @@ from catalogen.hashing import sha256_bytes
 
 # Statuses that count as done on a plain re-run; `--retry-failed` leaves out "failed".
 DONE = ("ok", "skipped", "failed")
+ROW_KEY = ("id", "variant", "key")  # a result row belongs to its planned row under one key
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -57,6 +58,10 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def _tuples(table: pa.Table, *columns: str) -> Iterator[tuple]:
+    return zip(*(table.column(c).to_pylist() for c in columns))
 
 
 def safe_name(text: str, limit: int = 60) -> str:
@@ -124,6 +129,9 @@ class RunStore:
             tmp.unlink(missing_ok=True)
 
     # -- writing --
+    def write_shard_input(self, stage: str, shard: str, rows: pa.Table) -> None:
+        write_parquet_atomic(rows, self.shard_input_path(stage, shard))
+
     def write_image(self, relative: str, data: bytes) -> str:
         write_atomic(self.root / relative, data)
         return sha256_bytes(data)
@@ -145,28 +153,19 @@ class RunStore:
         """The planned rows whose (id, variant, key) has no finished result yet."""
         done_statuses = [s for s in DONE if not (retry_failed and s == "failed")]
         done = self.stage_rows(stage, schema, ["id", "variant", "key", "status"])
-        finished = {
-            (i, v, k)
-            for i, v, k, s in zip(*(done.column(c).to_pylist() for c in ("id", "variant", "key", "status")))
-            if s in done_statuses
-        }
-        keys = zip(*(planned.column(c).to_pylist() for c in ("id", "variant", "key")))
-        mask = [k not in finished for k in keys]
+        finished = {(i, v, k) for i, v, k, s in _tuples(done, *ROW_KEY, "status") if s in done_statuses}
+        mask = [key not in finished for key in _tuples(planned, *ROW_KEY)]
         return planned.filter(pa.array(mask, pa.bool_()))
 
     def latest_results(self, stage: str, planned: pa.Table, schema: pa.Schema) -> pa.Table:
         """For each planned row, its newest result under the current key (nulls where none)."""
         rows = self.stage_rows(stage, schema)
         newest: dict[tuple, tuple[Any, int]] = {}
-        cols = (rows.column(c).to_pylist() for c in ("id", "variant", "key", "finished_at"))
-        for index, (i, v, k, finished) in enumerate(zip(*cols)):
-            best = newest.get((i, v, k))
+        for index, (*key, finished) in enumerate(_tuples(rows, *ROW_KEY, "finished_at")):
+            best = newest.get(tuple(key))
             if best is None or finished >= best[0]:
-                newest[(i, v, k)] = (finished, index)
-        take = [
-            newest.get(key, (None, None))[1]
-            for key in zip(*(planned.column(c).to_pylist() for c in ("id", "variant", "key")))
-        ]
+                newest[tuple(key)] = (finished, index)
+        take = [newest.get(key, (None, None))[1] for key in _tuples(planned, *ROW_KEY)]
         return rows.take(pa.array(take, pa.int64()))
 
     def write_results(self, table: pa.Table) -> None:

@@ -26,7 +26,6 @@ from catalogen.runplan import (
     prepare,
     record_invocation,
     summarize,
-    write_shard_input,
 )
 from tasks import STAGES
 from tasks.runner import shard_task
@@ -44,7 +43,7 @@ def _run_stage(plan: RunPlan, stage: str, todo: list[tuple[str, pa.Table]], wind
     queue, in_flight, crashed = iter(todo), {}, []
     while True:
         for shard_name, rows in itertools.islice(queue, window - len(in_flight)):
-            write_shard_input(plan.store, stage, shard_name, rows)
+            plan.store.write_shard_input(stage, shard_name, rows)
             in_flight[shard_task.submit(str(plan.store.root), stage, shard_name)] = (shard_name, rows.num_rows)
         if not in_flight:
             return crashed
