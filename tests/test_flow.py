@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogen import models
+from catalogen.store import RunStore
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.hashing import sha256_file
 from conftest import FAST, prompts, write_catalog
@@ -33,6 +34,7 @@ def catalog(tmp_path: Path) -> Path:
     columns["guidance_scale"] = [None, None, 4.0, None, None, None, None]
     columns["num_variants"] = [1, 2, 1, 1, 1, 1, 1]
     columns["brand_note"] = [f"note {i}" for i in range(7)]  # unknown: passes through
+    columns["attributes"] = [{"color": "red", "sizes": list(range(i))} for i in range(7)]  # nested too
     return write_catalog(tmp_path / "catalog.parquet", columns)
 
 
@@ -43,14 +45,16 @@ def test_outputs_follow_the_contract(tmp_path: Path, catalog: Path):
 
     table = pq.read_table(out / "results.parquet")
     names = table.column_names
-    assert names[:6] == ["id", "prompt", "guidance_scale", "num_variants", "brand_note", "variant"]
-    assert names[6:12] == ["status", "error", "image_path", "image_sha256", "image_width", "image_height"]
+    assert names[:7] == ["id", "prompt", "guidance_scale", "num_variants", "brand_note", "attributes", "variant"]
+    assert names[7:13] == ["status", "error", "image_path", "image_sha256", "image_width", "image_height"]
+    assert table.schema.field("attributes").type == pq.read_schema(catalog).field("attributes").type
     for column in ("generate_seed", "generate_model", "generate_model_revision", "generate_device", "generate_seconds",
                    "generate_steps", "generate_scheduler", "generate_key"):
         assert column in names
     df = table.to_pandas()
     assert list(zip(df.id, df.variant)) == [("row-0", 0), ("row-1", 0), ("row-1", 1), *[(f"row-{i}", 0) for i in range(2, 7)]]
     assert df.brand_note.tolist()[:3] == ["note 0", "note 1", "note 1"]
+    assert [a["sizes"].tolist() for a in df.attributes[:4]] == [[], [0], [0], [0, 1]]
     assert set(df.generate_device) == {"cpu"} and set(df.generate_dtype) == {"float32"}
     assert df.generate_guidance_scale.tolist()[3] == 4.0 and df.generate_guidance_scale.tolist()[0] == 7.5
     assert df.generate_seed.nunique() == 8
@@ -142,7 +146,7 @@ def test_new_rows_in_the_catalog_are_the_only_work(tmp_path: Path):
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path, catalog: Path):
-    from catalogen.store import RunFolderBusy, RunStore
+    from catalogen.store import RunFolderBusy
 
     out = tmp_path / "out"
     with RunStore(out).exclusive():  # as another invocation would hold it
@@ -150,3 +154,20 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path, catalog: Pat
             run(catalog, out)
     assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
     assert run(catalog, out)["ok"] == 8  # free again once the holder is gone
+
+
+def test_cli_exit_code_says_some_rows_failed(tmp_path: Path, catalog: Path):
+    from typer.testing import CliRunner
+
+    from catalogen.cli import app
+    from catalogen.config import load_config
+    from catalogen.runplan import prepare
+    from tasks import STAGES
+
+    out = tmp_path / "out"
+    planned = prepare(catalog, load_config(None, FAST), out, STAGES).planned["generate"].to_pylist()[0]
+    (out / RunStore(out).image_path("generate", planned["id"], planned["variant"], planned["key"])).mkdir(parents=True)
+    args = ["run", str(catalog), "--out", str(out), *(f"--set={k}={v}" for k, v in FAST.items())]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "8 rows: 7 ok, 1 failed" in result.output and "--retry-failed" in result.output
