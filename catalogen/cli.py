@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 the catalog, configuration or models cannot be used (nothi
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -98,6 +99,19 @@ def models_prepare(
         typer.echo(f"{stage}: {identity.repo} @ {identity.revision}\n  {identity.path}")
 
 
+def _log_above(console: Console) -> None:
+    """Print Prefect's console logs through `console`, so they land above the progress bar
+    instead of through it (Prefect's handler writes to the terminal on its own otherwise)."""
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()  # Prefect configures logging once per process; later calls keep these handlers
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for handler in (h for lg in loggers for h in getattr(lg, "handlers", [])):
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.console = console
+
+
 class _RichReporter:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -133,10 +147,13 @@ def run(
         offline=offline or None, **{"generate.batch_size": batch_size},
     )
     _preflight(catalog, config, overrides)
+    # Quiet by default on machines without internet; set either variable to choose otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
     from flows.run import catalogen_run  # Prefect reads the settings above when it is imported
 
+    _log_above(err)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,

@@ -96,7 +96,11 @@ class GenerateConfig(_Strict):
     height: int | None = None
     negative_prompt: str = ""
     num_variants: int = Field(1, ge=1, le=64)
-    batch_size: int = Field(4, ge=1, le=256, description="images per pipeline call (halved on OOM)")
+    batch_size: int = Field(
+        4, ge=1, le=256,
+        description="images per pipeline call, always run at this size so results do not depend on "
+        "neighbours (short batches are padded); halved on out-of-memory",
+    )
     safety_checker: SafetyMode | None = Field(
         None,
         description="off: don't run it; flag: record its verdict and keep the image; withhold: "
