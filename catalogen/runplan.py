@@ -118,12 +118,14 @@ def read_config(store: RunStore) -> tuple[RunConfig, dict[str, ModelIdentity]]:
 
 
 def pending_shards(plan: RunPlan, stage: Stage, retry_failed: bool) -> list[tuple[str, pa.Table]]:
-    """The rows still to do, cut into shards named by their content.
+    """The rows still to do, alike rows together, cut into shards named by their content.
 
     A shard's name hashes its rows' keys, so the same pending work gets the same names on a
-    re-run, and a part file always holds exactly the rows its name promises.
+    re-run, and a part file always holds exactly the rows its name promises. Sorting (stable, so
+    catalog order is kept within a kind) changes which rows share a shard, never an image.
     """
     todo = plan.store.pending(stage.NAME, plan.planned[stage.NAME], stage.OUTPUT_SCHEMA, retry_failed)
+    todo = todo.sort_by([(column, "ascending") for column in stage.SHARD_ORDER])
     return [
         (stable_hash(piece.column("key").to_pylist())[:16], piece)
         for piece in shard(todo, plan.config.rows_per_shard)

@@ -37,6 +37,7 @@ class Stage(Protocol):
 
     NAME: str
     VERSION: int
+    SHARD_ORDER: tuple[str, ...]  # planned columns whose equal values should share a shard
     PLAN_SCHEMA: pa.Schema
     OUTPUT_SCHEMA: pa.Schema
 

@@ -36,6 +36,9 @@ NAME = "generate"
 VERSION = 1
 
 PARAM_COLUMNS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
+# Rows alike in these share pipeline calls; sharding them together keeps the padding of short
+# batches (see `_generate`) to the one tail batch of each kind.
+SHARD_ORDER = ("width", "height", "steps", "guidance_scale", "scheduler", "negative_prompt")
 
 PLAN_SCHEMA = pa.schema(
     [

@@ -171,3 +171,15 @@ def test_cli_exit_code_says_some_rows_failed(tmp_path: Path, catalog: Path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3, result.output
     assert "8 rows: 7 ok, 1 failed" in result.output and "--retry-failed" in result.output
+
+
+def test_alike_rows_share_shards(tmp_path: Path):
+    # Interleaved kinds of rows: sharded in catalog order, every shard would hold both kinds and
+    # pad two short batches; sorted, each shard holds one kind.
+    columns = prompts(8)
+    columns["steps"] = [2, 3] * 4
+    catalog = write_catalog(tmp_path / "mixed.parquet", columns)
+    run(catalog, tmp_path / "out", overrides={"rows_per_shard": 4, "generate.batch_size": 4})
+    parts = sorted((tmp_path / "out" / "stages" / "generate").glob("part-*.parquet"))
+    assert [sorted(set(pq.read_table(p, columns=["steps"]).column(0).to_pylist())) for p in parts] in ([[2], [3]], [[3], [2]])
+    assert results(tmp_path / "out").id.tolist() == columns["id"]  # results keep the catalog's order
