@@ -5,14 +5,20 @@ write the same images; the flow adds shard files, Prefect task runs, device leas
 and results assembly. Prints both throughputs and their ratio. Target: flow >= 0.95 x bare loop
 at 256 rows on the tiny profile.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--rows 256] [--steps 10] [--repeats 1]
+Each measurement runs in a fresh process, as a user's would: once a process's main thread has run
+torch's CPU kernels, torch in its other threads was measured 10-20 % slower here, so a flow timed
+in the process that just ran the bare loop would be charged for the benchmark's own layout.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--rows 256] [--steps 10] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +29,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from catalogen.catalog import shard  # noqa: E402
@@ -70,6 +77,27 @@ def flow_run(catalog: Path, overrides: dict, out: Path) -> tuple[float, float]:
     return wall, pq.read_table(out / "results.parquet", columns=["generate_seconds"]).column(0).to_numpy().sum()
 
 
+def measure(side: str, catalog: Path, overrides: dict, work: Path) -> None:
+    """One side, warmed up, timed, in this (fresh) process; prints its figures as JSON."""
+    work.mkdir(parents=True, exist_ok=True)
+    if side == "bare":
+        cfg = load_config(None, overrides)
+        plan = prepare(catalog, cfg, work / "warm", STAGES)
+        device = visible_devices(cfg.device)[0]
+        load_pipeline(plan.identities["generate"], device.name, default_dtype(device, cfg.dtype))
+        wall, inside = bare_loop(catalog, overrides, work / "run")
+        extra = {}
+    else:  # warm up through a small flow, so the models load where the flow's tasks run
+        started = time.perf_counter()
+        flow_run(make_catalog(work / "small.parquet", 2), overrides, work / "warm")
+        extra = {"warm_up": time.perf_counter() - started}
+        wall, inside = flow_run(catalog, overrides, work / "run")
+        started = time.perf_counter()
+        flow_run(catalog, overrides, work / "run")
+        extra["resume"] = time.perf_counter() - started
+    print(json.dumps({"wall": wall, "inside": float(inside), **extra}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256)
@@ -77,7 +105,9 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--side", choices=["bare", "flow"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     overrides = {
         "profile": args.profile,
@@ -85,43 +115,43 @@ def main() -> None:
         "generate.batch_size": args.batch_size,
         "rows_per_shard": args.rows_per_shard,
     }
+    if args.side:
+        measure(args.side, args.work / "catalog.parquet", overrides, args.work / args.side)
+        return
+
     work = Path(tempfile.mkdtemp(prefix="catalogen-bench-"))
-    catalog = make_catalog(work / "catalog.parquet", args.rows)
-
-    # Warm-up outside the timings: load the models, start Prefect's ephemeral API.
-    cfg = load_config(None, overrides)
-    plan = prepare(catalog, cfg, work / "warm", STAGES)
-    device = visible_devices(cfg.device)[0]
-    load_pipeline(plan.identities["generate"], device.name, default_dtype(device, cfg.dtype))
-    small = make_catalog(work / "small.parquet", 2)
-    started = time.perf_counter()
-    flow_run(small, overrides, work / "warm-flow")
-    print(f"warm-up: first flow run incl. Prefect API start {time.perf_counter() - started:.1f} s")
-
-    bare, flow = [], []
+    runs: dict[str, list[dict]] = {"bare": [], "flow": []}
     for i in range(args.repeats):  # interleaved, so drifts in machine speed hit both sides alike
-        bare.append(bare_loop(catalog, overrides, work / f"bare-{i}"))
-        flow.append(flow_run(catalog, overrides, work / f"flow-{i}"))
-    started = time.perf_counter()
-    flow_run(catalog, overrides, work / f"flow-{args.repeats - 1}")
-    resume = time.perf_counter() - started
+        for side in ("bare", "flow"):
+            folder = work / f"{i}"
+            folder.mkdir(exist_ok=True)
+            make_catalog(folder / "catalog.parquet", args.rows)
+            child = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--side", side, "--work", str(folder)],
+                capture_output=True, text=True, check=True,
+            )
+            runs[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
 
-    b, f = (statistics.median(w for w, _ in runs) for runs in (bare, flow))
+    bare, flow = runs["bare"], runs["flow"]
+    b, f = (statistics.median(r["wall"] for r in side) for side in (bare, flow))
     # Noise-resistant view: time outside the stage's batches is what each side adds to the same work.
-    b_out, f_out = (statistics.median(w - inside for w, inside in runs) for runs in (bare, flow))
-    inside = statistics.median(x for _, x in bare + flow)
+    b_out, f_out = (statistics.median(r["wall"] - r["inside"] for r in side) for side in (bare, flow))
+    inside = statistics.median(r["inside"] for r in bare + flow)
     shards = -(-args.rows // args.rows_per_shard)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, profile {args.profile}, {args.rows} rows, {args.steps} steps, "
           f"{args.rows_per_shard} rows/shard ({shards} shards), batch {args.batch_size}, repeats {args.repeats}")
-    for name, runs, wall in (("bare loop", bare, b), ("flow", flow, f)):
-        print(f"{name:10}: {wall:7.2f} s  {args.rows / wall:6.2f} rows/s   "
-              f"(runs: {', '.join(f'{w:.2f}' for w, _ in runs)}; outside the batches: "
-              f"{', '.join(f'{w - x:.2f}' for w, x in runs)} s)")
+    print(f"flow warm-up (first flow run, Prefect API start, model load): "
+          f"{statistics.median(r['warm_up'] for r in flow):.1f} s")
+    for name, side, wall in (("bare loop", bare, b), ("flow", flow, f)):
+        walls = ", ".join(f"{r['wall']:.2f}" for r in side)
+        outside = ", ".join(f"{r['wall'] - r['inside']:.2f}" for r in side)
+        print(f"{name:10}: {wall:7.2f} s  {args.rows / wall:6.2f} rows/s   (runs: {walls}; outside the batches: {outside} s)")
     print(f"throughput ratio flow/bare, measured : {b / f:.3f}  (target >= 0.95)")
     print(f"throughput ratio flow/bare, same work: {(inside + b_out) / (inside + f_out):.3f}  "
           f"(median {inside:.1f} s of batches + each side's own time outside them)")
     print(f"orchestration overhead: {f_out - b_out:+.2f} s per run, {(f_out - b_out) / shards * 1000:+.0f} ms per shard")
-    print(f"re-run with nothing to do: {resume:.2f} s for {args.rows} rows")
+    print(f"re-run with nothing to do: {statistics.median(r['resume'] for r in flow):.2f} s for {args.rows} rows")
 
 
 if __name__ == "__main__":
