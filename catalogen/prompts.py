@@ -98,12 +98,13 @@ def plain_text(text: str) -> str:
     return "".join(fragment for fragment, _ in parse_weights(text))
 
 
-def needs_own_encoding(tokenizer, text: str) -> int:
-    """0 if the pipeline can encode `text` itself; else the number of 75-token chunks it needs."""
-    tokens = tokenize(tokenizer, text)
-    if len(tokens.ids) <= CHUNK_TOKENS and all(w == 1.0 for w in tokens.weights):
+def encoding_chunks(tokenizer, *texts: str) -> int:
+    """0 if the pipeline can encode all of `texts` itself; else the number of 75-token chunks each
+    must be encoded in (the same for all, so their embeddings line up)."""
+    tokens = [tokenize(tokenizer, text) for text in texts]
+    if all(len(t.ids) <= CHUNK_TOKENS and all(w == 1.0 for w in t.weights) for t in tokens):
         return 0
-    return tokens.chunks
+    return max(t.chunks for t in tokens)
 
 
 def _chunk_inputs(tokenizer, tokens: Tokens, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:

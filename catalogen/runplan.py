@@ -24,7 +24,7 @@ from catalogen.devices import visible_devices
 from catalogen.hashing import sha256_file, stable_hash
 from catalogen.models import ModelIdentity, resolve_models
 from catalogen.stage import Stage
-from catalogen.store import RunStore
+from catalogen.store import STATUSES, RunStore
 
 SUMMARY_COLUMNS = ("status", "error", "image_path", "image_sha256", "image_width", "image_height")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
@@ -179,5 +179,5 @@ def assemble_results(plan: RunPlan, stages: Mapping[str, Stage]) -> pa.Table:
 
 def summarize(results: pa.Table) -> dict[str, Any]:
     statuses = results.column("status").to_pylist()
-    counts = {s: statuses.count(s) for s in ("ok", "failed", "skipped")}
+    counts = {s: statuses.count(s) for s in STATUSES}
     return {"rows": results.num_rows, **counts}

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from catalogen.hashing import sha256_bytes
 
-# Statuses that count as done on a plain re-run; `--retry-failed` leaves out "failed".
-DONE = ("ok", "skipped", "failed")
+# A row's status in a stage; all count as done on a plain re-run, `--retry-failed` redoes "failed".
+STATUSES = ("ok", "failed", "skipped")
 ROW_KEY = ("id", "variant", "key")  # a result row belongs to its planned row under one key
 
 
@@ -151,7 +151,7 @@ class RunStore:
 
     def pending(self, stage: str, planned: pa.Table, schema: pa.Schema, retry_failed: bool = False) -> pa.Table:
         """The planned rows whose (id, variant, key) has no finished result yet."""
-        done_statuses = [s for s in DONE if not (retry_failed and s == "failed")]
+        done_statuses = [s for s in STATUSES if not (retry_failed and s == "failed")]
         done = self.stage_rows(stage, schema, ["id", "variant", "key", "status"])
         finished = {(i, v, k) for i, v, k, s in _tuples(done, *ROW_KEY, "status") if s in done_statuses}
         mask = [key not in finished for key in _tuples(planned, *ROW_KEY)]

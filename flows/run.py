@@ -82,14 +82,15 @@ def catalogen_run(
     with plan.store.exclusive():
         plan.store.clear_leftovers()
         shards = {name: pending_shards(plan, STAGES[name], retry_failed) for name in cfg.stages}
-        record_invocation(plan, {name: sum(t.num_rows for _, t in s) for name, s in shards.items()}, retry_failed)
+        pending = {name: sum(rows.num_rows for _, rows in todo) for name, todo in shards.items()}
+        record_invocation(plan, pending, retry_failed)
         log.info("run folder %s: %d rows (%d catalog ids)", plan.store.root, plan.rows.num_rows, plan.catalog.num_rows)
         window = 2 * len(visible_devices(cfg.device))  # enough to keep every device busy, no more
         crashed = []
         for name in cfg.stages:
             todo = shards[name]
             tracker.begin(name, plan.rows.num_rows)
-            tracker.shard(name, "(done before)", plan.rows.num_rows - sum(t.num_rows for _, t in todo))
+            tracker.shard(name, "(done before)", plan.rows.num_rows - pending[name])
             if not todo:
                 log.info("%s: nothing to do, every row is done", name)
             crashed += _run_stage(plan, name, todo, window)

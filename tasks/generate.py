@@ -26,7 +26,7 @@ from catalogen.config import RunConfig
 from catalogen.hashing import stable_hash
 from catalogen.models import ModelIdentity, load_pipeline, load_safety_checker
 from catalogen.pngmeta import encode_png, format_parameters
-from catalogen.prompts import encode_sd, encode_sdxl, needs_own_encoding, plain_text, tokenize
+from catalogen.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
 from catalogen.schedulers import make_scheduler
 from catalogen.stage import StageContext
 
@@ -36,9 +36,10 @@ NAME = "generate"
 VERSION = 1
 
 PARAM_COLUMNS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
-# Rows alike in these share pipeline calls; sharding them together keeps the padding of short
-# batches (see `_generate`) to the one tail batch of each kind.
-SHARD_ORDER = ("width", "height", "steps", "guidance_scale", "scheduler", "negative_prompt")
+# Rows must agree on these to share a pipeline call (see `_batch_signature`); sharding alike rows
+# together keeps the padding of short batches (see `_generate`) to one tail batch of each kind.
+BATCH_COLUMNS = ("width", "height", "steps", "guidance_scale", "scheduler")
+SHARD_ORDER = (*BATCH_COLUMNS, "negative_prompt")
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -197,15 +198,6 @@ def _generate(pipe, jobs: list[_Job], size: int) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]  # as diffusers' "pil" output
 
 
-def _chunks(pipe, row: dict[str, Any]) -> int:
-    """How a row's prompts must be encoded: 0 by the pipeline, else in this many chunks (both
-    prompts alike, so their embeddings line up)."""
-    texts = (row["prompt"], row["negative_prompt"])
-    if not any(needs_own_encoding(pipe.tokenizer, t) for t in texts):
-        return 0
-    return max(tokenize(pipe.tokenizer, t).chunks for t in texts)
-
-
 def _safety_flags(ctx: StageContext, images: list[Image.Image]) -> list[bool]:
     checker, processor = load_safety_checker(ctx.identity, ctx.device.name, ctx.dtype)
     clip_input = processor(images, return_tensors="pt").pixel_values.to(ctx.device.name, ctx.dtype)
@@ -274,8 +266,7 @@ def _batch_signature(job: _Job) -> tuple:
     """Rows that can share one pipeline call without changing each other's image: everything but
     the prompts' text and the seeds must match."""
     row = job.row
-    return (*(row[k] for k in ("width", "height", "steps", "guidance_scale", "scheduler")),
-            bool(row["negative_prompt"]), job.chunks)
+    return (*(row[k] for k in BATCH_COLUMNS), bool(row["negative_prompt"]), job.chunks)
 
 
 def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
@@ -285,7 +276,7 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()
     groups: dict[tuple, list[_Job]] = {}
     for position, row in enumerate(rows):
-        job = _Job(position, row, _chunks(pipe, row))
+        job = _Job(position, row, encoding_chunks(pipe.tokenizer, row["prompt"], row["negative_prompt"]))
         groups.setdefault(_batch_signature(job), []).append(job)
 
     common = {

@@ -19,7 +19,7 @@ from catalogen.devices import default_dtype, lease, visible_devices
 from catalogen.progress import tracker
 from catalogen.runplan import read_config, summarize
 from catalogen.stage import StageContext
-from catalogen.store import RunStore, write_parquet_atomic
+from catalogen.store import STATUSES, RunStore, write_parquet_atomic
 from tasks import STAGES
 
 
@@ -57,7 +57,7 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     log.info(
         "%s shard %s: %d rows on %s in %.1f s (waited %.1f s for the device): %s",
         stage, shard, out.num_rows, device, time.perf_counter() - started, waited,
-        ", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "skipped") if counts[s]),
+        ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]),
     )
     return {"shard": shard, "device": device.name, **counts}
 
