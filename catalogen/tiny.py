@@ -15,11 +15,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
 TINY_VERSION = "2"
-TINY_MODELS = ("sd15", "sdxl")
 
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
@@ -134,7 +134,7 @@ def _unet(**shape):
     )
 
 
-def build_sd15(folder: Path) -> None:
+def build_sd15(folder: Path, cache_dir: Path) -> None:
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
@@ -158,7 +158,7 @@ def build_sd15(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def build_sdxl(folder: Path) -> None:
+def build_sdxl(folder: Path, cache_dir: Path) -> None:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -190,7 +190,9 @@ def build_sdxl(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-_BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl}
+# name -> builder(folder, cache_dir); a builder may call `ensure_tiny` for the models it derives from.
+_BUILDERS: dict[str, Callable[[Path, Path], None]] = {"sd15": build_sd15, "sdxl": build_sdxl}
+TINY_MODELS = tuple(_BUILDERS)
 
 
 def tiny_root(cache_dir: Path) -> Path:
@@ -206,16 +208,16 @@ def ensure_tiny(name: str, cache_dir: Path) -> Path:
     if name not in _BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; expected one of {', '.join(TINY_MODELS)}")
     target = tiny_root(cache_dir) / name
-    if (target / "model_index.json").exists():
+    if target.is_dir():  # only ever appears complete, by rename
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _BUILDERS[name](tmp)
+        _BUILDERS[name](tmp, cache_dir)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; theirs is identical
-            if not (target / "model_index.json").exists():
+            if not target.is_dir():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
