@@ -1,7 +1,11 @@
 """Catalogs: reading, validation before any model loads, and expansion into output rows.
 
 A bad catalog is refused whole, with every fault listed by column and row id, so a user fixes
-it in one pass instead of discovering problems hours into a run.
+it in one pass instead of discovering problems hours into a run. The checks are vectorised
+(Arrow and NumPy), so a million-row catalog validates in about a second.
+
+Text formats are read as text: a CSV or JSON Lines cell `0012` stays `0012` (ids, SKUs and EANs
+keep their leading zeros), and a blank cell means "not given", i.e. the run's setting.
 """
 
 from __future__ import annotations
@@ -9,22 +13,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from catalogen.config import SCHEDULERS, GenerateConfig, RunConfig, field_bounds
-from catalogen.hashing import MAX_SEED, derive_seed
-
-# Columns the results add at the top level; a catalog may not bring its own.
-RESERVED_COLUMNS = ("variant", "status", "error", "image_path", "image_sha256", "image_width", "image_height")
-STAGE_PREFIXES = ("generate_",)
+from catalogen.hashing import MAX_SEED, derive_seeds, stable_hash
 
 SHOWN_ROWS = 5  # row ids listed per fault before "and N more"
+_COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
+_TEXT_FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".ndjson": "JSON Lines"}
 
 
 @dataclass(frozen=True)
@@ -53,197 +55,305 @@ class CatalogError(ValueError):
         super().__init__(f"{source}: {len(faults)} problem(s) in the catalog:\n{lines}")
 
 
+# --- reading --------------------------------------------------------------------------------------
+
+
+def catalog_format(path: str | Path) -> str:
+    """"CSV", "TSV", "JSON Lines" or "Parquet", from the file name (a compression suffix is skipped)."""
+    name = Path(path).name.lower()
+    for suffix in _COMPRESSION:
+        name = name.removesuffix(suffix)
+    return _TEXT_FORMATS.get(Path(name).suffix, "Parquet")
+
+
+def _read_delimited(path: Path, delimiter: str) -> pa.Table:
+    """Every column as text (no type guessing), blank cells as null."""
+    parse = pa_csv.ParseOptions(delimiter=delimiter)
+    with pa.input_stream(str(path), compression="detect") as stream:
+        names = pa_csv.open_csv(stream, parse_options=parse).schema.names
+    convert = pa_csv.ConvertOptions(
+        column_types={name: pa.string() for name in names},
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=True,
+    )
+    with pa.input_stream(str(path), compression="detect") as stream:
+        return pa_csv.read_csv(stream, parse_options=parse, convert_options=convert)
+
+
 def read_catalog(path: str | Path) -> pa.Table:
-    """Read Parquet (or CSV / JSON Lines, by extension) into an Arrow table."""
+    """Read Parquet, or CSV / TSV / JSON Lines (optionally .gz, .bz2, .zst) by file name."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    kind = catalog_format(path)
     try:
-        if suffix in (".csv", ".tsv"):
-            opts = pa_csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            return pa_csv.read_csv(path, parse_options=opts)
-        if suffix in (".jsonl", ".ndjson"):
-            return pa_json.read_json(path)
+        if kind in ("CSV", "TSV"):
+            return _read_delimited(path, "\t" if kind == "TSV" else ",")
+        if kind == "JSON Lines":
+            with pa.input_stream(str(path), compression="detect") as stream:
+                return pa_json.read_json(stream)
         return pq.read_table(path)
     except FileNotFoundError:
         raise CatalogError(str(path), [Fault("file not found")]) from None
+    except IsADirectoryError:
+        raise CatalogError(str(path), [Fault("is a folder, not a catalog file")]) from None
     except (pa.ArrowInvalid, OSError) as exc:
-        kind = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".ndjson": "JSON Lines"}.get(suffix, "Parquet")
         raise CatalogError(str(path), [Fault(f"cannot read as {kind}: {exc}")]) from None
 
 
-# --- validation -----------------------------------------------------------------------------------
+# --- validation rules -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Rule:
-    kind: str  # "int", "float" or "str"
-    check: Callable[[Any], str | None] | None = None  # returns a fault message for a bad value
+class Rule:
+    """What an optional per-row column must hold; a null means "use the run's setting".
+
+    Numeric rules are checked over whole columns at once. `canonical` maps a text value to its
+    canonical spelling (or None if it is not allowed), and is applied to distinct values only.
+    """
+
+    kind: Literal["int", "float", "str"]
+    lo: float = -math.inf
+    hi: float = math.inf
+    multiple_of: int | None = None
+    limits_note: str = ""  # appended to a range fault, e.g. "for tiny:sd15"
+    canonical: Callable[[str], str | None] | None = None
+    choices: Sequence[str] = ()
+    what: str = "value"
 
 
-def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
-
-    return check
+_WANTED = {"str": "strings", "int": "integers", "float": "numbers"}
+_ARROW_TYPE = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
 
-def _scheduler(v: Any) -> str | None:
-    return None if v in SCHEDULERS else f"unknown scheduler (choose from {', '.join(SCHEDULERS)})"
+def _is_text(typ: pa.DataType) -> bool:
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ)
 
 
-def _rules(cfg: RunConfig) -> dict[str, _Rule]:
-    model = cfg.model_for("generate")
-
-    def size(v: int) -> str | None:
-        if v % 8:
-            return "must be a multiple of 8"
-        if not model.min_size <= v <= model.max_size:
-            return f"must be between {model.min_size} and {model.max_size} for {model.repo}"
-        return None
-
-    return {
-        "prompt": _Rule("str"),
-        "negative_prompt": _Rule("str"),
-        "seed": _Rule("int", _range(*field_bounds(RunConfig, "seed"))),
-        "width": _Rule("int", size),
-        "height": _Rule("int", size),
-        "steps": _Rule("int", _range(*field_bounds(GenerateConfig, "steps"))),
-        "guidance_scale": _Rule("float", _range(*field_bounds(GenerateConfig, "guidance_scale"))),
-        "num_variants": _Rule("int", _range(*field_bounds(GenerateConfig, "num_variants"))),
-        "scheduler": _Rule("str", _scheduler),
-    }
+def _rows(labels: pa.Array, mask: np.ndarray) -> tuple[str, ...]:
+    return tuple(labels.filter(pa.array(mask)).to_pylist())
 
 
-def _type_fault(name: str, rule: _Rule, typ: pa.DataType) -> Fault | None:
+def _parse_numbers(column: pa.ChunkedArray, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+    """Text cells (CSV, JSON) that hold numbers -> float64; cells that do not are faults."""
+    text = pc.utf8_trim_whitespace(column)
+    parsed: dict[str, float | None] = {}
+    for value in pc.unique(text).to_pylist():
+        if value is None or value == "":
+            parsed[value] = None
+            continue
+        try:
+            parsed[value] = float(value)
+        except ValueError:
+            parsed[value] = math.nan  # marked, reported below
+    keys = pa.array(list(parsed), pa.string())
+    numbers = pa.array(list(parsed.values()), pa.float64()).take(pc.index_in(text, keys))
+    bad = pc.fill_null(pc.is_nan(numbers), False).to_numpy(zero_copy_only=False)
+    faults = []
+    if bad.any():
+        faults.append(Fault(f"must hold {_WANTED[rule.kind]}; some cells are not numbers", name, _rows(labels, bad)))
+        numbers = pc.if_else(pa.array(bad), pa.scalar(None, pa.float64()), numbers)
+    return numbers, faults
+
+
+def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+    """Range, whole-number and multiple-of checks; returns the column as int64 / float64."""
+    as_float = pc.cast(values, pa.float64())
+    as_float = pc.if_else(pc.is_nan(as_float), pa.scalar(None, pa.float64()), as_float)  # NaN = not given
+    x = pc.fill_null(as_float, 0.0).to_numpy(zero_copy_only=False)
+    given = pc.is_valid(as_float).to_numpy(zero_copy_only=False)
+    faults: list[Fault] = []
+    if rule.kind == "int" and pa.types.is_floating(values.type):
+        fractional = given & (np.floor(x) != x)
+        if fractional.any():
+            faults.append(Fault("must be whole numbers", name, _rows(labels, fractional)))
+        inexact = given & ~fractional & (np.abs(x) > 2**53)
+        if inexact.any():
+            message = "is stored as floating point and too large to be exact; store it as int64"
+            faults.append(Fault(message, name, _rows(labels, inexact)))
+        given = given & ~fractional & ~inexact
+    out_of_range = given & ((x < rule.lo) | (x > rule.hi))
+    if out_of_range.any():
+        lo, hi = (int(v) if rule.kind == "int" and math.isfinite(v) else v for v in (rule.lo, rule.hi))
+        note = f" {rule.limits_note}" if rule.limits_note else ""
+        faults.append(Fault(f"must be between {lo} and {hi}{note}", name, _rows(labels, out_of_range)))
+    if rule.multiple_of:
+        not_multiple = given & ~out_of_range & (np.mod(x, rule.multiple_of) != 0)
+        if not_multiple.any():
+            faults.append(Fault(f"must be a multiple of {rule.multiple_of}", name, _rows(labels, not_multiple)))
+    if rule.kind == "float":
+        return as_float, faults
+    if pa.types.is_integer(values.type):
+        return pc.cast(values, pa.int64()), faults
+    return pc.cast(pc.if_else(pa.array(given), as_float, pa.scalar(None, pa.float64())), pa.int64()), faults
+
+
+def _check_text(values: pa.Array, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+    """Blank text is "not given"; a `canonical` rule rewrites each value to its canonical spelling."""
+    blank = pc.equal(pc.utf8_trim_whitespace(values), "")
+    values = pc.if_else(pc.fill_null(blank, False), pa.scalar(None, pa.string()), values)
+    if rule.canonical is None:
+        return values, []
+    distinct = [v for v in pc.unique(values).to_pylist() if v is not None]
+    mapping = {v: rule.canonical(v) for v in distinct}
+    unknown = [v for v, c in mapping.items() if c is None]
+    faults = []
+    if unknown:
+        bad = pc.fill_null(pc.is_in(values, pa.array(unknown, pa.string())), False).to_numpy(zero_copy_only=False)
+        faults.append(Fault(f"unknown {rule.what} (choose from {', '.join(rule.choices)})", name, _rows(labels, bad)))
+    keys = pa.array(list(mapping), pa.string())
+    canonical = pa.array([mapping[k] for k in mapping], pa.string())
+    return canonical.take(pc.index_in(values, keys)), faults
+
+
+def check_column(values: pa.ChunkedArray, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+    """One optional column against its rule; returns it normalised (typed, blanks and NaN as null)."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    typ = values.type
     if pa.types.is_null(typ):
-        return None
-    ok = {
-        "str": pa.types.is_string(typ) or pa.types.is_large_string(typ),
-        "int": pa.types.is_integer(typ) or pa.types.is_floating(typ),
-        "float": pa.types.is_integer(typ) or pa.types.is_floating(typ),
-    }[rule.kind]
-    wanted = {"str": "strings", "int": "integers", "float": "numbers"}[rule.kind]
-    return None if ok else Fault(f"must hold {wanted}, found {typ}", name)
+        return pa.nulls(len(values), _ARROW_TYPE[rule.kind]), []
+    if rule.kind == "str":
+        if not _is_text(typ):
+            return values, [Fault(f"must hold strings, found {typ}", name)]
+        return _check_text(pc.cast(values, pa.string()), name, rule, labels)
+    faults: list[Fault] = []
+    if _is_text(typ):
+        values, faults = _parse_numbers(values, name, rule, labels)
+    elif not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+        return values, [Fault(f"must hold {_WANTED[rule.kind]}, found {typ}", name)]
+    checked, more = _check_numbers(values, name, rule, labels)
+    return checked, faults + more
 
 
-def _value_faults(name: str, rule: _Rule, values: list, ids: list[str]) -> list[Fault]:
-    by_message: dict[str, list[str]] = {}
-    for value, rid in zip(values, ids):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue  # null: use the run's default
-        message = None
-        if rule.kind == "int" and isinstance(value, float):
-            if not value.is_integer():
-                message = "must be whole numbers"
-            elif abs(value) > 2**53:
-                message = "is stored as floating point and too large to be exact; store it as int64"
-            else:
-                value = int(value)
-        if message is None and rule.check is not None:
-            message = rule.check(value)
-        if message:
-            by_message.setdefault(message, []).append(rid)
-    return [Fault(msg, name, tuple(rows)) for msg, rows in by_message.items()]
+# --- the catalog as a whole -----------------------------------------------------------------------
 
 
-def _row_labels(table: pa.Table) -> list[str]:
+def row_labels(table: pa.Table) -> pa.Array:
     """Row ids for fault messages; rows without a usable id are named by position."""
+    n = table.num_rows
+    positions = pa.array([f"#{i}" for i in range(n)], pa.string())
     if "id" not in table.column_names:
-        return [f"#{i}" for i in range(table.num_rows)]
-    return [
-        str(v) if v is not None and str(v).strip() else f"#{i}"
-        for i, v in enumerate(table.column("id").to_pylist())
-    ]
+        return positions
+    ids = table.column("id").combine_chunks()
+    if not (_is_text(ids.type) or pa.types.is_integer(ids.type)):
+        return positions
+    text = pc.cast(ids, pa.string())
+    usable = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(text), ""), False)
+    return pc.if_else(usable, text, positions)
 
 
-def _id_faults(table: pa.Table, labels: list[str]) -> list[Fault]:
+def _id_faults(table: pa.Table, labels: pa.Array) -> list[Fault]:
     if "id" not in table.column_names:
         return [Fault("required column is missing", "id")]
-    typ = table.schema.field("id").type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)):
-        return [Fault(f"must hold strings (or integers), found {typ}", "id")]
+    ids = table.column("id").combine_chunks()
+    if not (_is_text(ids.type) or pa.types.is_integer(ids.type)):
+        return [Fault(f"must hold strings (or integers), found {ids.type}", "id")]
+    text = pc.cast(ids, pa.string())
     faults = []
-    values = table.column("id").to_pylist()
-    blank = [labels[i] for i, v in enumerate(values) if v is None or not str(v).strip()]
-    if blank:
-        faults.append(Fault("is null or blank", "id", tuple(blank)))
-    seen: dict[str, int] = {}
-    for v in values:
-        if v is not None and str(v).strip():
-            seen[str(v)] = seen.get(str(v), 0) + 1
-    dups = [k for k, n in seen.items() if n > 1]
-    if dups:
-        faults.append(Fault("values must be unique; repeated", "id", tuple(dups)))
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True).to_numpy(zero_copy_only=False)
+    if blank.any():
+        faults.append(Fault("is null or blank", "id", _rows(labels, blank)))
+    counts = pc.value_counts(text.filter(pa.array(~blank)))
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        faults.append(Fault("values must be unique; repeated", "id", tuple(repeated.to_pylist())))
     return faults
 
 
-def validate_catalog(table: pa.Table, cfg: RunConfig, source: str = "catalog") -> pa.Table:
-    """Check the catalog against the run's configuration; return it with `id` as strings.
+def validate_catalog(
+    table: pa.Table,
+    rules: Mapping[str, Rule],
+    required: Iterable[str] = (),
+    reserved: Iterable[str] = (),
+    source: str = "catalog",
+) -> pa.Table:
+    """Check the catalog; return it with every ruled column normalised.
 
-    Raises CatalogError with every fault found. Columns the pipeline does not know are kept as
-    they are and pass through to the results.
+    `rules` are the optional per-row columns the run understands, `required` the text columns
+    each row must fill, `reserved` the names the results use. Raises CatalogError with every fault.
+    Other columns are kept as they are and pass through to the results, `id` in its own type.
     """
-    faults: list[Fault] = []
     if table.num_rows == 0:
         raise CatalogError(source, [Fault("the catalog has no rows")])
-    labels = _row_labels(table)
-    faults += _id_faults(table, labels)
+    labels = row_labels(table)
+    faults = _id_faults(table, labels)
+    reserved = set(reserved)
     for name in table.column_names:
-        if name in RESERVED_COLUMNS or name.startswith(STAGE_PREFIXES):
+        if name in reserved:
             faults.append(Fault("is a name the results use; rename it", name))
-    if "prompt" not in table.column_names:
-        faults.append(Fault("required column is missing (each row needs a prompt)", "prompt"))
-    else:
-        prompts = table.column("prompt").to_pylist()
-        missing = [labels[i] for i, p in enumerate(prompts) if p is None or not str(p).strip()]
-        if missing:
-            faults.append(Fault("is null or blank", "prompt", tuple(missing)))
-    for name, rule in _rules(cfg).items():
+    for name in required:
         if name not in table.column_names:
+            faults.append(Fault("required column is missing", name))
             continue
-        type_fault = _type_fault(name, rule, table.schema.field(name).type)
-        if type_fault:
-            faults.append(type_fault)
-        else:
-            faults += _value_faults(name, rule, table.column(name).to_pylist(), labels)
+        column = table.column(name).combine_chunks()
+        if not _is_text(column.type):
+            faults.append(Fault(f"must hold strings, found {column.type}", name))
+            continue
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True).to_numpy(zero_copy_only=False)
+        if blank.any():
+            faults.append(Fault("is null or blank", name, _rows(labels, blank)))
+    for name, rule in rules.items():
+        if name in table.column_names and name not in required:
+            values, found = check_column(table.column(name), name, rule, labels)
+            faults += found
+            if not found:
+                table = table.set_column(table.schema.get_field_index(name), name, values)
     if faults:
         raise CatalogError(source, faults)
-    ids = pc.cast(table.column("id"), pa.string())
-    return table.set_column(table.schema.get_field_index("id"), "id", ids)
+    return table
 
 
-def load_catalog(path: str | Path, cfg: RunConfig) -> pa.Table:
-    return validate_catalog(read_catalog(path), cfg, source=str(path))
+def string_ids(catalog: pa.Table) -> pa.Array:
+    """The ids as text: what keys, seeds and file names are made from."""
+    return pc.cast(catalog.column("id").combine_chunks(), pa.string())
 
 
-# --- expansion into output rows -------------------------------------------------------------------
+def select_rows(catalog: pa.Table, limit: int | None = None, sample: int | None = None, seed: int = 0) -> pa.Table:
+    """A trial subset: the first `limit` rows, or `sample` rows picked by a seeded hash of their id.
+
+    A sample depends only on (seed, ids), so the same command always picks the same rows, and a
+    larger sample contains a smaller one.
+    """
+    if sample is not None and sample < catalog.num_rows:
+        ids = string_ids(catalog).to_pylist()
+        ranks = np.array([stable_hash("sample", seed, rid) for rid in ids])
+        keep = np.sort(np.argsort(ranks, kind="stable")[:sample])
+        catalog = catalog.take(pa.array(keep))
+    if limit is not None:
+        catalog = catalog.slice(0, limit)
+    return catalog
 
 
-def _column_or_nulls(table: pa.Table, name: str) -> list:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+def column_or_nulls(table: pa.Table, name: str, typ: pa.DataType) -> pa.Array:
+    if name in table.column_names:
+        return pc.cast(table.column(name).combine_chunks(), typ)
+    return pa.nulls(table.num_rows, typ)
 
 
-def expand_rows(catalog: pa.Table, cfg: RunConfig) -> pa.Table:
-    """One row per (id, variant) with its seed; the unit every stage works on.
+def expand_rows(catalog: pa.Table, default_variants: int, run_seed: int) -> pa.Table:
+    """One row per (id, variant): `id` (text), `variant`, `seed` and `index` (the catalog row).
 
     A row's own `seed` gives variant v the seed `seed + v` (as A1111 numbers a batch); otherwise
     the seed derives from (run seed, id, variant) alone, so it never depends on a row's position.
+    These names live in their own table, so they can never clash with a catalog column.
     """
-    ids = catalog.column("id").to_pylist()
-    counts = [
-        int(n) if n is not None else cfg.generate.num_variants
-        for n in _column_or_nulls(catalog, "num_variants")
-    ]
-    row_seeds = _column_or_nulls(catalog, "seed")
-    index, variants, seeds = [], [], []
-    for i, (rid, n, own) in enumerate(zip(ids, counts, row_seeds)):
-        for v in range(n):
-            index.append(i)
-            variants.append(v)
-            seeds.append((int(own) + v) % (MAX_SEED + 1) if own is not None else derive_seed(cfg.seed, rid, v))
-    rows = catalog.take(pa.array(index, pa.int64()))
-    rows = rows.append_column("variant", pa.array(variants, pa.int32()))
-    return rows.append_column("row_seed", pa.array(seeds, pa.int64()))
+    n = catalog.num_rows
+    counts = pc.fill_null(column_or_nulls(catalog, "num_variants", pa.int64()), default_variants).to_numpy()
+    index = np.repeat(np.arange(n, dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    variant = (np.arange(len(index), dtype=np.int64) - starts).astype(np.int32)
+    ids = string_ids(catalog).take(pa.array(index))
+    own = column_or_nulls(catalog, "seed", pa.int64()).take(pa.array(index))
+    has_own = pc.is_valid(own).to_numpy(zero_copy_only=False)
+    seeds = np.zeros(len(index), dtype=np.int64)
+    if has_own.any():
+        base = pc.fill_null(own, 0).to_numpy().astype(np.uint64) + variant.astype(np.uint64)
+        seeds[has_own] = (base % np.uint64(MAX_SEED + 1)).astype(np.int64)[has_own]
+    missing = np.flatnonzero(~has_own)
+    if len(missing):
+        seeds[missing] = derive_seeds(run_seed, ids.take(pa.array(missing)).to_pylist(), variant[missing].tolist())
+    return pa.table(
+        {"id": ids, "variant": pa.array(variant), "seed": pa.array(seeds), "index": pa.array(index)}
+    )
 
 
 def shard(rows: pa.Table, rows_per_shard: int) -> Iterable[pa.Table]:

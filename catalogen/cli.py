@@ -1,7 +1,8 @@
-"""The `catalogen` command: validate a catalog, prepare models, run the flow.
+"""The `catalogen` command: validate a catalog, prepare models, run the flow, inspect a run folder.
 
-Exit codes: 0 done; 1 the catalog, configuration or models cannot be used (nothing was written);
-3 the run finished but some rows failed (their reasons are in results.parquet).
+Exit codes: 0 done; 1 the catalog, configuration, device or models cannot be used (nothing was
+written), or the output folder is busy or belongs to another catalog; 2 a usage error; 3 the run
+finished but some rows failed (their reasons are in results.parquet).
 """
 
 from __future__ import annotations
@@ -14,18 +15,29 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
-from catalogen.catalog import CatalogError, expand_rows, load_catalog
-from catalogen.config import PROFILES, ConfigError, load_config, parse_override
+import catalogen
+from catalogen.catalog import CatalogError
+from catalogen.config import PROFILES, ConfigError, RunConfig, load_config, parse_override
 from catalogen.devices import DeviceError
-from catalogen.models import MissingModelsError, resolve_models
+from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
-from catalogen.runplan import check
+from catalogen.runplan import CatalogChanged, Selection, check_folder_catalog, default_out, prepare
+from catalogen.store import RunFolderBusy, RunStateError, RunStore
+
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 refused before anything was written (catalog, configuration, device, models), "
+    "or the output folder is busy or belongs to another catalog; 2 usage error; 3 the run finished but "
+    "some rows failed (see the error column of results.parquet)."
+)
+REFUSALS = (CatalogError, ConfigError, DeviceError, MissingModelsError, ModelError, RunFolderBusy, RunStateError,
+            CatalogChanged)
 
 app = typer.Typer(
-    help="Turn Parquet catalogs into images with full provenance.",
+    help=f"Turn Parquet catalogs into images with full provenance.\n\n{EXIT_CODES}",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,48 +46,78 @@ models_app = typer.Typer(help="Download or build the models a profile uses.", no
 app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run configuration.", exists=True, dir_okay=False)
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run configuration.", dir_okay=False)
 ProfileOpt = typer.Option(None, "--profile", "-p", help=f"Model profile: {', '.join(PROFILES)} (default tiny).")
 SetOpt = typer.Option(
     None, "--set", "-s", metavar="KEY=VALUE",
     help="Override any setting, e.g. --set generate.steps=30 --set generate.scheduler=euler_a (repeatable).",
 )
+RunArg = typer.Argument(..., help="A run folder (what `catalogen run` wrote).", exists=True, file_okay=False)
 
 
-def _overrides(items: list[str] | None, **named: Any) -> dict[str, Any]:
-    values = dict(parse_override(item) for item in items or [])
-    values.update({k: v for k, v in named.items() if v is not None})
-    return values
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"catalogen {catalogen.__version__}")
+        raise typer.Exit()
 
 
-def _fail(exc: Exception) -> None:
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Turn Parquet catalogs into images with full provenance."""
+
+
+def _fail(exc: Exception | str) -> None:
     err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
     raise typer.Exit(1)
 
 
-def _preflight(catalog: Path, config: Optional[Path], overrides: dict[str, Any]) -> None:
-    """Refuse a bad catalog, configuration, device or model before Prefect even starts."""
+def _settings(items: list[str] | None, **named: tuple[Any, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overrides from --set items and named flags, and where each came from (flags win)."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for item in items or []:
+        key, value = parse_override(item)
+        values[key] = value
+        origins[key] = f"--set {item}"
+    for key, (value, flag) in named.items():
+        if value is not None:
+            values[key] = value
+            origins[key] = f"{flag} {value}"
+    return values, origins
+
+
+def _config(config: Optional[Path], items: list[str] | None, **named: tuple[Any, str]) -> RunConfig:
     try:
-        check(catalog, load_config(config, overrides))
-    except (CatalogError, ConfigError, DeviceError, MissingModelsError) as exc:
+        overrides, origins = _settings(items, **named)
+        return load_config(config, overrides, origins)
+    except ConfigError as exc:
         _fail(exc)
+        raise  # unreachable: _fail exits
 
 
 @app.command()
 def validate(
-    catalog: Path = typer.Argument(..., help="Parquet, CSV or JSON Lines catalog."),
+    catalog: Path = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz)."),
     config: Optional[Path] = ConfigOpt,
     profile: Optional[str] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Check a catalog against a configuration; list every fault by column and row id."""
+    """Check a catalog against a configuration; list every fault by column and row id. Writes nothing."""
+    cfg = _config(config, set_, profile=(profile, "--profile"))
+    from catalogen.runplan import config_faults, load_checked_catalog, plan_rows
+
     try:
-        cfg = load_config(config, _overrides(set_, profile=profile))
-        table = load_catalog(catalog, cfg)
+        problems = config_faults(cfg)
+        if problems:
+            raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+        table = load_checked_catalog(catalog, cfg)
     except (CatalogError, ConfigError) as exc:
         _fail(exc)
-    images = expand_rows(table, cfg).num_rows
-    typer.echo(f"{catalog}: ok, {table.num_rows} ids, {images} images to make with profile {cfg.profile}")
+    images = plan_rows(table, cfg).num_rows
+    typer.echo(f"{catalog}: ok, {table.num_rows} ids, {images} rows to make with profile {cfg.profile} "
+               f"through {' -> '.join(cfg.stages)}")
 
 
 @models_app.command("prepare")
@@ -84,19 +126,24 @@ def models_prepare(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Build the tiny models, or download a real profile's models into the Hugging Face cache."""
+    """Build the tiny models, or download a real profile's models (safetensors only) into the Hugging Face cache."""
+    cfg = _config(config, set_, profile=(profile, "--profile"))
+    from tasks import STAGES
+
+    # The tiny profile is one family: prepare its SD1.5- and SDXL-shaped models together.
+    names = [p for p in PROFILES if p.startswith("tiny")] if cfg.profile.startswith("tiny") else [cfg.profile]
+    specs = {}
+    for name in names:
+        variant = cfg.model_copy(update={"profile": name})
+        for stage, module in STAGES.items():
+            for role, spec in module.models(variant).items():
+                specs[f"{stage}.{role} ({spec.repo})"] = spec
     try:
-        cfg = load_config(config, _overrides(set_, profile=profile))
-        # The tiny profile is one family: prepare its SD1.5- and SDXL-shaped models together.
-        names = [p for p in PROFILES if p.startswith("tiny")] if cfg.profile.startswith("tiny") else [cfg.profile]
-        specs = {f"{stage} ({name})": spec for name in names for stage, spec in PROFILES[name].items()}
-        if cfg.generate.model is not None:
-            specs["generate (config)"] = cfg.generate.model
         identities = resolve_models(specs, cfg)
-    except (ConfigError, MissingModelsError) as exc:
+    except (MissingModelsError, ModelError) as exc:
         _fail(exc)
-    for stage, identity in identities.items():
-        typer.echo(f"{stage}: {identity.repo} @ {identity.revision}\n  {identity.path}")
+    for label, identity in identities.items():
+        typer.echo(f"{label}: {identity.repo} @ {identity.revision}\n  {identity.path}")
 
 
 def _log_above(console: Console) -> None:
@@ -127,26 +174,51 @@ class _RichReporter:
         self.progress.refresh()
 
 
-@app.command()
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+    )
+
+
+@app.command(epilog=EXIT_CODES)
 def run(
-    catalog: Path = typer.Argument(..., help="Parquet, CSV or JSON Lines catalog."),
+    catalog: Path = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz)."),
     config: Optional[Path] = ConfigOpt,
     profile: Optional[str] = ProfileOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default outputs/<catalog>-<profile>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default outputs/<catalog>-<path hash>-<profile>)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute rows whose last attempt failed."),
-    seed: Optional[int] = typer.Option(None, help="Run seed; rows without a seed column derive theirs from it."),
-    rows_per_shard: Optional[int] = typer.Option(None, help="Rows per Prefect task run (default 64)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per pipeline call (default 4)."),
-    device: Optional[str] = typer.Option(None, help="auto (every visible GPU, else CPU), cpu, cuda or cuda:N."),
+    new_catalog: bool = typer.Option(False, "--new-catalog", help="Run a catalog other than the one the output folder was made from (its results are replaced)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial run: only the catalog's first N rows."),
+    sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Trial run: N rows picked by a seeded hash of their ids (the same N rows every time)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages to run, in order (setting `stages`)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed; rows without a seed column derive theirs from it."),
+    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Rows per Prefect task run (default 64)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per pipeline call of the generate stage (default 4)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (every visible GPU, else CPU), cpu, cuda or cuda:N."),
     offline: bool = typer.Option(False, "--offline", help="Never contact the Hub; fail fast if a model is missing."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Generate every pending row of CATALOG; re-running the same command resumes."""
-    overrides = _overrides(
-        set_, profile=profile, seed=seed, rows_per_shard=rows_per_shard, device=device,
-        offline=offline or None, **{"generate.batch_size": batch_size},
-    )
-    _preflight(catalog, config, overrides)
+    """Run every stage over each pending row of CATALOG; re-running the same command resumes."""
+    named = {
+        "profile": (profile, "--profile"), "seed": (seed, "--seed"), "rows_per_shard": (rows_per_shard, "--rows-per-shard"),
+        "device": (device, "--device"), "offline": (offline or None, "--offline"),
+        "generate.batch_size": (batch_size, "--batch-size"),
+        "stages": ([s.strip() for s in stages.split(",") if s.strip()] if stages else None, "--stages"),
+    }
+    try:
+        overrides, origins = _settings(set_, **named)
+        cfg = load_config(config, overrides, origins)
+        folder = out if out is not None else default_out(catalog, cfg)
+        store = RunStore(folder)
+        holder = store.holder()
+        if holder:
+            raise RunFolderBusy(f"{folder} is in use by another run ({holder})")
+        selection = Selection(limit, sample)
+        prepare(catalog, cfg, folder, selection)  # remembered: the flow reuses it
+        check_folder_catalog(store, catalog, new_catalog)
+    except REFUSALS as exc:
+        _fail(exc)
     # Quiet by default on machines without internet; set either variable to choose otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -154,21 +226,22 @@ def run(
     from flows.run import catalogen_run  # Prefect reads the settings above when it is imported
 
     _log_above(err)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
-    )
+    progress = _progress_bar()
     set_reporter(_RichReporter(progress))
     try:
-        with progress:
-            summary = catalogen_run(
-                catalog=str(catalog), out=str(out) if out else None, config=str(config) if config else None,
-                overrides=overrides, retry_failed=retry_failed,
+        with store.exclusive(), progress:
+            state = catalogen_run(
+                catalog=str(catalog), out=str(folder), config=str(config) if config else None,
+                overrides=overrides, origins=origins, retry_failed=retry_failed, new_catalog=new_catalog,
+                limit=limit, sample=sample, return_state=True,
             )
-    except Exception as exc:  # noqa: BLE001 - Prefect has logged the traceback
+    except RunFolderBusy as exc:
         _fail(exc)
     finally:
         set_reporter(None)
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        _fail(summary)
     typer.echo(
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped\n"
         f"results: {Path(summary['out']) / 'results.parquet'}"
@@ -176,6 +249,70 @@ def run(
     if summary["failed"]:
         err.print("[yellow]some rows failed; see the error column, and re-run with --retry-failed[/]")
         raise typer.Exit(3)
+
+
+@app.command()
+def status(run_dir: Path = RunArg) -> None:
+    """Done, failed and pending rows per stage, from the run folder alone (no model, no Prefect)."""
+    from catalogen.inspect import folder_status
+
+    try:
+        report = folder_status(RunStore(run_dir))
+    except RunStateError as exc:
+        _fail(exc)
+    table = Table(title=f"{run_dir} ({report['rows']} rows, catalog {report['catalog']})")
+    for column in ("stage", "ok", "fallback", "degenerate", "failed", "skipped", "pending"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, counts in report["stages"].items():
+        table.add_row(stage, *(str(counts.get(c, 0)) for c in ("ok", "fallback", "degenerate", "failed", "skipped", "pending")))
+    Console().print(table)
+    typer.echo(f"running now: {report['running']}" if report["running"] else "not running")
+
+
+@app.command()
+def verify(run_dir: Path = RunArg) -> None:
+    """Re-hash every image; mark missing or changed ones failed, so `run --retry-failed` redoes them."""
+    from catalogen.inspect import verify_images
+
+    store = RunStore(run_dir)
+    try:
+        with store.exclusive(), _progress_bar() as progress:
+            task = progress.add_task("verify", total=None)
+            bad = verify_images(store, lambda done, total: progress.update(task, completed=done, total=total))
+    except (RunStateError, RunFolderBusy) as exc:
+        _fail(exc)
+    for row in bad[:20]:
+        typer.echo(f"{row['stage']}: {row['id']} v{row['variant']}: {row['error']}")
+    if bad:
+        typer.echo(f"{len(bad)} image(s) missing or changed, now marked failed; redo them with "
+                   f"`catalogen run CATALOG --out {run_dir} --retry-failed`")
+        raise typer.Exit(3)
+    typer.echo("every image matches its recorded sha256")
+
+
+@app.command()
+def clean(
+    run_dir: Path = RunArg,
+    yes: bool = typer.Option(False, "--yes", help="Remove the files listed (default: only list them)."),
+) -> None:
+    """List (and with --yes remove) images that no row of results.parquet points at."""
+    from catalogen.inspect import orphan_images
+
+    store = RunStore(run_dir)
+    try:
+        with store.exclusive():
+            orphans = orphan_images(store)
+            size = sum(p.stat().st_size for p in orphans)
+            for path in orphans:
+                typer.echo(str(path.relative_to(store.root)))
+                if yes:
+                    path.unlink()
+    except (RunStateError, RunFolderBusy) as exc:
+        _fail(exc)
+    if yes:
+        typer.echo(f"removed {len(orphans)} image(s), {size / 2**20:.1f} MB")
+    else:
+        typer.echo(f"{len(orphans)} image(s), {size / 2**20:.1f} MB, that no row points at; --yes removes them")
 
 
 def main() -> None:

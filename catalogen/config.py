@@ -1,146 +1,141 @@
 """Run configuration: one pydantic model, loaded from YAML, overridden from the command line.
 
 Everything a run does is decided here, so `run.json` can record it whole and a stage's
-idempotency key can hash exactly the settings that change its output.
+idempotency key can hash exactly the settings that change its output. The run-wide settings are
+declared below; each stage adds its own section (`generate:`, `enhance:` …) from its module's
+`Settings`, so adding a stage never edits this file (see `config_model`).
+
+A value's origin (the YAML file, a `--set`, a named flag) is remembered, so an error says which
+one to fix.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
-SCHEDULERS = (
-    "euler",
-    "euler_a",
-    "dpm++_2m",
-    "dpm++_2m_karras",
-    "ddim",
-    "pndm",
-    "lms",
-    "heun",
-    "unipc",
-)
-SchedulerName = Literal[
-    "euler", "euler_a", "dpm++_2m", "dpm++_2m_karras", "ddim", "pndm", "lms", "heun", "unipc"
-]
-SafetyMode = Literal["off", "flag", "withhold"]
+# The model profiles every stage maps to its own models (see each stage's `PROFILES`).
+PROFILES = ("tiny", "tiny-sdxl", "sd15", "sdxl")
+ProfileName = Literal["tiny", "tiny-sdxl", "sd15", "sdxl"]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Settings refuse unknown keys (a typo must not silently fall back to a default)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
-    """Where a model comes from and the sizes it can make.
+class ModelSpec(Strict):
+    """Where a model comes from.
 
-    `repo` is a Hub repository id, a local diffusers folder, or `tiny:<name>` for the built-in
-    tiny profile. `revision` pins a branch, tag or commit; the resolved commit is recorded per row.
+    `repo` is a Hub repository id, a local folder, or `tiny:<name>` for the built-in tiny profile.
+    `revision` pins a branch, tag or commit; the resolved commit is recorded per row.
     """
 
     repo: str
-    kind: Literal["sd15", "sdxl"]
+    kind: str = Field(description="what loads it: sd15, sdxl, llm, …; decides the files a folder must hold")
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant such as 'fp16'")
+
+
+class DiffusionSpec(ModelSpec):
+    """A Stable Diffusion pipeline, and the image sizes it can make."""
+
+    kind: Literal["sd15", "sdxl"]
     default_size: int = Field(512, ge=8)
     min_size: int = Field(256, ge=8)
     max_size: int = Field(1024, ge=8)
     has_safety_checker: bool = False
 
     @model_validator(mode="after")
-    def _sizes_consistent(self) -> "ModelSpec":
+    def _sizes_consistent(self) -> "DiffusionSpec":
         if not self.min_size <= self.default_size <= self.max_size:
             raise ValueError("expected min_size <= default_size <= max_size")
         return self
 
 
-PROFILES: dict[str, dict[str, ModelSpec]] = {
-    "tiny": {
-        "generate": ModelSpec(
-            repo="tiny:sd15", kind="sd15", default_size=64, min_size=16, max_size=512,
-            has_safety_checker=True,
-        )
-    },
-    "tiny-sdxl": {
-        "generate": ModelSpec(
-            repo="tiny:sdxl", kind="sdxl", default_size=64, min_size=16, max_size=512
-        )
-    },
-    "sd15": {
-        "generate": ModelSpec(
-            repo="stable-diffusion-v1-5/stable-diffusion-v1-5", kind="sd15",
-            default_size=512, min_size=256, max_size=1024, has_safety_checker=True,
-        )
-    },
-    "sdxl": {
-        "generate": ModelSpec(
-            repo="stabilityai/stable-diffusion-xl-base-1.0", kind="sdxl", variant="fp16",
-            default_size=1024, min_size=512, max_size=2048,
-        )
-    },
-}
+class RunConfig(Strict):
+    """The run-wide settings; `config_model()` adds one section per registered stage."""
 
-
-class GenerateConfig(_Strict):
-    """Text-to-image defaults; any catalog row may override the per-image ones."""
-
-    model: ModelSpec | None = Field(None, description="overrides the profile's model")
-    scheduler: SchedulerName = "euler"
-    steps: int = Field(25, ge=1, le=150)
-    guidance_scale: float = Field(7.5, ge=0, le=30)
-    width: int | None = Field(None, description="defaults to the model's native size")
-    height: int | None = None
-    negative_prompt: str = ""
-    num_variants: int = Field(1, ge=1, le=64)
-    batch_size: int = Field(
-        4, ge=1, le=256,
-        description="images per pipeline call, always run at this size so results do not depend on "
-        "neighbours (short batches are padded); halved on out-of-memory",
-    )
-    safety_checker: SafetyMode | None = Field(
-        None,
-        description="off: don't run it; flag: record its verdict and keep the image; withhold: "
-        "record it and write no image. Default: flag when the model has one, else off.",
-    )
-
-
-class RunConfig(_Strict):
-    profile: str = "tiny"
+    profile: ProfileName = "tiny"
     seed: int = Field(0, ge=0, le=2**63 - 1, description="run seed; rows without a seed derive theirs from it")
-    stages: tuple[Literal["generate"], ...] = ("generate",)
+    stages: tuple[str, ...] = Field(("generate",), min_length=1, description="the stages to run, in order")
+    num_variants: int = Field(1, ge=1, le=64, description="images per catalog row (a row's `num_variants` column overrides)")
     rows_per_shard: int = Field(64, ge=1, le=100_000)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     offline: bool = Field(False, description="never contact the Hub (as HF_HUB_OFFLINE=1)")
     cache_dir: Path | None = Field(None, description="where the tiny profile is built; default ~/.cache/catalogen")
-    generate: GenerateConfig = GenerateConfig()
+    lease_timeout_s: float = Field(
+        3600, gt=0, description="how long a shard waits for a free device before it fails (the holder is logged)"
+    )
+    model_memory_gb: float | None = Field(
+        None, gt=0,
+        description="models kept loaded per device and process; past it the least recently used is released. "
+        "Default: 80% of a GPU's memory, 50% of RAM on the CPU",
+    )
+
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.expanduser(value))
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
 
     @model_validator(mode="after")
-    def _known_profile(self) -> "RunConfig":
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        model = self.model_for("generate")
-        if self.generate.safety_checker not in (None, "off") and not model.has_safety_checker:
-            raise ValueError(f"generate.safety_checker={self.generate.safety_checker!r} but {model.repo} has no safety checker")
+    def _known_stages(self) -> "RunConfig":
+        from tasks import STAGES
+
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"a stage is listed twice in {list(self.stages)}")
         return self
 
-    def model_for(self, stage: str) -> ModelSpec:
-        override = getattr(self, stage).model
-        return override if override is not None else PROFILES[self.profile][stage]
+    def section(self, stage: str) -> Any:
+        """A stage's settings (`cfg.generate` and `cfg.section("generate")` are the same)."""
+        return getattr(self, stage)
+
+    def origin(self, dotted: str) -> str:
+        """Where a setting's value came from: a file, a flag, or the defaults."""
+        parts = dotted.split(".")
+        for end in range(len(parts), 0, -1):
+            found = self._origins.get(".".join(parts[:end]))
+            if found:
+                return found
+        return self._origins.get("", "defaults")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir
-        return Path(os.environ.get("CATALOGEN_HOME", Path.home() / ".cache" / "catalogen"))
+        return Path(os.environ.get("CATALOGEN_HOME", Path.home() / ".cache" / "catalogen")).expanduser()
 
     def is_offline(self) -> bool:
         return self.offline or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+@lru_cache(maxsize=1)
+def config_model() -> type[RunConfig]:
+    """`RunConfig` with one section per registered stage, each defaulting to its `Settings()`."""
+    from tasks import STAGES
+
+    sections: dict[str, Any] = {name: (stage.Settings, stage.Settings()) for name, stage in STAGES.items()}
+    return create_model("RunConfig", __base__=RunConfig, **sections)
 
 
 def field_bounds(model: type[BaseModel], name: str) -> tuple[float, float]:
@@ -153,56 +148,107 @@ def field_bounds(model: type[BaseModel], name: str) -> tuple[float, float]:
 
 
 class ConfigError(ValueError):
-    """A configuration the run cannot use; the message names the file and the field."""
+    """A configuration the run cannot use; the message names the setting and where it came from."""
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`generate.steps=30` -> ("generate.steps", 30); the value is read as YAML."""
+    """`generate.steps=30` -> ("generate.steps", 30); the value is read as (safe) YAML."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key.path=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(f"--set {item!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote it if it is text") from None
+    return key.strip(), value
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
+def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
     node = data
     *parents, leaf = dotted.split(".")
-    for part in parents:
+    for depth, part in enumerate(parents):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(f"{origin}: cannot set {dotted!r}, because {where!r} is not a section")
         node = child
     node[leaf] = value
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
+    return loaded or {}
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The setting names a section accepts, to suggest one for a misspelled key."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _explain(exc: ValidationError, model: type[RunConfig], origins: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            message = "unknown setting" + (f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else "")
+        probe = RunConfig.model_construct()
+        probe._origins = dict(origins)
+        lines.append(f"  {dotted or '(top level)'}: {message} (from {probe.origin(dotted)})")
+    return "\n".join(lines)
+
+
 def load_config(
     path: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> RunConfig:
-    """Read the YAML file (if any), apply dotted overrides, validate once."""
+    """Read the YAML file (if any), apply dotted overrides, validate once.
+
+    `origins` names where each override came from (e.g. "--profile"); by default "--set KEY".
+    A None override means "not given" and leaves the file's or the default value alone.
+    """
+    model = config_model()
     data: dict[str, Any] = {}
-    source = "defaults"
+    seen: dict[str, str] = {}
     if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded or {}
+        data = _read_yaml(Path(path))
+        seen[""] = str(path)
     for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_path(data, key, value)
+        if value is None:
+            continue
+        source = (origins or {}).get(key) or f"--set {key}={value}"
+        _set_path(data, key, value, source)
+        seen[key] = source
     try:
-        return RunConfig.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
-        ]
-        raise ConfigError(f"invalid configuration ({source}):\n" + "\n".join(lines)) from None
+        raise ConfigError("invalid configuration:\n" + _explain(exc, model, seen)) from None
+    cfg._origins = seen
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """A configuration recorded in run.json, read back by the tasks."""
+    return config_model().model_validate(dict(data))

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,27 +69,51 @@ def lock_dir() -> Path:
     return path
 
 
+def _lock_file(device: Device) -> Path:
+    return lock_dir() / f"{device.physical_id}.lock"
+
+
 def _try_lock(device: Device) -> int | None:
-    fd = os.open(lock_dir() / f"{device.physical_id}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(_lock_file(device), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} thread {threading.get_ident()}\n".encode())
+    os.write(fd, f"pid {os.getpid()} thread {threading.get_ident()} since {time.strftime('%H:%M:%S')}\n".encode())
     return fd
 
 
+def holder(device: Device) -> str:
+    """Who holds a device's lease, as its holder wrote it."""
+    try:
+        return _lock_file(device).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+WaitReport = Callable[[str, str, float], None]  # (device, holder, seconds waited so far)
+
+
 @contextmanager
-def lease(devices: list[Device], poll_seconds: float = 0.05, timeout: float | None = None) -> Iterator[Device]:
+def lease(
+    devices: list[Device],
+    poll_seconds: float = 0.05,
+    timeout: float | None = None,
+    on_wait: WaitReport | None = None,
+    report_every: float = 30.0,
+) -> Iterator[Device]:
     """Hold one of `devices` exclusively for the duration of the block.
 
     Each `flock` is on its own open file, so threads of one process exclude each other too.
+    While every device is busy, `on_wait` hears who holds them every `report_every` seconds;
+    past `timeout` the wait ends with a TimeoutError naming the holders.
     """
     if not devices:
         raise ValueError("no devices to lease")
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    next_report = started + report_every
     while True:
         for device in devices:
             fd = _try_lock(device)
@@ -99,6 +123,12 @@ def lease(devices: list[Device], poll_seconds: float = 0.05, timeout: float | No
                 finally:
                     os.close(fd)  # closing the file releases the lock
                 return
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"no device free among {', '.join(map(str, devices))} after {timeout} s")
+        now = time.monotonic()
+        if timeout is not None and now - started > timeout:
+            held = "; ".join(f"{d} held by {holder(d)}" for d in devices)
+            raise TimeoutError(f"no device free after {timeout:g} s ({held})")
+        if on_wait is not None and now >= next_report:
+            for device in devices:
+                on_wait(device.name, holder(device), now - started)
+            next_report = now + report_every
         time.sleep(poll_seconds)

@@ -1,19 +1,27 @@
-"""Model identity and loading, with one cache per process.
+"""Model identity, pre-run checks and loading, with one cache per process.
 
 Identity (repo, resolved revision, content hash) is cheap and needs no weights in memory, so a
 run can compute every idempotency key, and skip all finished work, without loading a model.
-Loading happens on first use in a process and is then reused by every shard that process runs.
+Before a run starts, every model folder is checked for safetensors weights, so a model that
+cannot load is refused up front instead of failing every shard.
+
+Loading happens on first use in a process and is then reused by every shard and stage that
+process runs. The cache keeps models resident per device up to a memory budget; past it, the
+least recently used model is released. Every load is recorded, so tests can count them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -24,6 +32,8 @@ from catalogen.tiny import ensure_tiny
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DIFFUSION_KINDS = ("sd15", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,9 @@ class ModelIdentity:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def short(self) -> str:
+        return f"{self.repo}@{self.revision.removeprefix('sha256:')[:12]}"
 
 
 class MissingModelsError(RuntimeError):
@@ -51,8 +64,17 @@ class MissingModelsError(RuntimeError):
         )
 
 
+class ModelError(RuntimeError):
+    """Models that are present but cannot be used (no safetensors weights, a broken folder)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        listed = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} model problem(s):\n{listed}")
+
+
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """Hide the libraries' per-file progress bars and import notices; we log the load ourselves."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -77,39 +99,46 @@ def _folder_hash(path: str) -> str:
     return "sha256:" + stable_hash([(str(p.relative_to(root)), sha256_file(p)) for p in files])[:32]
 
 
+def _download(spec: ModelSpec, offline: bool) -> Path:
+    """Fetch a Hub model's safetensors weights and configuration (never pickles)."""
+    if spec.kind in DIFFUSION_KINDS:
+        from diffusers import DiffusionPipeline
+
+        return Path(DiffusionPipeline.download(
+            spec.repo, revision=spec.revision, variant=spec.variant, use_safetensors=True, local_files_only=offline,
+        ))
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.onnx", "*.jinja"]
+    return Path(snapshot_download(spec.repo, revision=spec.revision, allow_patterns=patterns, local_files_only=offline))
+
+
 def resolve_model(spec: ModelSpec, cfg: RunConfig) -> ModelIdentity:
     """Find (or, when allowed, download) a model's files and pin its exact revision."""
     if spec.repo.startswith(TINY_PREFIX):
-        with _quiet_loading():
+        with quiet_loading():
             folder = ensure_tiny(spec.repo[len(TINY_PREFIX):], cfg.resolved_cache_dir())
         return ModelIdentity(spec.repo, _folder_hash(str(folder)), str(folder), spec.kind)
     local = Path(spec.repo).expanduser()
-    if local.is_dir():
-        return ModelIdentity(spec.repo, _folder_hash(str(local.resolve())), str(local.resolve()), spec.kind, spec.variant)
-    from diffusers import DiffusionPipeline
-
+    if local.exists():
+        local = local.resolve()
+        return ModelIdentity(spec.repo, _folder_hash(str(local)), str(local), spec.kind, spec.variant)
     offline = cfg.is_offline()
     try:
-        folder = DiffusionPipeline.download(
-            spec.repo,
-            revision=spec.revision,
-            variant=spec.variant,
-            use_safetensors=True,
-            local_files_only=offline,
-        )
-    except Exception as exc:  # noqa: BLE001 - diffusers raises several kinds for "not cached"
+        folder = _download(spec, offline)
+    except Exception as exc:  # noqa: BLE001 - the hub clients raise several kinds for "not cached"
         if offline:
             raise MissingModelsError([f"{spec.repo}@{spec.revision or 'main'}"]) from exc
         raise
-    return ModelIdentity(spec.repo, Path(folder).name, str(folder), spec.kind, spec.variant)
+    return ModelIdentity(spec.repo, folder.name, str(folder), spec.kind, spec.variant)
 
 
-def resolve_models(specs: dict[str, ModelSpec], cfg: RunConfig) -> dict[str, ModelIdentity]:
-    """Resolve every stage's model, reporting all missing ones at once."""
+def resolve_models(specs: Mapping[str, ModelSpec], cfg: RunConfig) -> dict[str, ModelIdentity]:
+    """Resolve every model, reporting all missing ones at once."""
     identities, missing = {}, []
-    for stage, spec in specs.items():
+    for role, spec in specs.items():
         try:
-            identities[stage] = resolve_model(spec, cfg)
+            identities[role] = resolve_model(spec, cfg)
         except MissingModelsError as exc:
             missing += exc.missing
     if missing:
@@ -117,69 +146,153 @@ def resolve_models(specs: dict[str, ModelSpec], cfg: RunConfig) -> dict[str, Mod
     return identities
 
 
+# --- can it load? ---------------------------------------------------------------------------------
+
+
+def _weights_problems(folder: Path, label: str, variant: str | None) -> list[str]:
+    """A folder of one component: it needs safetensors weights, and pickles alone are refused."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    if variant and safetensors and not any(f".{variant}." in p.name for p in safetensors):
+        return [f"{label}: no '{variant}' variant weights in {folder}"]
+    if safetensors:
+        return []
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        return [f"{label}: only pickle weights ({', '.join(sorted(pickles))}) in {folder}; catalogen loads "
+                "safetensors only (pickles can run code when loaded): convert them, or use a safetensors release"]
+    return [f"{label}: no weights in {folder}"]
+
+
+def _pipeline_components(folder: Path) -> list[str]:
+    """The component folders of a diffusers pipeline that hold weights (model_index.json lists them)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return sorted(
+        name for name, value in index.items()
+        if isinstance(value, list) and value[0] is not None and (folder / name / "config.json").exists()
+        and not name.startswith("_") and "scheduler" not in name
+    )
+
+
+def loadability_problems(identity: ModelIdentity) -> list[str]:
+    """What would stop this model from loading as safetensors, found by looking at its files only."""
+    folder = Path(identity.path)
+    label = identity.repo
+    if folder.is_file():
+        if folder.suffix != ".safetensors":
+            return [f"{label}: {folder.name} is not a .safetensors file; catalogen loads safetensors only"]
+        return []
+    if not folder.is_dir():
+        return [f"{label}: {folder} does not exist"]
+    if identity.kind in DIFFUSION_KINDS:
+        if not (folder / "model_index.json").exists():
+            return [f"{label}: {folder} is not a diffusers pipeline folder (no model_index.json)"]
+        problems = []
+        for component in _pipeline_components(folder):
+            problems += _weights_problems(folder / component, f"{label} ({component})", identity.variant)
+        return problems
+    if any(folder.rglob("*.safetensors")) or any(folder.rglob("*.onnx")):
+        return []
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return [f"{label}: only pickle weights ({', '.join(pickles[:5])}) in {folder}; catalogen loads safetensors only"]
+    return [f"{label}: no weights in {folder}"]
+
+
+def check_loadable(identities: Mapping[str, ModelIdentity]) -> None:
+    problems = [p for identity in identities.values() for p in loadability_problems(identity)]
+    if problems:
+        raise ModelError(problems)
+
+
 # --- the per-process cache ------------------------------------------------------------------------
 
-_cache: dict[tuple, Any] = {}
-_lock = threading.Lock()
-_loads = 0
+
+@dataclass
+class _Entry:
+    value: Any
+    device: str
+    nbytes: int
+
+
+_cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
+_lock = threading.RLock()
+_loads: list[dict[str, Any]] = []
 
 
 def load_count() -> int:
     """How many models this process has loaded from disk (a cache miss each)."""
-    return _loads
+    return len(_loads)
+
+
+def load_events() -> list[dict[str, Any]]:
+    """Every load of this process: what, where, how big, how long; and what it released."""
+    with _lock:
+        return [dict(e) for e in _loads]
 
 
 def clear_cache() -> None:
-    global _loads
     with _lock:
         _cache.clear()
-        _loads = 0
+        _loads.clear()
 
 
-def _cached(key: tuple, build) -> Any:
-    global _loads
-    with _lock:  # one load at a time: two threads never load the same model twice
-        if key not in _cache:
-            log.info("loading %s (%s) on %s as %s", key[1], key[2], key[3], key[4])
-            with _quiet_loading():
-                _cache[key] = build()
-            _loads += 1
-        return _cache[key]
+def nbytes(value: Any) -> int:
+    """Memory held by a loaded model: its tensors, found through pipelines, tuples and modules."""
+    if isinstance(value, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in [*value.parameters(), *value.buffers()])
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    components = getattr(value, "components", None)
+    if isinstance(components, dict):
+        return nbytes(components)
+    return int(getattr(value, "catalogen_nbytes", 0))
 
 
-def load_pipeline(identity: ModelIdentity, device: str, dtype: torch.dtype):
-    """A text-to-image pipeline, loaded once per (model, revision, device, dtype) and process."""
+def default_budget(device: str) -> int:
+    """80% of a GPU's memory; 50% of the machine's RAM for the CPU."""
+    if device.startswith("cuda"):
+        return int(0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    import psutil
 
-    def build():
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        common = dict(dtype=dtype, use_safetensors=True, variant=identity.variant)
-        if identity.kind == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_pretrained(identity.path, add_watermarker=False, **common)
-        else:
-            # The checker runs separately (see tasks.generate), so its verdict is recorded
-            # instead of the pipeline silently blacking out the image.
-            pipe = StableDiffusionPipeline.from_pretrained(
-                identity.path, safety_checker=None, requires_safety_checker=False, **common
-            )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
-
-    return _cached(("pipeline", identity.repo, identity.revision, device, str(dtype)), build)
+    return int(0.5 * psutil.virtual_memory().total)
 
 
-def load_safety_checker(identity: ModelIdentity, device: str, dtype: torch.dtype):
-    """The Stable Diffusion safety checker and its image processor from the model's folder."""
+def _evict_for(device: str, needed: int, budget: int) -> None:
+    used = sum(e.nbytes for e in _cache.values() if e.device == device)
+    for key in [k for k, e in _cache.items() if e.device == device]:
+        if used + needed <= budget:
+            return
+        entry = _cache.pop(key)
+        used -= entry.nbytes
+        log.info("releasing %s from %s (%.0f MB) to stay within the %.1f GB model budget",
+                 key[1], device, entry.nbytes / 2**20, budget / 2**30)
+        _loads.append({"event": "release", "what": key[0], "repo": key[1], "device": device, "bytes": entry.nbytes})
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
-    def build():
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPImageProcessor
 
-        folder = Path(identity.path)
-        if not (folder / "safety_checker").is_dir():
-            raise FileNotFoundError(f"{identity.repo} has no safety_checker folder")
-        checker = StableDiffusionSafetyChecker.from_pretrained(folder, subfolder="safety_checker", dtype=dtype)
-        processor = CLIPImageProcessor.from_pretrained(folder, subfolder="feature_extractor")
-        return checker.to(device).eval(), processor
+def cached(key: tuple, device: str, build: Callable[[], Any], budget_gb: float | None = None) -> Any:
+    """`build()` once per `key` and process; least recently used models go first past the budget.
 
-    return _cached(("safety", identity.repo, identity.revision, device, str(dtype)), build)
+    `key` is (what, repo, revision, device, dtype, …). Loads are serialised, so two threads never
+    load the same model twice.
+    """
+    with _lock:
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache.move_to_end(key)
+            return entry.value
+        log.info("loading %s (%s) on %s", key[1], key[0], device)
+        started = time.perf_counter()
+        with quiet_loading():
+            value = build()
+        size = nbytes(value)
+        budget = int(budget_gb * 2**30) if budget_gb else default_budget(device)
+        _evict_for(device, size, budget)
+        _cache[key] = _Entry(value, device, size)
+        _loads.append({"event": "load", "what": key[0], "repo": key[1], "device": device, "bytes": size,
+                       "seconds": round(time.perf_counter() - started, 3)})
+        return value

@@ -1,75 +1,301 @@
-"""A run from start to finish, without the orchestrator: plan, what is pending, the results.
+"""A run from start to finish, without the orchestrator: check, plan, what is pending, hand-offs.
 
 The Prefect flow (flows/run.py) decides only ordering and concurrency; everything it needs to
-know about rows, keys and files comes from here, so a benchmark or a test can drive a run with a
-plain loop and get the same outputs.
+know about rows, keys, shards and files comes from here, so a benchmark or a test can drive a
+run with a plain loop and get the same outputs.
+
+How stages chain:
+- `upstreams` finds, for each role a stage reads ("prompt", "image"), the nearest earlier stage
+  that provides it; with none, the stage reads the catalog (or the template).
+- Every stage plans every row up front (no model needed). A row's key in a stage is extended
+  with its keys in the stages it reads from, so a change upstream recomputes that row downstream
+  and nothing else.
+- A row is pending in a stage when it has no result under its key there (or a failed one, with
+  `retry_failed`), or when it is pending in a stage it reads from.
+- Shards are cut once per invocation over the rows pending anywhere, and keep their names through
+  every stage; a shard enters stage k+1 as soon as its stage-k part exists (`stage_input`).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import catalogen
-from catalogen.catalog import expand_rows, load_catalog, shard
-from catalogen.config import RunConfig
+from catalogen.catalog import CatalogError, Fault, Rule, expand_rows, read_catalog, select_rows, validate_catalog
+from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
-from catalogen.hashing import sha256_file, stable_hash
-from catalogen.models import ModelIdentity, resolve_models
+from catalogen.hashing import column_keys, sha256_file, stable_hash
+from catalogen.models import ModelIdentity, check_loadable, resolve_model, MissingModelsError
 from catalogen.stage import Stage
-from catalogen.store import STATUSES, RunStore
+from catalogen.store import ROW_KEY, STATUSES, SUCCEEDED, RunStateError, RunStore
 
-SUMMARY_COLUMNS = ("status", "error", "image_path", "image_sha256", "image_width", "image_height")
+# Catalog columns every run understands, whatever its stages (a null means "the run's setting").
+CORE_RULES = {
+    "seed": Rule("int", *field_bounds(RunConfig, "seed")),
+    "num_variants": Rule("int", *field_bounds(RunConfig, "num_variants")),
+    "negative_prompt": Rule("str"),
+}
+# The catalog column a role is read from when no earlier stage provides it.
+ROLE_COLUMNS = {"prompt": "prompt", "image": "image"}
+SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
+
+
+def stage_modules(cfg: RunConfig) -> dict[str, Stage]:
+    from tasks import STAGES
+
+    return {name: STAGES[name] for name in cfg.stages}
+
+
+def upstreams(stages: Sequence[str]) -> dict[str, dict[str, str | None]]:
+    """For each stage and role it reads: the nearest earlier stage providing it, or None (the catalog)."""
+    from tasks import STAGES
+
+    found: dict[str, dict[str, str | None]] = {}
+    for position, name in enumerate(stages):
+        found[name] = {}
+        for role in STAGES[name].READS:
+            providers = [s for s in stages[:position] if role in STAGES[s].PROVIDES]
+            found[name][role] = providers[-1] if providers else None
+    return found
+
+
+def catalog_rules(cfg: RunConfig) -> dict[str, Rule]:
+    """Every optional per-row column this run understands, with its rule."""
+    rules = dict(CORE_RULES)
+    for module in stage_modules(cfg).values():
+        rules.update(module.rules(cfg))
+    return rules
+
+
+def required_columns(cfg: RunConfig) -> list[str]:
+    """Columns each row must fill: what the first reader of a role takes from the catalog."""
+    needed = []
+    for roles in upstreams(cfg.stages).values():
+        for role, provider in roles.items():
+            column = ROLE_COLUMNS[role]
+            if provider is None and column not in needed and not (role == "prompt" and _has_template(cfg)):
+                needed.append(column)
+    return needed
+
+
+def _has_template(cfg: RunConfig) -> bool:
+    template = getattr(cfg, "template", None)
+    return bool(template is not None and template.is_set())
+
+
+def result_names(cfg: RunConfig) -> set[str]:
+    """Every column name the results add to the catalog's own."""
+    names = {"variant", *SUMMARY_COLUMNS}
+    for name, module in stage_modules(cfg).items():
+        names |= {f"{name}_{c}" for c in module.OUTPUT_SCHEMA.names if c not in ("id", "variant")}
+    return names
+
+
+def config_faults(cfg: RunConfig) -> list[str]:
+    """Run-level settings that cannot work, found before any catalog row is read."""
+    problems = []
+    for name, module in stage_modules(cfg).items():
+        problems += module.config_faults(cfg)
+    cache = cfg.resolved_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        problems.append(f"cache_dir {str(cache)!r} is not a usable folder ({exc.strerror or exc}) "
+                        f"(from {cfg.origin('cache_dir')})")
+    return problems
+
+
+def resolve_stage_models(cfg: RunConfig) -> dict[str, dict[str, ModelIdentity]]:
+    """Every stage's models, all missing ones reported at once, then checked for loadability."""
+    identities: dict[str, dict[str, ModelIdentity]] = {}
+    missing: list[str] = []
+    for name, module in stage_modules(cfg).items():
+        identities[name] = {}
+        for role, spec in module.models(cfg).items():
+            try:
+                identities[name][role] = resolve_model(spec, cfg)
+            except MissingModelsError as exc:
+                missing += [m for m in exc.missing if m not in missing]
+    if missing:
+        raise MissingModelsError(missing)
+    check_loadable({f"{stage}.{role}": i for stage, roles in identities.items() for role, i in roles.items()})
+    return identities
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Part of a catalog for a trial run: the first `limit` rows or a seeded `sample`."""
+
+    limit: int | None = None
+    sample: int | None = None
+
+    def apply(self, catalog: pa.Table, seed: int) -> pa.Table:
+        return select_rows(catalog, self.limit, self.sample, seed)
+
+
+def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> pa.Table:
+    """Read and validate the catalog against this run's stages; refuse it with every fault."""
+    table = read_catalog(catalog_path)
+    catalog = validate_catalog(
+        table, catalog_rules(cfg), required_columns(cfg), result_names(cfg), source=str(catalog_path)
+    )
+    if _has_template(cfg):
+        from catalogen.templates import template_faults
+
+        faults = template_faults(cfg.template, catalog.column_names, catalog)
+        if faults:
+            raise CatalogError(str(catalog_path), faults)
+    return selection.apply(catalog, cfg.seed)
+
+
+def check(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> tuple[pa.Table, dict]:
+    """Everything that can refuse a run, done before anything is written or a model loaded.
+
+    Raises ConfigError, CatalogError, DeviceError, MissingModelsError or ModelError; returns the
+    validated catalog and every stage's model identities.
+    """
+    problems = config_faults(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+    catalog = load_checked_catalog(catalog_path, cfg, selection)
+    visible_devices(cfg.device)  # a device that is not there fails now, not in every shard
+    return catalog, resolve_stage_models(cfg)
+
+
+# --- the plan -------------------------------------------------------------------------------------
 
 
 @dataclass
 class RunPlan:
     catalog_path: Path
-    catalog: pa.Table  # validated input, one row per id
-    rows: pa.Table  # one row per (id, variant): the catalog's columns, variant, row_seed
+    catalog: pa.Table  # validated input, one row per id (a subset with --limit / --sample)
+    rows: pa.Table  # one row per (id, variant): id, variant, seed, index, and the columns stages read
     config: RunConfig
     store: RunStore
-    identities: dict[str, ModelIdentity]
-    planned: dict[str, pa.Table]  # per stage: effective parameters and idempotency keys
+    models: dict[str, dict[str, ModelIdentity]]  # stage -> role -> identity
+    planned: dict[str, pa.Table]  # per stage, aligned with rows: effective parameters and chained keys
+    upstream: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    selection: Selection = Selection()
 
 
 def default_out(catalog_path: str | Path, cfg: RunConfig, root: str | Path = "outputs") -> Path:
-    """A stable folder per (catalog, profile), so re-running a command resumes it."""
-    return Path(root) / f"{Path(catalog_path).stem}-{cfg.profile}"
+    """A stable folder per (catalog file, profile): `<stem>-<hash of its absolute path>-<profile>`.
 
-
-def check(catalog_path: str | Path, cfg: RunConfig) -> tuple[pa.Table, dict[str, ModelIdentity]]:
-    """Everything that can refuse a run, done before anything is written or a model loaded.
-
-    Raises CatalogError, DeviceError or MissingModelsError; returns the validated catalog and
-    every stage's model identity.
+    The same command resumes the same folder, and two catalogs with the same file name (in
+    different folders) never share one.
     """
-    catalog = load_catalog(catalog_path, cfg)
-    visible_devices(cfg.device)  # a device that is not there fails now, not in every shard
-    return catalog, resolve_models({name: cfg.model_for(name) for name in cfg.stages}, cfg)
+    path = Path(catalog_path).resolve()
+    return Path(root) / f"{path.name.split('.')[0]}-{stable_hash(str(path))[:8]}-{cfg.profile}"
+
+
+def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]:
+    """Each catalog row's prompt and negative prompt before any stage: the template's, or the catalog's.
+
+    A row's own `negative_prompt` wins over the template's.
+    """
+    n = catalog.num_rows
+    own_negative = (catalog.column("negative_prompt").combine_chunks() if "negative_prompt" in catalog.column_names
+                    else pa.nulls(n, pa.string()))
+    if _has_template(cfg):
+        from catalogen.templates import render_prompts
+
+        positive, negative = render_prompts(cfg.template, catalog)
+        return pa.array(positive, pa.string()), pc.coalesce(own_negative, pa.array(negative, pa.string()))
+    prompt = catalog.column("prompt").combine_chunks() if "prompt" in catalog.column_names else pa.nulls(n, pa.string())
+    return pc.cast(prompt, pa.string()), own_negative
+
+
+def plan_rows(catalog: pa.Table, cfg: RunConfig) -> pa.Table:
+    """The (id, variant) rows with everything a stage's plan reads from the catalog."""
+    rows = expand_rows(catalog, cfg.num_variants, cfg.seed)
+    take = rows.column("index")
+    positive, negative = base_prompts(catalog, cfg)
+    rows = rows.append_column("prompt", positive.take(take)).append_column("negative_prompt", negative.take(take))
+    for name in catalog_rules(cfg):
+        if name in catalog.column_names and name not in rows.column_names:
+            rows = rows.append_column(name, catalog.column(name).combine_chunks().take(take))
+    return rows
+
+
+def plan_stages(rows: pa.Table, cfg: RunConfig, models: Mapping[str, Mapping[str, ModelIdentity]]) -> dict[str, pa.Table]:
+    """Every stage's plan, keys chained to the keys of what each row reads upstream."""
+    planned: dict[str, pa.Table] = {}
+    links = upstreams(cfg.stages)
+    for name, module in stage_modules(cfg).items():
+        table = module.plan(rows, cfg, models[name])
+        providers = [p for p in links[name].values() if p is not None]
+        if providers:
+            columns = [table.column("key"), *(planned[p].column("key") for p in providers)]
+            keys = pa.array(column_keys(["chained", name, providers], columns), pa.string())
+            table = table.set_column(table.schema.get_field_index("key"), "key", keys)
+        planned[name] = table
+    return planned
+
+
+_memo: dict[tuple, RunPlan] = {}
 
 
 def prepare(
     catalog_path: str | Path,
     cfg: RunConfig,
     out: str | Path | None,
-    stages: Mapping[str, Stage],
+    selection: Selection = Selection(),
 ) -> RunPlan:
-    """Check the run and plan every stage; nothing is written before all of that passes."""
+    """Check the run and plan every stage; nothing is written before all of that passes.
+
+    The last plan is remembered per process, so the CLI's pre-flight and the flow it then runs
+    read and plan a large catalog once, not twice.
+    """
     catalog_path = Path(catalog_path)
-    catalog, identities = check(catalog_path, cfg)
-    rows = expand_rows(catalog, cfg)
-    planned = {name: stages[name].plan(rows, cfg, identities[name]) for name in cfg.stages}
+    stat = catalog_path.stat() if catalog_path.exists() else None
+    memo_key = (str(catalog_path.resolve()), stat and (stat.st_mtime_ns, stat.st_size),
+                cfg.model_dump_json(), str(out), selection)
+    if memo_key in _memo:
+        return _memo[memo_key]
+    catalog, models = check(catalog_path, cfg, selection)
+    rows = plan_rows(catalog, cfg)
+    planned = plan_stages(rows, cfg, models)
     store = RunStore(out if out is not None else default_out(catalog_path, cfg))
-    return RunPlan(catalog_path, catalog, rows, cfg, store, identities, planned)
+    plan = RunPlan(catalog_path, catalog, rows, cfg, store, models, planned, upstreams(cfg.stages), selection)
+    _memo.clear()
+    _memo[memo_key] = plan
+    return plan
+
+
+# --- the folder's catalog, run.json ---------------------------------------------------------------
+
+
+class CatalogChanged(RuntimeError):
+    """The output folder was made from another catalog file."""
+
+
+def check_folder_catalog(store: RunStore, catalog_path: Path, accept_new: bool) -> None:
+    """Refuse to run a different catalog into a folder (its results would be replaced)."""
+    if not store.run_json.exists():
+        return
+    recorded = store.read_run_json().get("catalog", {}).get("path")
+    if recorded is None or accept_new:
+        return
+    if Path(recorded).resolve() != catalog_path.resolve():
+        raise CatalogChanged(
+            f"{store.root} was made from {recorded}, not {catalog_path}; its results would be replaced "
+            "by this catalog's. Use another --out, or pass --new-catalog to run this catalog into it."
+        )
 
 
 def _versions() -> dict[str, str]:
@@ -92,7 +318,10 @@ def record_invocation(plan: RunPlan, pending: Mapping[str, int], retry_failed: b
         "catalog": str(plan.catalog_path),
         "catalog_sha256": sha256_file(plan.catalog_path),
         "config_hash": stable_hash(plan.config.model_dump(mode="json"))[:16],
+        "settings_from": dict(plan.config._origins),
         "retry_failed": retry_failed,
+        "limit": plan.selection.limit,
+        "sample": plan.selection.sample,
         "rows": plan.rows.num_rows,
         "pending": dict(pending),
     }
@@ -101,83 +330,196 @@ def record_invocation(plan: RunPlan, pending: Mapping[str, int], retry_failed: b
         {
             "created_at": previous.get("created_at", now),
             "updated_at": now,
-            "catalog": {"path": str(plan.catalog_path), "ids": plan.catalog.num_rows, "rows": plan.rows.num_rows},
+            "catalog": {"path": str(plan.catalog_path.resolve()), "ids": plan.catalog.num_rows,
+                        "rows": plan.rows.num_rows},
             "config": plan.config.model_dump(mode="json"),
-            "models": {stage: identity.to_dict() for stage, identity in plan.identities.items()},
+            "models": {stage: {role: i.to_dict() for role, i in roles.items()} for stage, roles in plan.models.items()},
             "versions": _versions(),
             "invocations": previous.get("invocations", []) + [invocation],
         },
     )
 
 
-def read_config(store: RunStore) -> tuple[RunConfig, dict[str, ModelIdentity]]:
+def read_config(store: RunStore) -> tuple[RunConfig, dict[str, dict[str, ModelIdentity]]]:
     """The configuration and model identities a task works with, from run.json."""
+    from catalogen.config import config_from_dict
+
     info = store.read_run_json()
-    identities = {stage: ModelIdentity(**value) for stage, value in info["models"].items()}
-    return RunConfig.model_validate(info["config"]), identities
+    models = {stage: {role: ModelIdentity(**value) for role, value in roles.items()}
+              for stage, roles in info["models"].items()}
+    return config_from_dict(info["config"]), models
 
 
-def pending_shards(plan: RunPlan, stage: Stage, retry_failed: bool) -> list[tuple[str, pa.Table]]:
-    """The rows still to do, alike rows together, cut into shards named by their content.
+# --- what is done, what is pending ----------------------------------------------------------------
 
-    A shard's name hashes its rows' keys, so the same pending work gets the same names on a
-    re-run, and a part file always holds exactly the rows its name promises. Sorting (stable, so
-    catalog order is kept within a kind) changes which rows share a shard, never an image.
+
+def aligned(planned: pa.Table, found: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """`found`'s `columns` for each planned row (matched on id, variant, key), in planned order.
+
+    Asked-for key columns (`id`, `variant`, `key`) come from the planned rows themselves.
     """
-    todo = plan.store.pending(stage.NAME, plan.planned[stage.NAME], stage.OUTPUT_SCHEMA, retry_failed)
-    todo = todo.sort_by([(column, "ascending") for column in stage.SHARD_ORDER])
-    return [
-        (stable_hash(piece.column("key").to_pylist())[:16], piece)
-        for piece in shard(todo, plan.config.rows_per_shard)
-    ]
+    values = [c for c in columns if c not in ROW_KEY]
+    if found.num_rows == 0:
+        joined = pa.table({c: pa.nulls(planned.num_rows, found.schema.field(c).type) for c in values})
+    else:
+        left = planned.select(list(ROW_KEY)).append_column("_row", pa.array(np.arange(planned.num_rows)))
+        joined = left.join(found.select([*ROW_KEY, *values]), keys=list(ROW_KEY), join_type="left outer")
+        joined = joined.sort_by("_row")
+    return pa.table({c: planned.column(c) if c in ROW_KEY else joined.column(c) for c in columns})
 
 
-def assemble_results(plan: RunPlan, stages: Mapping[str, Stage]) -> pa.Table:
-    """One row per (id, variant): the catalog's columns first, then a summary, then each stage's columns.
+def set_aside_unreadable_parts(plan: RunPlan) -> list[Path]:
+    """Parts that cannot be read are moved aside, so their rows are redone instead of aborting the run."""
+    return [p for name in plan.config.stages for p in plan.store.set_aside_unreadable(name)]
 
-    A row without a result (its shard's task crashed) reads as failed, with the reason.
-    """
-    table = plan.rows.drop_columns(["row_seed"])
-    n = table.num_rows
-    status: list[str | None] = [None] * n
-    error: list[str | None] = [None] * n
-    image: dict[str, list] = {c: [None] * n for c in ("image_path", "image_sha256", "image_width", "image_height")}
-    stage_columns: list[tuple[str, pa.ChunkedArray]] = []
+
+def done_results(plan: RunPlan, stage: str, columns: Sequence[str]) -> pa.Table:
+    """The newest result of each planned row under its current key (nulls where none)."""
+    module = stage_modules(plan.config)[stage]
+    wanted = list(dict.fromkeys(["status", *columns]))
+    found = plan.store.latest(stage, module.OUTPUT_SCHEMA, wanted)
+    return aligned(plan.planned[stage], found, wanted)
+
+
+def pending_masks(plan: RunPlan, retry_failed: bool, done: Mapping[str, pa.Table]) -> dict[str, np.ndarray]:
+    """Per stage, which rows to (re)compute: no result under the key, a failure to retry, or pending upstream."""
+    masks: dict[str, np.ndarray] = {}
     for name in plan.config.stages:
-        stage = stages[name]
-        found = plan.store.latest_results(name, plan.planned[name], stage.OUTPUT_SCHEMA)
-        s_status = found.column("status").to_pylist()
-        s_error = found.column("error").to_pylist()
-        s_images = {c: found.column(c).to_pylist() for c in image}
-        for i in range(n):
-            if status[i] == "failed":
+        status = done[name].column("status")
+        mask = pc.is_null(status).to_numpy(zero_copy_only=False)
+        if retry_failed:
+            mask = mask | pc.fill_null(pc.equal(status, "failed"), False).to_numpy(zero_copy_only=False)
+        for provider in plan.upstream[name].values():
+            if provider is not None:
+                mask = mask | masks[provider]
+        masks[name] = mask
+    return masks
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    rows: np.ndarray  # indices into plan.rows
+
+
+def cut_shards(plan: RunPlan, masks: Mapping[str, np.ndarray]) -> list[Shard]:
+    """The rows pending anywhere, alike rows together, cut into shards named by their content.
+
+    A shard's name hashes its rows' keys in every stage, so the same pending work gets the same
+    names on a re-run. Sorting (stable, so catalog order is kept within a kind) changes which rows
+    share a shard, never a result.
+    """
+    work = np.flatnonzero(np.logical_or.reduce(list(masks.values()))) if masks else np.array([], np.int64)
+    if not len(work):
+        return []
+    order_columns = {}
+    for name in plan.config.stages:
+        module = stage_modules(plan.config)[name]
+        for column in module.SHARD_ORDER:
+            order_columns[f"{name}.{column}"] = plan.planned[name].column(column).take(pa.array(work))
+    if order_columns:
+        order = pa.table(order_columns).append_column("_pos", pa.array(np.arange(len(work))))
+        order = order.sort_by([(c, "ascending") for c in order_columns] + [("_pos", "ascending")])
+        work = work[order.column("_pos").to_numpy()]
+    size = plan.config.rows_per_shard
+    shards = []
+    key_columns = [plan.planned[name].column("key") for name in plan.config.stages]
+    for start in range(0, len(work), size):
+        rows = work[start:start + size]
+        take = pa.array(rows)
+        digest = stable_hash([c.take(take).to_pylist() for c in key_columns], plan.rows.column("id").take(take).to_pylist(),
+                             plan.rows.column("variant").take(take).to_pylist())
+        shards.append(Shard(digest[:16], rows))
+    return shards
+
+
+# --- hand-offs between stages ---------------------------------------------------------------------
+
+
+def handoff_columns(plan: RunPlan, provider: str) -> list[str]:
+    """The provider's output columns its readers take (besides status and error)."""
+    from tasks import STAGES
+
+    wanted = []
+    for name, roles in plan.upstream.items():
+        for column, (role, source) in STAGES[name].FROM_UPSTREAM.items():
+            if roles.get(role) == provider and source not in wanted:
+                wanted.append(source)
+    return wanted
+
+
+def providers(plan: RunPlan) -> list[str]:
+    return [p for roles in plan.upstream.values() for p in roles.values() if p is not None]
+
+
+@dataclass
+class ShardOutcomes:
+    """What one shard has become so far, per stage: status, error and hand-off columns per row."""
+
+    shard: Shard
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+
+
+def initial_outcomes(shard: Shard, done: Mapping[str, pa.Table]) -> ShardOutcomes:
+    """The shard's rows as recorded before this invocation (nulls where pending)."""
+    take = pa.array(shard.rows)
+    return ShardOutcomes(shard, {name: table.take(take) for name, table in done.items()})
+
+
+def absorb_part(plan: RunPlan, outcomes: ShardOutcomes, stage: str, part: pa.Table) -> None:
+    """Overlay a freshly written part onto the shard's known outcomes of `stage` (its rows win)."""
+    known = outcomes.tables[stage]
+    take = pa.array(outcomes.shard.rows)
+    left = pa.table({"id": plan.rows.column("id").take(take), "variant": plan.rows.column("variant").take(take),
+                     "_pos": pa.array(np.arange(len(outcomes.shard.rows)))})
+    fresh = part.select(["id", "variant", *[c for c in known.column_names if c in part.column_names]])
+    fresh = fresh.append_column("_fresh", pa.array(np.ones(fresh.num_rows, bool)))
+    joined = left.join(fresh, keys=["id", "variant"], join_type="left outer").sort_by("_pos")
+    matched = pc.fill_null(joined.column("_fresh"), False)
+    columns = {}
+    for name in known.column_names:
+        new = joined.column(name) if name in fresh.column_names else pa.nulls(len(left), known.schema.field(name).type)
+        columns[name] = pc.if_else(matched, pc.cast(new, known.schema.field(name).type), known.column(name))
+    outcomes.tables[stage] = pa.table(columns)
+
+
+def blocked_reason(plan: RunPlan, outcomes: ShardOutcomes, stage: str) -> list[str | None]:
+    """Per row of the shard: why `stage` may not run it (an upstream failure, however far up), or None."""
+    reasons: list[str | None] = [None] * len(outcomes.shard.rows)
+    for provider in [p for p in plan.upstream[stage].values() if p is not None]:
+        own = outcomes.tables[provider]
+        earlier = blocked_reason(plan, outcomes, provider)
+        for row, (status, error) in enumerate(zip(own.column("status").to_pylist(), own.column("error").to_pylist())):
+            if reasons[row] is not None:
                 continue
-            if s_status[i] is None:
-                status[i], error[i] = "failed", f"{name}: no result recorded (its shard crashed; see the logs)"
-            elif s_status[i] == "failed":
-                status[i], error[i] = "failed", f"{name}: {s_error[i]}"
-            else:
-                status[i] = s_status[i] if status[i] in (None, "skipped") else status[i]
-                if s_images["image_path"][i] is not None:
-                    for c in image:
-                        image[c][i] = s_images[c][i]
-        stage_columns += [
-            (f"{name}_{c}", found.column(c)) for c in found.column_names if c not in ("id", "variant")
-        ]
-    summary = {
-        "status": pa.array(status, pa.string()),
-        "error": pa.array(error, pa.string()),
-        "image_path": pa.array(image["image_path"], pa.string()),
-        "image_sha256": pa.array(image["image_sha256"], pa.string()),
-        "image_width": pa.array(image["image_width"], pa.int32()),
-        "image_height": pa.array(image["image_height"], pa.int32()),
-    }
-    for column, values in [*summary.items(), *stage_columns]:
-        table = table.append_column(column, values)
-    return table
+            if earlier[row] is not None:
+                reasons[row] = earlier[row]
+            elif status == "failed":
+                reasons[row] = f"{provider} failed: {error}"
+            elif status is None:
+                reasons[row] = f"{provider} has no result"
+    return reasons
 
 
-def summarize(results: pa.Table) -> dict[str, Any]:
-    statuses = results.column("status").to_pylist()
-    counts = {s: statuses.count(s) for s in STATUSES}
-    return {"rows": results.num_rows, **counts}
+def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mapping[str, np.ndarray]) -> pa.Table | None:
+    """The planned rows of `stage` that this shard must (re)compute, with upstream values filled in.
+
+    Adds `skip_reason`: non-null for rows whose upstream failed (they are recorded as skipped).
+    Returns None when the shard has nothing to do in this stage.
+    """
+    from tasks import STAGES
+
+    mine = masks[stage][outcomes.shard.rows]
+    if not mine.any():
+        return None
+    table = plan.planned[stage].take(pa.array(outcomes.shard.rows[mine]))
+    for column, (role, source) in STAGES[stage].FROM_UPSTREAM.items():
+        provider = plan.upstream[stage].get(role)
+        if provider is None:
+            continue
+        values = outcomes.tables[provider].column(source).filter(pa.array(mine))
+        index = table.schema.get_field_index(column)
+        table = table.set_column(index, column, pc.coalesce(pc.cast(values, table.schema.field(column).type), table.column(column)))
+    reasons = [r for r, keep in zip(blocked_reason(plan, outcomes, stage), mine) if keep]
+    return table.append_column("skip_reason", pa.array(reasons, pa.string()))
+

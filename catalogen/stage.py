@@ -1,21 +1,61 @@
-"""What every stage receives: the run's settings and the resources its shard may use.
+"""The contract every stage keeps, and what it receives at run time.
 
-A stage is `process(table, ctx) -> table`: rows in, the same rows out with new columns. It knows
-nothing of Prefect, shards or files beyond `ctx.store`, so tests and benchmarks call it directly.
+A stage is a module (see tasks/generate.py) with a `plan` and a `process`:
+
+- `plan(rows, cfg, models) -> table` fixes each row's effective parameters and its own key,
+  without loading a model. `rows` has `id`, `variant`, `seed` and every catalog column the run's
+  rules know (null where not given), `prompt` and `negative_prompt` being the base prompt (the
+  catalog's, or the template's). The returned table is aligned with `rows`.
+- `process(planned, ctx) -> table` does the work: rows in, one result row out per row, never
+  raising for a bad row (its `status` is `failed`, with the reason in `error`).
+
+Chaining is the pipeline's job, not the stage's (see catalogen/pipeline.py): a stage declares
+what it `READS` ("prompt", "image") and `PROVIDES`, and `FROM_UPSTREAM` maps its planned columns
+to the provider's output columns. The pipeline extends each key with the keys of the rows it
+reads from upstream, fills those columns from the upstream results before `process`, and marks
+a row `skipped` when its upstream did not succeed.
+
+Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes images adds
+`IMAGE_COLUMNS` (use `output_schema`). The results and resume read nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import pyarrow as pa
 import torch
+from pydantic import BaseModel
 
-from catalogen.config import RunConfig
+from catalogen.catalog import Rule
+from catalogen.config import ModelSpec, RunConfig
 from catalogen.devices import Device
 from catalogen.models import ModelIdentity
 from catalogen.store import RunStore
+
+SHARED_COLUMNS = [
+    pa.field("id", pa.string()),
+    pa.field("variant", pa.int32()),
+    pa.field("key", pa.string()),
+    pa.field("status", pa.string()),  # see store.STATUSES
+    pa.field("error", pa.string()),  # the reason, for failed, skipped and fallback rows
+    pa.field("seconds", pa.float64()),
+    pa.field("device", pa.string()),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+]
+IMAGE_COLUMNS = [
+    pa.field("image_path", pa.string()),  # relative to the run folder
+    pa.field("image_sha256", pa.string()),
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+]
+
+
+def output_schema(own: Sequence[pa.Field], images: bool) -> pa.Schema:
+    """Shared columns, then the stage's own, then (for image stages) the image columns."""
+    head, tail = SHARED_COLUMNS[:3], SHARED_COLUMNS[3:]
+    return pa.schema([*head, *own, *tail, *(IMAGE_COLUMNS if images else [])])
 
 
 def _ignore(done: int) -> None:
@@ -26,21 +66,41 @@ def _ignore(done: int) -> None:
 class StageContext:
     config: RunConfig
     store: RunStore
-    identity: ModelIdentity
+    models: dict[str, ModelIdentity]  # by role, as the stage's `models(cfg)` named them
     device: Device
     dtype: torch.dtype
     progress: Callable[[int], None] = _ignore  # rows finished so far in this table
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 class Stage(Protocol):
     """The shape of a stage module (see tasks/generate.py)."""
 
     NAME: str
-    VERSION: int
+    VERSION: int  # part of every key: bump it when the same inputs would give a different output
+    Settings: type[BaseModel]  # the configuration section named NAME
+    READS: tuple[str, ...]  # roles it takes from an earlier stage, else from the catalog
+    PROVIDES: tuple[str, ...]  # roles later stages can take from it
+    FROM_UPSTREAM: Mapping[str, tuple[str, str]]  # planned column -> (role, provider's output column)
     SHARD_ORDER: tuple[str, ...]  # planned columns whose equal values should share a shard
     PLAN_SCHEMA: pa.Schema
     OUTPUT_SCHEMA: pa.Schema
+    MAKES_IMAGES: bool
 
-    def plan(self, rows: pa.Table, cfg: RunConfig, identity: ModelIdentity) -> pa.Table: ...
+    def models(self, cfg: RunConfig) -> dict[str, ModelSpec]: ...
+
+    def rules(self, cfg: RunConfig) -> dict[str, Rule]: ...
+
+    def config_faults(self, cfg: RunConfig) -> list[str]: ...
+
+    def plan(self, rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) -> pa.Table: ...
 
     def process(self, planned: pa.Table, ctx: StageContext) -> pa.Table: ...
+
+
+def record(row: Mapping[str, Any], **values: Any) -> dict[str, Any]:
+    """A result row: the planned row's values plus the outcome."""
+    return {**row, **values}

@@ -1,9 +1,24 @@
 """The output folder: layout, atomic writes, and what is already done.
 
-The folder, not Prefect's database, is the source of truth. A stage's part file is written under
-a temporary name and renamed into place, so a part that exists is complete; a crash loses only
-the shards in flight. Images are named by their row and idempotency key, so a changed setting
-writes new files beside the old ones instead of overwriting them.
+```
+<run>/
+  run.json                               configuration, model identities, versions, every invocation
+  stages/<stage>/part-<shard>.parquet    one per finished shard and stage; present = complete
+  stages/<stage>/set-aside/              parts that could not be read (their rows are redone)
+  images/<stage>/<hh>/<id>-<idhash>-v<variant>-<key>.png
+  results.parquet                        one row per (id, variant): the catalog's columns and every stage's
+  work/                                  shard inputs and temporary files of this invocation
+```
+
+The folder, not Prefect's database, is the source of truth. Every file is written under a
+temporary name in `work/tmp/` and renamed into place, so a file that exists is complete and a
+killed invocation leaves its debris in one folder, swept by the next. A stage's part files are
+never rewritten: a later result for the same row (a retry, `catalogen verify`) is a new part,
+and the newest result per row and key wins.
+
+An image's name holds a hash of the exact row id, its variant and its key: every (id, variant)
+owns its files on every filesystem (ids that sanitise alike or differ only in case included), and
+a changed setting writes new files beside the old ones instead of overwriting them.
 """
 
 from __future__ import annotations
@@ -15,19 +30,34 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from catalogen.hashing import sha256_bytes
 
-# A row's status in a stage; all count as done on a plain re-run, `--retry-failed` redoes "failed".
-STATUSES = ("ok", "failed", "skipped")
+# A row's outcome in a stage. The first three count as success: `fallback` (an answer that could
+# not be used, replaced by the input) and `degenerate` (a caption flagged as useless) still let the
+# row continue. All count as done on a plain re-run; `--retry-failed` redoes "failed".
+STATUSES = ("ok", "fallback", "degenerate", "failed", "skipped")
+SUCCEEDED = ("ok", "fallback", "degenerate")
 ROW_KEY = ("id", "variant", "key")  # a result row belongs to its planned row under one key
+
+
+class RunStateError(RuntimeError):
+    """A file of the run folder is unreadable in a way the run cannot repair by itself."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another invocation is writing to the same run folder."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -38,10 +68,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary sibling, flush them to disk, then rename into place."""
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write bytes to a temporary file, flush them to disk, then rename into place.
+
+    `tmp_dir` (on the same filesystem) collects the temporary files, so a crash's debris is
+    found in one place instead of beside millions of images.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = tmp_dir or path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -54,28 +90,34 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    write_atomic(path, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
 
 
-def _tuples(table: pa.Table, *columns: str) -> Iterator[tuple]:
-    return zip(*(table.column(c).to_pylist() for c in columns))
+def write_parquet_atomic(table: pa.Table, path: Path, tmp_dir: Path | None = None) -> None:
+    write_atomic(path, parquet_bytes(table), tmp_dir)
 
 
-def safe_name(text: str, limit: int = 60) -> str:
-    """A file-name fragment from a row id: no separators, no dot-dot, bounded length."""
+def safe_name(text: str, limit: int = 40) -> str:
+    """A readable file-name fragment from a row id: no separators, no dot-dot, bounded length."""
     cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:limit]
     return cleaned or "row"
 
 
-class RunFolderBusy(RuntimeError):
-    """Another invocation is writing to the same run folder."""
+def id_hash(row_id: str) -> str:
+    """16 hex digits of SHA-256 of the exact id: unique per id for any realistic catalog."""
+    return sha256_bytes(row_id.encode())[:16]
+
+
+# Folders locked by this process (flock is per open file, so a second flock would block itself).
+_held: dict[Path, int] = {}
+_held_lock = threading.Lock()
 
 
 class RunStore:
-    """One run's output folder (see DESIGN §3 for the layout)."""
+    """One run's output folder (layout in the module docstring)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -89,6 +131,10 @@ class RunStore:
     def results_path(self) -> Path:
         return self.root / "results.parquet"
 
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "work" / "tmp"
+
     def stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
 
@@ -100,74 +146,149 @@ class RunStore:
 
     def image_path(self, stage: str, row_id: str, variant: int, key: str, ext: str = "png") -> str:
         """Relative to the run folder, so a results table stays valid when the folder moves."""
-        return f"images/{stage}/{key[:2]}/{safe_name(row_id)}-v{variant}-{key[:12]}.{ext}"
+        digest = id_hash(row_id)
+        return f"images/{stage}/{digest[:2]}/{safe_name(row_id)}-{digest}-v{variant}-{key[:12]}.{ext}"
 
+    # -- one writer at a time --
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the folder for one invocation; a second one at the same time is refused at once."""
+        """Hold the folder for one invocation; a second one at the same time is refused at once.
+
+        Re-entrant within a process (the CLI takes the lock before Prefect starts, and the flow
+        it runs takes it again); released when the process ends, however it ends.
+        """
+        key = self.root.resolve()
+        with _held_lock:
+            if key in _held:
+                _held[key] += 1
+                reentered = True
+            else:
+                reentered = False
+        if reentered:
+            try:
+                yield
+            finally:
+                with _held_lock:
+                    _held[key] -= 1
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                raise RunFolderBusy(f"{self.root} is in use by another run ({holder or 'unknown holder'})") from None
+                raise RunFolderBusy(f"{self.root} is in use by another run ({self.holder() or 'unknown holder'})") from None
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-            yield
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            with _held_lock:
+                _held[key] = 1
+            try:
+                yield
+            finally:
+                with _held_lock:
+                    _held.pop(key, None)
         finally:
             os.close(fd)  # releases the lock, also when the process dies
 
+    def holder(self) -> str | None:
+        """Who holds the folder now (None if nobody)."""
+        lock = self.root / ".lock"
+        if not lock.exists():
+            return None
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def clear_leftovers(self) -> None:
-        """Remove shard inputs and half-written parts (what a killed invocation leaves behind).
+        """Remove shard inputs and temporary files (what a killed invocation leaves behind).
 
         Only safe while holding `exclusive()`: then no other invocation can be using them.
         """
         shutil.rmtree(self.root / "work", ignore_errors=True)
+        for tmp in self.root.glob(".*.tmp"):  # results.parquet and run.json of older versions
+            tmp.unlink(missing_ok=True)
         for tmp in (self.root / "stages").glob("*/.*.tmp"):
             tmp.unlink(missing_ok=True)
 
     # -- writing --
     def write_shard_input(self, stage: str, shard: str, rows: pa.Table) -> None:
-        write_parquet_atomic(rows, self.shard_input_path(stage, shard))
+        write_parquet_atomic(rows, self.shard_input_path(stage, shard), self.tmp_dir)
+
+    def write_part(self, stage: str, shard: str, table: pa.Table) -> None:
+        write_parquet_atomic(table, self.part_path(stage, shard), self.tmp_dir)
 
     def write_image(self, relative: str, data: bytes) -> str:
-        write_atomic(self.root / relative, data)
+        write_atomic(self.root / relative, data, self.tmp_dir)
         return sha256_bytes(data)
 
     def write_json(self, path: Path, value: Any) -> None:
-        write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
-
-    def read_run_json(self) -> dict[str, Any]:
-        return json.loads(self.run_json.read_text())
-
-    # -- what is done --
-    def stage_rows(self, stage: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-        """Every row of every finished part of a stage (temporary files are ignored)."""
-        folder = self.stage_dir(stage)
-        files = sorted(str(p) for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
-        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
-
-    def pending(self, stage: str, planned: pa.Table, schema: pa.Schema, retry_failed: bool = False) -> pa.Table:
-        """The planned rows whose (id, variant, key) has no finished result yet."""
-        done_statuses = [s for s in STATUSES if not (retry_failed and s == "failed")]
-        done = self.stage_rows(stage, schema, ["id", "variant", "key", "status"])
-        finished = {(i, v, k) for i, v, k, s in _tuples(done, *ROW_KEY, "status") if s in done_statuses}
-        mask = [key not in finished for key in _tuples(planned, *ROW_KEY)]
-        return planned.filter(pa.array(mask, pa.bool_()))
-
-    def latest_results(self, stage: str, planned: pa.Table, schema: pa.Schema) -> pa.Table:
-        """For each planned row, its newest result under the current key (nulls where none)."""
-        rows = self.stage_rows(stage, schema)
-        newest: dict[tuple, tuple[Any, int]] = {}
-        for index, (*key, finished) in enumerate(_tuples(rows, *ROW_KEY, "finished_at")):
-            best = newest.get(tuple(key))
-            if best is None or finished >= best[0]:
-                newest[tuple(key)] = (finished, index)
-        take = [newest.get(key, (None, None))[1] for key in _tuples(planned, *ROW_KEY)]
-        return rows.take(pa.array(take, pa.int64()))
+        write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode(), self.tmp_dir)
 
     def write_results(self, table: pa.Table) -> None:
-        write_parquet_atomic(table, self.results_path)
+        write_parquet_atomic(table, self.results_path, self.tmp_dir)
 
+    def read_run_json(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.run_json.read_text())
+        except FileNotFoundError:
+            raise RunStateError(f"{self.run_json} does not exist: is {self.root} a catalogen run folder?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunStateError(
+                f"{self.run_json} is not valid JSON ({exc}); it holds the run's configuration and history. "
+                "Restore it, or move it away to start the folder's history anew (finished shards are kept)."
+            ) from None
+        if not isinstance(value, dict):
+            raise RunStateError(f"{self.run_json} does not hold a JSON object")
+        return value
+
+    # -- what is done --
+    def part_files(self, stage: str) -> list[Path]:
+        folder = self.stage_dir(stage)
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+    def set_aside_unreadable(self, stage: str) -> list[Path]:
+        """Move parts whose Parquet footer cannot be read (a truncated or garbled file) aside.
+
+        Their rows then read as not done and are recomputed. Returns the new paths.
+        """
+        moved = []
+        for path in self.part_files(stage):
+            try:
+                pq.read_metadata(path)
+            except (pa.ArrowInvalid, OSError):
+                target = self.stage_dir(stage) / "set-aside" / f"{path.name}.{int(time.time())}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                moved.append(target)
+        return moved
+
+    def stage_rows(self, stage: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """Every row of every finished part of a stage (columns a part lacks read as null)."""
+        files = [str(p) for p in self.part_files(stage)]
+        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
+
+    def latest(self, stage: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """The newest result per (id, variant, key), over all parts."""
+        wanted = list(dict.fromkeys([*ROW_KEY, "finished_at", *(columns or schema.names)]))
+        rows = self.stage_rows(stage, schema, wanted)
+        if rows.num_rows == 0:
+            return rows
+        rows = rows.sort_by([("finished_at", "ascending")])
+        others = [c for c in wanted if c not in ROW_KEY]
+        newest = rows.group_by(list(ROW_KEY), use_threads=False).aggregate([(c, "last") for c in others])
+        return newest.rename_columns([*ROW_KEY, *others]).select(wanted)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def mask_of(values: pa.Array, allowed: tuple[str, ...]) -> pa.Array:
+    return pc.fill_null(pc.is_in(values, pa.array(list(allowed), pa.string())), False)

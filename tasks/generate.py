@@ -1,11 +1,18 @@
 """Text-to-image generation with Stable Diffusion (SD1.5- and SDXL-shaped pipelines).
 
-`plan` fixes each row's effective parameters and idempotency key without touching a model;
-`process` turns planned rows into images and provenance rows.
+Reads: the prompt (an earlier stage's, such as enhance, else the catalog's or the template's) and
+the per-row overrides `width`, `height`, `steps`, `guidance_scale`, `scheduler`.
+Writes: one PNG per row with its provenance, and `prompt`, `seed`, sizes, scheduler, the model's
+identity, the safety checker's verdict and the batch size it ran at.
+Key: every parameter that decides the pixels, the model (repo, resolved revision, variant), the
+safety-checker mode and `VERSION`; the pipeline adds the keys of the upstream rows it read.
 
 Reproducibility: each image gets its own CPU `torch.Generator` seeded from its row, so its
 starting noise (and an ancestral sampler's noise) depends on that row alone, not on the batch
 it lands in, its neighbours, shard, retries or the device.
+
+    >>> planned = plan(rows, cfg, {"pipeline": identity})
+    >>> results = process(planned, StageContext(cfg, RunStore("out"), {"pipeline": identity}, device, torch.float32))
 """
 
 from __future__ import annotations
@@ -13,86 +20,166 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
+from pydantic import Field, field_validator
 
 import catalogen
 from catalogen.batching import AdaptiveBatcher, Outcome
-from catalogen.config import RunConfig
-from catalogen.hashing import stable_hash
-from catalogen.models import ModelIdentity, load_pipeline, load_safety_checker
+from catalogen.catalog import Rule, column_or_nulls
+from catalogen.config import DiffusionSpec, RunConfig, Strict, field_bounds
+from catalogen.diffusion import load_pipeline
+from catalogen.hashing import column_keys
+from catalogen.models import ModelIdentity, cached
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
-from catalogen.schedulers import make_scheduler
-from catalogen.stage import StageContext
+from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
+from catalogen.stage import StageContext, output_schema
 
 NAME = "generate"
 # Bump when a change here alters the images made from the same inputs: it is part of every key,
 # so finished rows are recomputed instead of mixed with results of the old code.
-VERSION = 1
+VERSION = 2
 
+READS = ("prompt",)
+PROVIDES = ("image",)
+FROM_UPSTREAM = {"prompt": ("prompt", "prompt"), "negative_prompt": ("prompt", "negative_prompt")}
+MAKES_IMAGES = True
+
+PROFILES: dict[str, DiffusionSpec] = {
+    "tiny": DiffusionSpec(repo="tiny:sd15", kind="sd15", default_size=64, min_size=16, max_size=512,
+                          has_safety_checker=True),
+    "tiny-sdxl": DiffusionSpec(repo="tiny:sdxl", kind="sdxl", default_size=64, min_size=16, max_size=512),
+    "sd15": DiffusionSpec(repo="stable-diffusion-v1-5/stable-diffusion-v1-5", kind="sd15", default_size=512,
+                          min_size=256, max_size=1024, has_safety_checker=True),
+    "sdxl": DiffusionSpec(repo="stabilityai/stable-diffusion-xl-base-1.0", kind="sdxl", variant="fp16",
+                          default_size=1024, min_size=512, max_size=2048),
+}
+
+SafetyMode = Literal["off", "flag", "withhold"]
+
+
+class Settings(Strict):
+    """Text-to-image defaults; any catalog row may override the per-image ones."""
+
+    model: DiffusionSpec | None = Field(None, description="overrides the profile's model")
+    scheduler: str = Field("euler", description=f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling")
+    steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    width: int | None = Field(None, description="defaults to the model's native size")
+    height: int | None = None
+    negative_prompt: str = ""
+    batch_size: int = Field(
+        4, ge=1, le=256,
+        description="images per pipeline call, always run at this size so results do not depend on "
+        "neighbours (short batches are padded); halved on out-of-memory",
+    )
+    safety_checker: SafetyMode | None = Field(
+        None,
+        description="off: don't run it; flag: record its verdict and keep the image; withhold: "
+        "record it and write no image. Default: flag when the model has one, else off.",
+    )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        canonical = canonical_scheduler(value)
+        if canonical is None:
+            raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(SCHEDULERS)}")
+        return canonical
+
+
+PLAN_FIELDS = [
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("source_prompt", pa.string()),  # the prompt before an earlier stage rewrote it
+    pa.field("seed", pa.int64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("scheduler", pa.string()),
+]
+PLAN_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("variant", pa.int32()), pa.field("key", pa.string()),
+                         *PLAN_FIELDS])
 PARAM_COLUMNS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
+OUTPUT_SCHEMA = output_schema(
+    [
+        *PLAN_FIELDS,
+        pa.field("dtype", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("model_revision", pa.string()),
+        pa.field("batch_size", pa.int32()),
+        pa.field("safety_flagged", pa.bool_()),
+    ],
+    images=True,
+)
 # Rows must agree on these to share a pipeline call (see `_batch_signature`); sharding alike rows
 # together keeps the padding of short batches (see `_generate`) to one tail batch of each kind.
 BATCH_COLUMNS = ("width", "height", "steps", "guidance_scale", "scheduler")
 SHARD_ORDER = (*BATCH_COLUMNS, "negative_prompt")
 
-PLAN_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("variant", pa.int32()),
-        ("key", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("scheduler", pa.string()),
-    ]
-)
 
-OUTPUT_SCHEMA = pa.schema(
-    list(PLAN_SCHEMA)
-    + [
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-        ("dtype", pa.string()),
-        ("model", pa.string()),
-        ("model_revision", pa.string()),
-        ("batch_size", pa.int32()),
-        ("image_path", pa.string()),
-        ("image_sha256", pa.string()),
-        ("image_width", pa.int32()),
-        ("image_height", pa.int32()),
-        ("safety_flagged", pa.bool_()),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
+def model_spec(cfg: RunConfig) -> DiffusionSpec:
+    return cfg.generate.model or PROFILES[cfg.profile]
+
+
+def models(cfg: RunConfig) -> dict[str, DiffusionSpec]:
+    return {"pipeline": model_spec(cfg)}
 
 
 def safety_mode(cfg: RunConfig) -> str:
     """The effective safety-checker mode: as configured, else flag where the model has a checker."""
-    return cfg.generate.safety_checker or ("flag" if cfg.model_for(NAME).has_safety_checker else "off")
+    return cfg.generate.safety_checker or ("flag" if model_spec(cfg).has_safety_checker else "off")
+
+
+def _size_rule(spec: DiffusionSpec) -> Rule:
+    return Rule("int", spec.min_size, spec.max_size, multiple_of=8, limits_note=f"for {spec.repo}")
+
+
+def rules(cfg: RunConfig) -> dict[str, Rule]:
+    """The catalog columns that override this stage's settings per row."""
+    size = _size_rule(model_spec(cfg))
+    return {
+        "width": size,
+        "height": size,
+        "steps": Rule("int", *field_bounds(Settings, "steps")),
+        "guidance_scale": Rule("float", *field_bounds(Settings, "guidance_scale")),
+        "scheduler": Rule("str", canonical=canonical_scheduler, choices=SCHEDULERS, what="scheduler"),
+    }
+
+
+def config_faults(cfg: RunConfig) -> list[str]:
+    """Run-level settings the model cannot do, checked by the same rules as catalog columns."""
+    spec = model_spec(cfg)
+    problems = []
+    for name in ("width", "height"):
+        value = getattr(cfg.generate, name)
+        if value is None:
+            continue
+        rule = _size_rule(spec)
+        if value % 8 or not rule.lo <= value <= rule.hi:
+            problems.append(f"generate.{name}={value}: must be a multiple of 8 between {spec.min_size} and "
+                            f"{spec.max_size} for {spec.repo} (from {cfg.origin(f'generate.{name}')})")
+    if cfg.generate.safety_checker not in (None, "off") and not spec.has_safety_checker:
+        problems.append(f"generate.safety_checker={cfg.generate.safety_checker}: {spec.repo} has no safety checker "
+                        f"(from {cfg.origin('generate.safety_checker')})")
+    return problems
 
 
 # --- plan -----------------------------------------------------------------------------------------
 
 
-def _column(rows: pa.Table, name: str, default: Any) -> list:
-    if name not in rows.column_names:
-        return [default] * rows.num_rows
-    return [default if v is None else v for v in rows.column(name).to_pylist()]
+def _filled(rows: pa.Table, name: str, typ: pa.DataType, default: Any) -> pa.Array:
+    return pc.fill_null(column_or_nulls(rows, name, typ), pa.scalar(default, typ))
 
 
-def plan(rows: pa.Table, cfg: RunConfig, identity: ModelIdentity) -> pa.Table:
+def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) -> pa.Table:
     """Each row's effective parameters (row override, else run default) and idempotency key.
 
     The key hashes exactly what changes the image: parameters, model identity, safety mode and
@@ -101,26 +188,23 @@ def plan(rows: pa.Table, cfg: RunConfig, identity: ModelIdentity) -> pa.Table:
     out of the key and recorded per row instead.
     """
     g = cfg.generate
-    model = cfg.model_for(NAME)
-    size = model.default_size
+    spec = model_spec(cfg)
+    identity = models["pipeline"]
+    prompt = pc.cast(rows.column("prompt"), pa.string())
     columns = {
-        "prompt": _column(rows, "prompt", ""),
-        "negative_prompt": _column(rows, "negative_prompt", g.negative_prompt),
-        "seed": rows.column("row_seed").to_pylist(),
-        "width": [int(v) for v in _column(rows, "width", g.width or size)],
-        "height": [int(v) for v in _column(rows, "height", g.height or size)],
-        "steps": [int(v) for v in _column(rows, "steps", g.steps)],
-        "guidance_scale": [float(v) for v in _column(rows, "guidance_scale", g.guidance_scale)],
-        "scheduler": _column(rows, "scheduler", g.scheduler),
+        "prompt": prompt,
+        "negative_prompt": _filled(rows, "negative_prompt", pa.string(), g.negative_prompt),
+        "source_prompt": prompt,
+        "seed": rows.column("seed"),
+        "width": _filled(rows, "width", pa.int32(), g.width or spec.default_size),
+        "height": _filled(rows, "height", pa.int32(), g.height or spec.default_size),
+        "steps": _filled(rows, "steps", pa.int32(), g.steps),
+        "guidance_scale": _filled(rows, "guidance_scale", pa.float64(), g.guidance_scale),
+        "scheduler": _filled(rows, "scheduler", pa.string(), g.scheduler),
     }
     fixed = [NAME, VERSION, identity.repo, identity.revision, identity.variant, safety_mode(cfg)]
-    keys = [stable_hash(fixed, values) for values in zip(*(columns[c] for c in PARAM_COLUMNS))]
-    data = {
-        "id": rows.column("id").to_pylist(),
-        "variant": rows.column("variant").to_pylist(),
-        "key": keys,
-        **columns,
-    }
+    keys = column_keys(fixed, [columns[c] for c in PARAM_COLUMNS])
+    data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": pa.array(keys, pa.string()), **columns}
     return pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
 
 
@@ -146,6 +230,16 @@ def _with_scheduler(pipe, scheduler):
     return view
 
 
+def _encode_sdxl_all(pipe, texts: list[str], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL embeddings and pooled embeddings of several prompts, stacked along the batch."""
+    embeds, pooled = [], []
+    for text in texts:
+        e, p = encode_sdxl(pipe, text, chunks)
+        embeds.append(e)
+        pooled.append(p)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
 def _conditioning(pipe, jobs: list[_Job]) -> dict[str, Any]:
     """The pipeline's prompt arguments for a batch whose rows share one encoding plan."""
     chunks = jobs[0].chunks
@@ -159,9 +253,9 @@ def _conditioning(pipe, jobs: list[_Job]) -> dict[str, Any]:
     if "text_encoder_2" not in pipe.components:
         return {"prompt_embeds": torch.cat([encode_sd(pipe, p, chunks) for p in positive]),
                 "negative_prompt_embeds": torch.cat([encode_sd(pipe, n, chunks) for n in negative])}
-    embeds, pooled = (torch.cat(t) for t in zip(*(encode_sdxl(pipe, p, chunks) for p in positive)))
+    embeds, pooled = _encode_sdxl_all(pipe, positive, chunks)
     if has_negative or not pipe.config.force_zeros_for_empty_prompt:
-        negative_embeds, negative_pooled = (torch.cat(t) for t in zip(*(encode_sdxl(pipe, n, chunks) for n in negative)))
+        negative_embeds, negative_pooled = _encode_sdxl_all(pipe, negative, chunks)
     else:
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
@@ -194,12 +288,31 @@ def _generate(pipe, jobs: list[_Job], size: int) -> list[Image.Image]:
     arrays = out.images[:real]
     if not all(np.isfinite(a).all() for a in arrays):
         # Raised for the whole batch, the rows are retried one by one and only the bad one fails.
-        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}); try dtype float32")
+        hint = "" if pipe.dtype == torch.float32 else "; try dtype float32"
+        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}){hint}")
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]  # as diffusers' "pil" output
 
 
+def load_safety_checker(identity: ModelIdentity, device: str, dtype: torch.dtype, budget_gb: float | None = None):
+    """The Stable Diffusion safety checker and its image processor from the model's folder (safetensors only)."""
+
+    def build():
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        folder = identity.path
+        checker = StableDiffusionSafetyChecker.from_pretrained(
+            folder, subfolder="safety_checker", dtype=dtype, use_safetensors=True
+        )
+        processor = CLIPImageProcessor.from_pretrained(folder, subfolder="feature_extractor")
+        return checker.to(device).eval(), processor
+
+    return cached(("safety", identity.repo, identity.revision, device, str(dtype)), device, build, budget_gb)
+
+
 def _safety_flags(ctx: StageContext, images: list[Image.Image]) -> list[bool]:
-    checker, processor = load_safety_checker(ctx.identity, ctx.device.name, ctx.dtype)
+    checker, processor = load_safety_checker(ctx.models["pipeline"], ctx.device.name, ctx.dtype,
+                                             ctx.config.model_memory_gb)
     clip_input = processor(images, return_tensors="pt").pixel_values.to(ctx.device.name, ctx.dtype)
     scratch = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # the checker blanks it
     with torch.inference_mode():
@@ -210,13 +323,14 @@ def _safety_flags(ctx: StageContext, images: list[Image.Image]) -> list[bool]:
 def _provenance(row: dict[str, Any], ctx: StageContext, flagged: bool | None) -> dict[str, Any]:
     """What goes into the PNG: everything that decides the pixels, nothing that varies by run
     (timings, batch size), so re-running a row writes a byte-identical file."""
+    identity = ctx.models["pipeline"]
     return {
-        **{k: row[k] for k in ("id", "variant", "key", *PARAM_COLUMNS)},
+        **{k: row[k] for k in ("id", "variant", "key", "source_prompt", *PARAM_COLUMNS)},
         "stage": NAME,
-        "model": ctx.identity.repo,
-        "model_revision": ctx.identity.revision,
+        "model": identity.repo,
+        "model_revision": identity.revision,
         "device": ctx.device.name,
-        "dtype": str(ctx.dtype).removeprefix("torch."),
+        "dtype": ctx.dtype_name,
         "safety_flagged": flagged,
         "catalogen_version": catalogen.__version__,
     }
@@ -226,11 +340,12 @@ def _save(job: _Job, image: Image.Image, flagged: bool | None, mode: str, ctx: S
     row = job.row
     if flagged and mode == "withhold":
         return {"status": "failed", "error": "withheld: the safety checker flagged this image", "safety_flagged": True}
+    identity = ctx.models["pipeline"]
     parameters = format_parameters(
         row["prompt"], row["negative_prompt"],
         steps=row["steps"], scheduler=row["scheduler"], guidance_scale=row["guidance_scale"],
         seed=row["seed"], width=row["width"], height=row["height"],
-        model=ctx.identity.repo, model_hash=ctx.identity.revision.removeprefix("sha256:")[:10],
+        model=identity.repo, model_hash=identity.revision.removeprefix("sha256:")[:10],
         extra={"Version": f"catalogen {catalogen.__version__}"},
     )
     relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
@@ -270,23 +385,32 @@ def _batch_signature(job: _Job) -> tuple:
 
 
 def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
-    """Generate one image per planned row; failures are recorded per row, never raised."""
-    pipe = load_pipeline(ctx.identity, ctx.device.name, ctx.dtype)
+    """Generate one image per planned row; failures are recorded per row, never raised.
+
+    Args:
+        planned (`pa.Table`): rows of `PLAN_SCHEMA` (from `plan`, prompts filled from upstream).
+        ctx (`StageContext`): the run's settings, the output folder, `models["pipeline"]`, the device.
+
+    Returns:
+        `pa.Table` of `OUTPUT_SCHEMA`, one row per planned row, in the same order.
+    """
+    # 1. Load the pipeline (once per process) and decide the safety-checker mode.
+    pipe = load_pipeline(ctx.models["pipeline"], ctx.device.name, ctx.dtype, ctx.config.model_memory_gb)
     mode = safety_mode(ctx.config)
+
+    # 2. Group rows that can share a pipeline call.
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()
     groups: dict[tuple, list[_Job]] = {}
     for position, row in enumerate(rows):
         job = _Job(position, row, encoding_chunks(pipe.tokenizer, row["prompt"], row["negative_prompt"]))
         groups.setdefault(_batch_signature(job), []).append(job)
 
-    common = {
-        "device": ctx.device.name,
-        "dtype": str(ctx.dtype).removeprefix("torch."),
-        "model": ctx.identity.repo,
-        "model_revision": ctx.identity.revision,
-    }
+    # 3. Run each group through the batcher; write each batch's images and record every row.
+    identity = ctx.models["pipeline"]
+    common = {"device": ctx.device.name, "dtype": ctx.dtype_name, "model": identity.repo,
+              "model_revision": identity.revision}
     results: list[dict[str, Any] | None] = [None] * len(rows)
-    batcher = AdaptiveBatcher(lambda jobs, size: _generate(pipe, jobs, size), ctx.config.generate.batch_size)
+    batcher = AdaptiveBatcher(_batch_runner(pipe), ctx.config.generate.batch_size)
     done = 0
     for jobs in groups.values():
         started = time.perf_counter()
@@ -303,3 +427,12 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
             ctx.progress(done)
             started = time.perf_counter()
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)
+
+
+def _batch_runner(pipe):
+    """The batcher's call: one padded pipeline call over a batch of jobs."""
+
+    def run(jobs: list[_Job], size: int) -> list[Image.Image]:
+        return _generate(pipe, jobs, size)
+
+    return run

@@ -1,65 +1,102 @@
-"""The Prefect task that runs one stage over one shard.
+"""Run one stage over one shard: the unit every runner (threads, Dask workers) executes.
 
-It receives references only (the run folder and the shard's input file), so the same task runs
-in a thread of the flow's process, in a Dask worker process, or on another machine that sees the
-same folder. The shard's part file appears, complete, only once every row has an outcome.
+It receives references only (the run folder, the stage and the shard's name), so the same call
+runs in a thread of the flow's process, in a Dask worker process, or on another machine that
+sees the same folder. The shard's part file appears, complete, only once every row has an
+outcome. `run_shard` is plain Python (it logs through the `catalogen` logger, which Prefect
+shows when it runs inside a flow); `shard_task` is the same function as a Prefect task.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from catalogen.devices import default_dtype, lease, visible_devices
 from catalogen.progress import tracker
-from catalogen.runplan import read_config, summarize
+from catalogen.runplan import read_config
 from catalogen.stage import StageContext
-from catalogen.store import STATUSES, RunStore, write_parquet_atomic
+from catalogen.store import STATUSES, RunStore, now_utc
 from tasks import STAGES
 
+log = logging.getLogger("catalogen.runner")
 
 MAX_LOGGED_FAILURES = 5  # per shard; every failure is in the results' error column
 
 
-def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
-    """Process one shard under a device lease and write its part file; returns row counts."""
-    store = RunStore(run_dir)
-    cfg, identities = read_config(store)
-    module = STAGES[stage]
-    source = store.shard_input_path(stage, shard)
-    planned = pq.read_table(source)
-    log = get_run_logger()
-    asked = time.perf_counter()
-    with lease(visible_devices(cfg.device)) as device:
-        waited = time.perf_counter() - asked
-        started = time.perf_counter()
-        ctx = StageContext(
-            config=cfg,
-            store=store,
-            identity=identities[stage],
-            device=device,
-            dtype=default_dtype(device, cfg.dtype),
-            progress=lambda done: tracker.shard(stage, shard, done),
-        )
-        out = module.process(planned, ctx)
-    write_parquet_atomic(out, store.part_path(stage, shard))
-    Path(source).unlink(missing_ok=True)
-    counts = summarize(out)
-    failures = [(r["id"], r["variant"], r["error"]) for r in out.select(["id", "variant", "status", "error"]).to_pylist()
-                if r["status"] == "failed"]
-    for row_id, variant, error in failures[:MAX_LOGGED_FAILURES]:
-        log.warning("%s row %s variant %s failed: %s", stage, row_id, variant, error)
+def _skipped(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Result rows for planned rows whose upstream failed: recorded as skipped, with the reason."""
+    finished = now_utc()
+    records = [
+        {**row, "status": "skipped", "error": row["skip_reason"], "seconds": 0.0, "finished_at": finished}
+        for row in rows.to_pylist()
+    ]
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _log_outcome(stage: str, shard: str, out: pa.Table, device: str, seconds: float, waited: float) -> dict[str, int]:
+    statuses = out.column("status").to_pylist()
+    counts = {s: statuses.count(s) for s in STATUSES}
+    failures = [r for r in out.select(["id", "variant", "status", "error"]).to_pylist() if r["status"] == "failed"]
+    for row in failures[:MAX_LOGGED_FAILURES]:
+        log.warning("%s row %s variant %s failed: %s", stage, row["id"], row["variant"], row["error"])
     log.info(
         "%s shard %s: %d rows on %s in %.1f s (waited %.1f s for the device): %s",
-        stage, shard, out.num_rows, device, time.perf_counter() - started, waited,
+        stage, shard, out.num_rows, device, seconds, waited,
         ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]),
     )
-    return {"shard": shard, "device": device.name, **counts}
+    return counts
+
+
+def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
+    """Process one shard of one stage under a device lease and write its part; returns row counts."""
+    store = RunStore(run_dir)
+    cfg, models = read_config(store)
+    module = STAGES[stage]
+    source = store.shard_input_path(stage, shard)
+    rows = pq.read_table(source)
+    blocked = rows.filter(rows.column("skip_reason").is_valid())
+    todo = rows.filter(rows.column("skip_reason").is_null()).drop_columns(["skip_reason"])
+    parts = [_skipped(blocked, module.OUTPUT_SCHEMA)] if blocked.num_rows else []
+    device_name, waited, seconds = "-", 0.0, 0.0
+    if todo.num_rows:
+        asked = time.perf_counter()
+        with lease(visible_devices(cfg.device), timeout=cfg.lease_timeout_s, on_wait=_log_wait(stage, shard)) as device:
+            waited = time.perf_counter() - asked
+            started = time.perf_counter()
+            ctx = StageContext(
+                config=cfg, store=store, models=models[stage], device=device,
+                dtype=default_dtype(device, cfg.dtype), progress=_progress(stage, shard, blocked.num_rows),
+            )
+            parts.append(module.process(todo, ctx))
+            seconds = time.perf_counter() - started
+        device_name = device.name
+    out = pa.concat_tables(parts)
+    store.write_part(stage, shard, out)
+    source.unlink(missing_ok=True)
+    counts = _log_outcome(stage, shard, out, device_name, seconds, waited)
+    tracker.shard(stage, shard, out.num_rows)
+    return {"shard": shard, "stage": stage, "device": device_name, **counts}
+
+
+def _progress(stage: str, shard: str, already: int):
+    def report(done: int) -> None:
+        tracker.shard(stage, shard, already + done)
+
+    return report
+
+
+def _log_wait(stage: str, shard: str):
+    def report(device: str, holder: str, waited: float) -> None:
+        log.info("%s shard %s: waiting %.0f s for %s, held by %s", stage, shard, waited, device, holder)
+
+    return report
 
 
 shard_task = task(
