@@ -262,14 +262,15 @@ def _id_faults(table: pa.Table, labels: pa.Array) -> list[Fault]:
 def validate_catalog(
     table: pa.Table,
     rules: Mapping[str, Rule],
-    required: Iterable[str] = (),
+    required: Mapping[str, str] | None = None,
     reserved: Iterable[str] = (),
     source: str = "catalog",
 ) -> pa.Table:
     """Check the catalog; return it with every ruled column normalised.
 
     `rules` are the optional per-row columns the run understands, `required` the text columns
-    each row must fill, `reserved` the names the results use. Raises CatalogError with every fault.
+    each row must fill (with a hint for when the column is missing), `reserved` the names the
+    results use. Raises CatalogError with every fault.
     Other columns are kept as they are and pass through to the results, `id` in its own type.
     """
     if table.num_rows == 0:
@@ -280,9 +281,10 @@ def validate_catalog(
     for name in table.column_names:
         if name in reserved:
             faults.append(Fault("is a name the results use; rename it", name))
-    for name in required:
+    required = dict(required or {})
+    for name, hint in required.items():
         if name not in table.column_names:
-            faults.append(Fault("required column is missing", name))
+            faults.append(Fault(f"required column is missing{f' ({hint})' if hint else ''}", name))
             continue
         column = table.column(name).combine_chunks()
         if not _is_text(column.type):

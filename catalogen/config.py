@@ -21,6 +21,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
+from catalogen.templates import TemplateSettings
+
 # The model profiles every stage maps to its own models (see each stage's `PROFILES`).
 PROFILES = ("tiny", "tiny-sdxl", "sd15", "sdxl")
 ProfileName = Literal["tiny", "tiny-sdxl", "sd15", "sdxl"]
@@ -80,6 +82,9 @@ class RunConfig(Strict):
         None, gt=0,
         description="models kept loaded per device and process; past it the least recently used is released. "
         "Default: 80% of a GPU's memory, 50% of RAM on the CPU",
+    )
+    template: TemplateSettings = Field(
+        TemplateSettings(), description="Jinja2 templates that make each row's prompt from its columns"
     )
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)

@@ -46,8 +46,11 @@ CORE_RULES = {
     "num_variants": Rule("int", *field_bounds(RunConfig, "num_variants")),
     "negative_prompt": Rule("str"),
 }
-# The catalog column a role is read from when no earlier stage provides it.
-ROLE_COLUMNS = {"prompt": "prompt", "image": "image"}
+# The catalog column a role is read from when no earlier stage provides it, and what to do without it.
+ROLE_COLUMNS = {
+    "prompt": ("prompt", "each row needs a prompt, or configure a `template:` that makes one from its columns"),
+    "image": ("image", "each row needs an image (a path or the image's bytes), or run a stage that makes one first"),
+}
 SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
 
@@ -79,14 +82,14 @@ def catalog_rules(cfg: RunConfig) -> dict[str, Rule]:
     return rules
 
 
-def required_columns(cfg: RunConfig) -> list[str]:
-    """Columns each row must fill: what the first reader of a role takes from the catalog."""
-    needed = []
+def required_columns(cfg: RunConfig) -> dict[str, str]:
+    """Columns each row must fill (with a hint): what the first reader of a role takes from the catalog."""
+    needed = {}
     for roles in upstreams(cfg.stages).values():
         for role, provider in roles.items():
-            column = ROLE_COLUMNS[role]
-            if provider is None and column not in needed and not (role == "prompt" and _has_template(cfg)):
-                needed.append(column)
+            column, hint = ROLE_COLUMNS[role]
+            if provider is None and not (role == "prompt" and _has_template(cfg)):
+                needed[column] = hint
     return needed
 
 
