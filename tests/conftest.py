@@ -34,13 +34,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from catalogen.catalog import expand_rows, validate_catalog  # noqa: E402
 from catalogen.config import RunConfig, load_config  # noqa: E402
 from catalogen.devices import Device  # noqa: E402
-from catalogen.models import resolve_model  # noqa: E402
+from catalogen.runplan import RunPlan, prepare  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
-from catalogen.store import RunStore  # noqa: E402
-from tasks import generate  # noqa: E402
+from tasks import STAGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,8 +51,8 @@ def fast_config(**overrides: Any) -> RunConfig:
     return load_config(None, {**FAST, **overrides})
 
 
-def write_catalog(path: Path, columns: dict[str, list]) -> Path:
-    pq.write_table(pa.table(columns), path)
+def write_catalog(path: Path, columns: dict[str, list] | pa.Table) -> Path:
+    pq.write_table(columns if isinstance(columns, pa.Table) else pa.table(columns), path)
     return path
 
 
@@ -62,14 +60,21 @@ def prompts(n: int, prefix: str = "row") -> dict[str, list]:
     return {"id": [f"{prefix}-{i}" for i in range(n)], "prompt": [f"a photo of object number {i}" for i in range(n)]}
 
 
-def run_stage(table: pa.Table, cfg: RunConfig, out: Path) -> pa.Table:
-    """The generate stage on a catalog table, called directly as a benchmark would."""
-    catalog = validate_catalog(table, cfg)
-    rows = expand_rows(catalog, cfg)
-    identity = resolve_model(cfg.model_for("generate"), cfg)
-    planned = generate.plan(rows, cfg, identity)
-    ctx = StageContext(cfg, RunStore(out), identity, Device("cpu", "cpu"), torch.float32)
-    return generate.process(planned, ctx)
+def plan_table(table: pa.Table, cfg: RunConfig, out: Path) -> RunPlan:
+    """Check and plan a catalog table (written beside the run folder) as a run would."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_catalog(out.parent / f"{out.name}-catalog.parquet", table)
+    return prepare(path, cfg, out)
+
+
+def context(plan: RunPlan, stage: str) -> StageContext:
+    return StageContext(plan.config, plan.store, plan.models[stage], Device("cpu", "cpu"), torch.float32)
+
+
+def run_stage(table: pa.Table, cfg: RunConfig, out: Path, stage: str = "generate") -> pa.Table:
+    """One stage over a catalog table, called directly (no Prefect) as a benchmark would."""
+    plan = plan_table(table, cfg, out)
+    return STAGES[stage].process(plan.planned[stage], context(plan, stage))
 
 
 def cli_env(api_url: str | None = None) -> dict[str, str]:

@@ -19,10 +19,11 @@ from diffusers import (
 from PIL import Image
 
 from catalogen.config import RunConfig
+from tasks import generate
 from catalogen.models import resolve_model
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.hashing import sha256_file
-from conftest import fast_config, run_stage
+from conftest import context, fast_config, plan_table, run_stage
 
 TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}
 
@@ -70,7 +71,7 @@ def test_matches_a_plain_diffusers_call(tmp_path: Path, scheduler: str):
     table = run_stage(pa.table(as_columns([TARGET])), cfg, tmp_path)
     ours = pixels(tmp_path, table)
 
-    identity = resolve_model(cfg.model_for("generate"), cfg)
+    identity = resolve_model(generate.model_spec(cfg), cfg)
     pipe = StableDiffusionPipeline.from_pretrained(identity.path, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = _plain_scheduler(scheduler, pipe.scheduler.config)
     image = pipe(
@@ -104,7 +105,7 @@ def test_sdxl_shaped_pipeline_runs_through_the_same_path(tmp_path: Path):
     assert table.column("status").to_pylist() == ["ok", "ok"]
     assert table.column("model").to_pylist()[0] == "tiny:sdxl"
     ours = pixels(tmp_path, table)
-    identity = resolve_model(cfg.model_for("generate"), cfg)
+    identity = resolve_model(generate.model_spec(cfg), cfg)
     pipe = StableDiffusionXLPipeline.from_pretrained(identity.path, add_watermarker=False)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     image = pipe(
@@ -115,22 +116,15 @@ def test_sdxl_shaped_pipeline_runs_through_the_same_path(tmp_path: Path):
 
 
 def test_a_failing_row_fails_alone(tmp_path: Path):
-    from catalogen.catalog import expand_rows, validate_catalog
-    from catalogen.devices import Device
-    from catalogen.stage import StageContext
-    from catalogen.store import RunStore
-    from tasks import generate
-
     cfg = fast_config()
-    rows = expand_rows(validate_catalog(pa.table(as_columns([TARGET, {**TARGET, "id": "other"}])), cfg), cfg)
-    identity = resolve_model(cfg.model_for("generate"), cfg)
-    planned = generate.plan(rows, cfg, identity)
+    plan = plan_table(pa.table(as_columns([TARGET, {**TARGET, "id": "other"}])), cfg, tmp_path / "out")
+    planned = plan.planned["generate"]
     # A size the pipeline rejects (validation would have refused it): only that row may fail.
     planned = planned.set_column(planned.schema.get_field_index("width"), "width", pa.array([20, 32], pa.int32()))
-    out = generate.process(planned, StageContext(cfg, RunStore(tmp_path), identity, Device("cpu", "cpu"), torch.float32))
+    out = generate.process(planned, context(plan, "generate"))
     first, second = out.to_pylist()
     assert first["status"] == "failed" and "divisible by 8" in first["error"] and first["image_path"] is None
-    assert second["status"] == "ok" and (tmp_path / second["image_path"]).exists()
+    assert second["status"] == "ok" and (tmp_path / "out" / second["image_path"]).exists()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +132,7 @@ def flag_everything_model(tmp_path_factory) -> dict:
     """A copy of the tiny SD1.5 model whose safety checker flags every image."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    source = Path(resolve_model(fast_config().model_for("generate"), fast_config()).path)
+    source = Path(resolve_model(generate.model_spec(fast_config()), fast_config()).path)
     folder = tmp_path_factory.mktemp("strict") / "sd15"
     shutil.copytree(source, folder)
     checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker")
@@ -166,14 +160,15 @@ def test_safety_verdict_is_recorded_not_blacked_out(tmp_path: Path, flag_everyth
     assert off.to_pylist()[0]["safety_flagged"] is None
 
 
-def test_safety_checker_on_a_model_without_one_is_refused():
+def test_safety_checker_on_a_model_without_one_is_refused(tmp_path: Path):
     from catalogen.config import ConfigError
     from tasks.generate import safety_mode
 
     assert safety_mode(fast_config(profile="tiny-sdxl")) == "off"
     assert safety_mode(fast_config(profile="tiny")) == "flag"
     with pytest.raises(ConfigError, match="has no safety checker"):
-        fast_config(profile="tiny-sdxl", **{"generate.safety_checker": "flag"})
+        plan_table(pa.table(as_columns([TARGET])), fast_config(profile="tiny-sdxl", **{"generate.safety_checker": "flag"}),
+                   tmp_path / "out")
 
 
 @pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
@@ -188,8 +183,8 @@ def test_the_prompt_conditions_the_image(tmp_path: Path, profile: str):
 
 def test_tiny_models_build_identically(tmp_path: Path):
     # Same weights on every machine: the same row gives the same image everywhere.
-    first = resolve_model(fast_config().model_for("generate"), fast_config())
-    again = resolve_model(fast_config().model_for("generate"), RunConfig(cache_dir=tmp_path))
+    first = resolve_model(generate.model_spec(fast_config()), fast_config())
+    again = resolve_model(generate.model_spec(fast_config()), fast_config(cache_dir=str(tmp_path)))
     assert first.revision == again.revision and first.path != again.path
 
 
@@ -199,8 +194,8 @@ LONG = "a very detailed scene " * 6  # well past 75 tokens of the tiny (characte
 
 
 def _load_plain(cfg: RunConfig):
-    identity = resolve_model(cfg.model_for("generate"), cfg)
-    if cfg.model_for("generate").kind == "sdxl":
+    identity = resolve_model(generate.model_spec(cfg), cfg)
+    if generate.model_spec(cfg).kind == "sdxl":
         return StableDiffusionXLPipeline.from_pretrained(identity.path, add_watermarker=False)
     return StableDiffusionPipeline.from_pretrained(identity.path, safety_checker=None, requires_safety_checker=False)
 
@@ -259,7 +254,7 @@ def test_sdxl_without_negative_prompt_matches_a_plain_call(tmp_path: Path):
 def test_non_finite_pixels_fail_the_row_instead_of_shipping_garbage(tmp_path: Path):
     from diffusers import AutoencoderKL
 
-    source = Path(resolve_model(fast_config().model_for("generate"), fast_config()).path)
+    source = Path(resolve_model(generate.model_spec(fast_config()), fast_config()).path)
     folder = tmp_path / "broken"
     shutil.copytree(source, folder)
     vae = AutoencoderKL.from_pretrained(folder / "vae")
