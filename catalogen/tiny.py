@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from catalogen.tiny_llm import build_llm
+
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
 TINY_VERSION = "2"
@@ -191,7 +193,7 @@ def build_sdxl(folder: Path, cache_dir: Path) -> None:
 
 
 # name -> builder(folder, cache_dir); a builder may call `ensure_tiny` for the models it derives from.
-_BUILDERS: dict[str, Callable[[Path, Path], None]] = {"sd15": build_sd15, "sdxl": build_sdxl}
+_BUILDERS: dict[str, Callable[[Path, Path], None]] = {"sd15": build_sd15, "sdxl": build_sdxl, "llm": build_llm}
 TINY_MODELS = tuple(_BUILDERS)
 
 
