@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from catalogen.tiny_vision import build_blip2, build_clip, build_rembg
+from catalogen.tiny_llm import build_llm
 
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
@@ -199,6 +200,7 @@ _BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "rembg": build_rembg,
     "blip2": build_blip2,
     "clip": build_clip,
+    "llm": build_llm,
 }
 TINY_MODELS = tuple(_BUILDERS)
 
