@@ -151,18 +151,21 @@ class Selection:
         return select_rows(catalog, self.limit, self.sample, seed)
 
 
-def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> pa.Table:
-    """Read and validate the catalog against this run's stages; refuse it with every fault."""
-    table = read_catalog(catalog_path)
-    catalog = validate_catalog(
-        table, catalog_rules(cfg), required_columns(cfg), result_names(cfg), source=str(catalog_path)
-    )
+def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog") -> pa.Table:
+    """Validate a catalog table against this run's stages and template; refuse it with every fault."""
+    catalog = validate_catalog(table, catalog_rules(cfg), required_columns(cfg), result_names(cfg), source=source)
     if _has_template(cfg):
         from catalogen.templates import template_faults
 
         faults = template_faults(cfg.template, catalog.column_names, catalog)
         if faults:
-            raise CatalogError(str(catalog_path), faults)
+            raise CatalogError(source, faults)
+    return catalog
+
+
+def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> pa.Table:
+    """Read and validate the catalog file, then keep the rows a trial run selects."""
+    catalog = validate_for_run(read_catalog(catalog_path), cfg, source=str(catalog_path))
     return selection.apply(catalog, cfg.seed)
 
 

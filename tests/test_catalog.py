@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from catalogen.catalog import CatalogError, expand_rows, load_catalog, read_catalog, validate_catalog
+from catalogen.catalog import CatalogError, expand_rows, read_catalog
 from catalogen.cli import app
 from catalogen.hashing import derive_seed
+from catalogen.runplan import load_checked_catalog, validate_for_run
 from conftest import fast_config
 
 GOOD = {"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}
@@ -20,7 +21,7 @@ GOOD = {"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}
 
 def faults_of(columns: dict, **cfg) -> list[str]:
     with pytest.raises(CatalogError) as info:
-        validate_catalog(pa.table(columns), fast_config(**cfg))
+        validate_for_run(pa.table(columns), fast_config(**cfg))
     return [str(f) for f in info.value.faults]
 
 
@@ -42,7 +43,8 @@ FAULTS = {
     "seed as lossy float": ({**GOOD, "seed": [1.0, 2.0**60, None]}, ["'seed'", "int64", "b"]),
     "unknown scheduler": ({**GOOD, "scheduler": ["euler", "k_magic", None]}, ["'scheduler'", "unknown scheduler", "b"]),
     "num_variants out of range": ({**GOOD, "num_variants": [1, 0, 65]}, ["'num_variants'", "between 1 and 64", "b", "c"]),
-    "column of wrong type": ({**GOOD, "steps": ["ten", "20", None]}, ["'steps'", "integers", "string"]),
+    "column of wrong type": ({**GOOD, "steps": [b"ten", b"20", None]}, ["'steps'", "integers", "binary"]),
+    "text that is not a number": ({**GOOD, "steps": ["ten", "20", None]}, ["'steps'", "not numbers", "a"]),
     "reserved column": ({**GOOD, "status": ["live", "live", "draft"]}, ["'status'", "results use"]),
     "stage-prefixed column": ({**GOOD, "generate_seed": [1, 2, 3]}, ["'generate_seed'", "results use"]),
 }
@@ -65,7 +67,7 @@ def test_all_faults_are_reported_together():
 
 def test_size_limits_follow_the_profile():
     columns = {**GOOD, "width": [64, 64, 64]}
-    validate_catalog(pa.table(columns), fast_config(profile="tiny"))
+    validate_for_run(pa.table(columns), fast_config(profile="tiny"))
     text = "\n".join(faults_of(columns, profile="sd15"))
     assert "between 256 and 1024" in text and "stable-diffusion-v1-5" in text
 
@@ -80,7 +82,7 @@ def test_empty_and_unreadable_files(tmp_path: Path):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), empty)
     with pytest.raises(CatalogError, match="no rows"):
-        load_catalog(empty, fast_config())
+        load_checked_catalog(empty, fast_config())
     garbage = tmp_path / "garbage.parquet"
     garbage.write_text("not parquet at all")
     with pytest.raises(CatalogError, match="cannot read as Parquet"):
@@ -93,28 +95,31 @@ def test_csv_and_jsonl_catalogs(tmp_path: Path):
     (tmp_path / "c.csv").write_text("id,prompt,steps\na,a cat,4\nb,a dog,\n")
     (tmp_path / "c.jsonl").write_text('{"id": "a", "prompt": "a cat"}\n{"id": "b", "prompt": "a dog", "seed": 7}\n')
     for name in ("c.csv", "c.jsonl"):
-        table = load_catalog(tmp_path / name, fast_config())
+        table = load_checked_catalog(tmp_path / name, fast_config())
         assert table.column("id").to_pylist() == ["a", "b"]
 
 
-def test_integer_ids_become_strings_and_unknown_columns_pass():
-    table = validate_catalog(pa.table({"id": [10, 11], "prompt": ["x", "y"], "sku_note": ["p", "q"]}), fast_config())
-    assert table.column("id").to_pylist() == ["10", "11"]
+def test_integer_ids_keep_their_type_and_unknown_columns_pass():
+    from catalogen.catalog import string_ids
+
+    table = validate_for_run(pa.table({"id": [10, 11], "prompt": ["x", "y"], "sku_note": ["p", "q"]}), fast_config())
+    assert table.column("id").to_pylist() == [10, 11]  # results join back to the catalog on its own type
+    assert string_ids(table).to_pylist() == ["10", "11"]  # keys, seeds and file names use the text
     assert table.column("sku_note").to_pylist() == ["p", "q"]
 
 
 def test_expansion_gives_stable_seeds_per_variant():
-    cfg = fast_config(seed=5, **{"generate.num_variants": 2})
-    table = validate_catalog(pa.table({"id": ["a", "b"], "prompt": ["x", "y"], "seed": [100, None], "num_variants": [3, None]}), cfg)
-    rows = expand_rows(table, cfg)
-    got = list(zip(rows.column("id").to_pylist(), rows.column("variant").to_pylist(), rows.column("row_seed").to_pylist()))
+    cfg = fast_config(seed=5, num_variants=2)
+    table = validate_for_run(pa.table({"id": ["a", "b"], "prompt": ["x", "y"], "seed": [100, None], "num_variants": [3, None]}), cfg)
+    rows = expand_rows(table, cfg.num_variants, cfg.seed)
+    got = list(zip(rows.column("id").to_pylist(), rows.column("variant").to_pylist(), rows.column("seed").to_pylist()))
     assert got == [
         ("a", 0, 100), ("a", 1, 101), ("a", 2, 102),
         ("b", 0, derive_seed(5, "b", 0)), ("b", 1, derive_seed(5, "b", 1)),
     ]
     # Reordering the catalog changes no seed: seeds depend on the row, not its position.
-    flipped = expand_rows(table.take([1, 0]), cfg)
-    assert dict(zip(zip(flipped.column("id").to_pylist(), flipped.column("variant").to_pylist()), flipped.column("row_seed").to_pylist())) == {
+    flipped = expand_rows(table.take([1, 0]), cfg.num_variants, cfg.seed)
+    assert dict(zip(zip(flipped.column("id").to_pylist(), flipped.column("variant").to_pylist()), flipped.column("seed").to_pylist())) == {
         (i, v): s for i, v, s in got
     }
 
@@ -146,4 +151,4 @@ def test_cli_refuses_bad_catalog_and_writes_nothing(tmp_path: Path):
 def test_cli_validate_accepts_the_demo_catalog():
     result = CliRunner().invoke(app, ["validate", "catalogs/demo_prompts.parquet"])
     assert result.exit_code == 0, result.output
-    assert "24 ids, 25 images" in result.output
+    assert "24 ids, 25 rows" in result.output

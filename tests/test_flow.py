@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -20,8 +22,18 @@ from flows.run import catalogen_run
 
 
 def run(catalog: Path, out: Path, **kwargs) -> dict:
+    """The flow as a deployment runs it; returns its summary and checks the final state agrees."""
     overrides = {**FAST, "rows_per_shard": 3, **kwargs.pop("overrides", {})}
-    return catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, **kwargs)
+    state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True, **kwargs)
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        raise summary
+    assert state.is_failed() == bool(summary["failed"]), state  # a failed row must fail the flow run
+    return summary
+
+
+def counts(summary: dict) -> dict:
+    return {k: summary[k] for k in ("rows", "ok", "failed", "skipped")}
 
 
 def results(out: Path) -> pd.DataFrame:
@@ -41,12 +53,13 @@ def catalog(tmp_path: Path) -> Path:
 def test_outputs_follow_the_contract(tmp_path: Path, catalog: Path):
     out = tmp_path / "out"
     summary = run(catalog, out)
-    assert summary == {"rows": 8, "ok": 8, "failed": 0, "skipped": 0, "out": str(out), "crashed_shards": 0}
+    assert counts(summary) == {"rows": 8, "ok": 8, "failed": 0, "skipped": 0}
+    assert (summary["out"], summary["crashed_shards"], summary["stages"]) == (str(out), 0, {"generate": {"ok": 8}})
 
     table = pq.read_table(out / "results.parquet")
     names = table.column_names
     assert names[:7] == ["id", "prompt", "guidance_scale", "num_variants", "brand_note", "attributes", "variant"]
-    assert names[7:13] == ["status", "error", "image_path", "image_sha256", "image_width", "image_height"]
+    assert names[7:14] == ["status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height"]
     assert table.schema.field("attributes").type == pq.read_schema(catalog).field("attributes").type
     for column in ("generate_seed", "generate_model", "generate_model_revision", "generate_device", "generate_seconds",
                    "generate_steps", "generate_scheduler", "generate_key"):
@@ -65,7 +78,7 @@ def test_outputs_follow_the_contract(tmp_path: Path, catalog: Path):
 
     info = json.loads((out / "run.json").read_text())
     assert info["config"]["generate"]["steps"] == 3
-    assert info["models"]["generate"]["revision"] == df.generate_model_revision[0]
+    assert info["models"]["generate"]["pipeline"]["revision"] == df.generate_model_revision[0]
     assert {"torch", "diffusers", "prefect"} <= set(info["versions"])
     assert len(list((out / "stages" / "generate").glob("part-*.parquet"))) == 3  # 8 rows, 3 per shard
 
@@ -105,11 +118,10 @@ def test_a_changed_setting_recomputes_only_the_rows_it_affects(tmp_path: Path, c
 def test_retry_failed_recomputes_failed_rows_only(tmp_path: Path, catalog: Path):
     from catalogen.config import load_config
     from catalogen.runplan import prepare
-    from tasks import STAGES
 
     out = tmp_path / "out"
     # Make one image impossible to write: a folder already sits at its path.
-    plan = prepare(catalog, load_config(None, {**FAST, "rows_per_shard": 3}), out, STAGES)
+    plan = prepare(catalog, load_config(None, {**FAST, "rows_per_shard": 3}), out)
     planned = plan.planned["generate"].to_pylist()[4]
     blocker = out / plan.store.image_path("generate", planned["id"], planned["variant"], planned["key"])
     blocker.mkdir(parents=True)
@@ -131,12 +143,13 @@ def test_retry_failed_recomputes_failed_rows_only(tmp_path: Path, catalog: Path)
 
 
 def test_new_rows_in_the_catalog_are_the_only_work(tmp_path: Path):
+    # As a nightly catalog changes in place: the same file, with a row added.
     out = tmp_path / "out"
-    small = write_catalog(tmp_path / "small.parquet", prompts(4))
-    run(small, out)
+    path = tmp_path / "catalog.parquet"
+    run(write_catalog(path, prompts(4)), out)
     first = results(out).set_index("id")
-    grown = write_catalog(tmp_path / "grown.parquet", {k: v[:2] + ["brand new"] + v[2:] if k == "prompt" else v[:2] + ["new"] + v[2:] for k, v in prompts(4).items()})
-    run(grown, out)
+    grown = {k: v[:2] + ["brand new"] + v[2:] if k == "prompt" else v[:2] + ["new"] + v[2:] for k, v in prompts(4).items()}
+    run(write_catalog(path, grown), out)
     second = results(out).set_index("id")
     assert list(second.index) == ["row-0", "row-1", "new", "row-2", "row-3"]
     for rid in first.index:
@@ -149,10 +162,22 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path, catalog: Pat
     from catalogen.store import RunFolderBusy
 
     out = tmp_path / "out"
-    with RunStore(out).exclusive():  # as another invocation would hold it
-        with pytest.raises(RunFolderBusy, match="in use by another run"):
+    holder = subprocess.Popen(  # another invocation, in its own process
+        [sys.executable, "-c", (
+            "import time; from catalogen.store import RunStore\n"
+            f"with RunStore({str(out)!r}).exclusive():\n"
+            "    print('held', flush=True); time.sleep(120)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=r"in use by another run \(pid \d+"):
             run(catalog, out)
-    assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
+        assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
     assert run(catalog, out)["ok"] == 8  # free again once the holder is gone
 
 
@@ -162,10 +187,9 @@ def test_cli_exit_code_says_some_rows_failed(tmp_path: Path, catalog: Path):
     from catalogen.cli import app
     from catalogen.config import load_config
     from catalogen.runplan import prepare
-    from tasks import STAGES
 
     out = tmp_path / "out"
-    planned = prepare(catalog, load_config(None, FAST), out, STAGES).planned["generate"].to_pylist()[0]
+    planned = prepare(catalog, load_config(None, FAST), out).planned["generate"].to_pylist()[0]
     (out / RunStore(out).image_path("generate", planned["id"], planned["variant"], planned["key"])).mkdir(parents=True)
     args = ["run", str(catalog), "--out", str(out), *(f"--set={k}={v}" for k, v in FAST.items())]
     result = CliRunner().invoke(app, args)

@@ -33,11 +33,13 @@ def test_yaml_then_overrides(tmp_path: Path):
     [
         ("generate:\n  steps: 0\n", {}, "generate.steps"),
         ("generate:\n  stepz: 10\n", {}, "generate.stepz"),
-        ("profile: huge\n", {}, "unknown profile"),
+        ("profile: huge\n", {}, "profile: Input should be 'tiny'"),
         ("", {"generate.scheduler": "magic"}, "generate.scheduler"),
         ("", {"device": "tpu"}, "device must be"),
         ("[1, 2]\n", {}, "mapping"),
         ("a: [\n", {}, "not valid YAML"),
+        ("generate:\n  scheduler: k_magic\n", {}, "unknown scheduler 'k_magic'"),
+        ("stages: [generate, paint]\n", {}, "unknown stage"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, text, overrides, message):
@@ -160,8 +162,17 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path):
 def test_image_names_cannot_escape_the_run_folder():
     store = RunStore("/runs/x")
     path = store.image_path("generate", "../../etc/passwd", 0, "ab" * 32)
-    assert ".." not in path and path.startswith("images/generate/ab/")
+    assert ".." not in path and path.startswith("images/generate/") and path.count("/") == 3
     assert safe_name("/") == "row" and safe_name("é/ü x") == "x"
+
+
+def test_every_id_owns_its_image_file():
+    # Ids that sanitise alike, differ only in case, are non-ASCII or share a long prefix.
+    ids = ["a/b", "a_b", "a b", "a.b", "A_B", "é", "ü", "x" * 80 + "1", "x" * 80 + "2", "", " "]
+    store = RunStore("/runs/x")
+    paths = [store.image_path("generate", rid, 0, "cd" * 32) for rid in ids]
+    assert len({p.lower() for p in paths}) == len(ids)  # distinct even on a case-insensitive filesystem
+    assert store.image_path("generate", "a", 0, "cd" * 32) != store.image_path("generate", "a", 1, "cd" * 32)
 
 
 # --- PNG parameters ---------------------------------------------------------------------------------
