@@ -37,7 +37,7 @@ from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash
 from catalogen.models import ModelIdentity, check_loadable, resolve_model, MissingModelsError
-from catalogen.stage import Stage
+from catalogen.stage import SKIP_COLUMN, Stage
 from catalogen.store import ROW_KEY, STATUSES, SUCCEEDED, RunStateError, RunStore
 
 # Catalog columns every run understands, whatever its stages (a null means "the run's setting").
@@ -510,8 +510,10 @@ def blocked_reason(plan: RunPlan, outcomes: ShardOutcomes, stage: str) -> list[s
 def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mapping[str, np.ndarray]) -> pa.Table | None:
     """The planned rows of `stage` that this shard must (re)compute, with upstream values filled in.
 
-    Adds `skip_reason`: non-null for rows whose upstream failed (they are recorded as skipped).
-    Returns None when the shard has nothing to do in this stage.
+    `skip_reason` is non-null for rows the stage will not run: their upstream failed, or the
+    stage's own plan said so (its `skip_reason` column, e.g. a row that brings its own image
+    skips generation). They are recorded as skipped, with the reason. Returns None when the
+    shard has nothing to do in this stage.
     """
     from tasks import STAGES
 
@@ -526,6 +528,9 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
         values = outcomes.tables[provider].column(source).filter(pa.array(mine))
         index = table.schema.get_field_index(column)
         table = table.set_column(index, column, pc.coalesce(pc.cast(values, table.schema.field(column).type), table.column(column)))
-    reasons = [r for r, keep in zip(blocked_reason(plan, outcomes, stage), mine) if keep]
-    return table.append_column("skip_reason", pa.array(reasons, pa.string()))
+    blocked = pa.array([r for r, keep in zip(blocked_reason(plan, outcomes, stage), mine) if keep], pa.string())
+    if SKIP_COLUMN in table.column_names:
+        own = table.column(SKIP_COLUMN)
+        return table.set_column(table.schema.get_field_index(SKIP_COLUMN), SKIP_COLUMN, pc.coalesce(blocked, own))
+    return table.append_column(SKIP_COLUMN, blocked)
 

@@ -44,6 +44,9 @@ SHARED_COLUMNS = [
     pa.field("device", pa.string()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
 ]
+# An optional planned column: why a row will not run in this stage (null: it runs). The runner
+# records such rows as `skipped` with the reason, without calling `process`.
+SKIP_COLUMN = "skip_reason"
 IMAGE_COLUMNS = [
     pa.field("image_path", pa.string()),  # relative to the run folder
     pa.field("image_sha256", pa.string()),
@@ -101,6 +104,3 @@ class Stage(Protocol):
     def process(self, planned: pa.Table, ctx: StageContext) -> pa.Table: ...
 
 
-def record(row: Mapping[str, Any], **values: Any) -> dict[str, Any]:
-    """A result row: the planned row's values plus the outcome."""
-    return {**row, **values}

@@ -39,7 +39,7 @@ from catalogen.models import ModelIdentity, cached
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
 from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
-from catalogen.stage import StageContext, output_schema
+from catalogen.stage import SKIP_COLUMN, StageContext, output_schema
 
 NAME = "generate"
 # Bump when a change here alters the images made from the same inputs: it is part of every key,
@@ -205,7 +205,18 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     fixed = [NAME, VERSION, identity.repo, identity.revision, identity.variant, safety_mode(cfg)]
     keys = column_keys(fixed, [columns[c] for c in PARAM_COLUMNS])
     data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": pa.array(keys, pa.string()), **columns}
-    return pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
+    planned = pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
+    return planned.append_column(SKIP_COLUMN, _own_image_skips(rows))
+
+
+def _own_image_skips(rows: pa.Table) -> pa.Array:
+    """A row that brings its own image (catalog `image`) skips generation and enters the next stage as is."""
+    has_image = pa.array([False] * rows.num_rows)
+    for name in ("image", "image_bytes"):
+        if name in rows.column_names:
+            has_image = pc.or_(has_image, rows.column(name).is_valid())
+    reason = pa.scalar("the row brings its own image", pa.string())
+    return pc.if_else(has_image, reason, pa.scalar(None, pa.string()))
 
 
 # --- process --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from catalogen.devices import default_dtype, lease, visible_devices
 from catalogen.progress import tracker
 from catalogen.runplan import read_config
-from catalogen.stage import StageContext
+from catalogen.stage import SKIP_COLUMN, StageContext
 from catalogen.store import STATUSES, RunStore, now_utc
 from tasks import STAGES
 
@@ -34,7 +34,7 @@ def _skipped(rows: pa.Table, schema: pa.Schema) -> pa.Table:
     """Result rows for planned rows whose upstream failed: recorded as skipped, with the reason."""
     finished = now_utc()
     records = [
-        {**row, "status": "skipped", "error": row["skip_reason"], "seconds": 0.0, "finished_at": finished}
+        {**row, "status": "skipped", "error": row[SKIP_COLUMN], "seconds": 0.0, "finished_at": finished}
         for row in rows.to_pylist()
     ]
     return pa.Table.from_pylist(records, schema=schema)
@@ -61,8 +61,8 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     module = STAGES[stage]
     source = store.shard_input_path(stage, shard)
     rows = pq.read_table(source)
-    blocked = rows.filter(rows.column("skip_reason").is_valid())
-    todo = rows.filter(rows.column("skip_reason").is_null()).drop_columns(["skip_reason"])
+    blocked = rows.filter(rows.column(SKIP_COLUMN).is_valid())
+    todo = rows.filter(rows.column(SKIP_COLUMN).is_null()).drop_columns([SKIP_COLUMN])
     parts = [_skipped(blocked, module.OUTPUT_SCHEMA)] if blocked.num_rows else []
     device_name, waited, seconds = "-", 0.0, 0.0
     if todo.num_rows:
