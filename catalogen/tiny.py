@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from catalogen import tiny_adapters
+
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
 TINY_VERSION = "2"
@@ -191,7 +193,18 @@ def build_sdxl(folder: Path, cache_dir: Path) -> None:
 
 
 # name -> builder(folder, cache_dir); a builder may call `ensure_tiny` for the models it derives from.
-_BUILDERS: dict[str, Callable[[Path, Path], None]] = {"sd15": build_sd15, "sdxl": build_sdxl}
+_BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+    "sd15": build_sd15,
+    "sdxl": build_sdxl,
+    "controlnet-sd15": tiny_adapters.build_controlnet_sd15,
+    "controlnet-sdxl": tiny_adapters.build_controlnet_sdxl,
+    "ip-adapter": tiny_adapters.build_ip_adapter,
+    "lora-sd15": tiny_adapters.build_lora_sd15,
+    "lora-sdxl": tiny_adapters.build_lora_sdxl,
+    "ti-sd15": tiny_adapters.build_ti_sd15,
+    "ti-sdxl": tiny_adapters.build_ti_sdxl,
+    "single-file": tiny_adapters.build_single_file,
+}
 TINY_MODELS = tuple(_BUILDERS)
 
 
