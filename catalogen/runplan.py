@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import catalogen
-from catalogen.catalog import CatalogError, Fault, Rule, expand_rows, read_catalog, select_rows, validate_catalog
+from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_catalog, select_rows, validate_catalog
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash
@@ -229,12 +229,12 @@ def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]
 def plan_rows(catalog: pa.Table, cfg: RunConfig) -> pa.Table:
     """The (id, variant) rows with everything a stage's plan reads from the catalog."""
     rows = expand_rows(catalog, cfg.num_variants, cfg.seed)
-    take = rows.column("index")
+    index = rows.column("index").to_numpy()
     positive, negative = base_prompts(catalog, cfg)
-    rows = rows.append_column("prompt", positive.take(take)).append_column("negative_prompt", negative.take(take))
+    rows = rows.append_column("prompt", expand(positive, index)).append_column("negative_prompt", expand(negative, index))
     for name in catalog_rules(cfg):
         if name in catalog.column_names and name not in rows.column_names:
-            rows = rows.append_column(name, catalog.column(name).combine_chunks().take(take))
+            rows = rows.append_column(name, expand(catalog.column(name).combine_chunks(), index))
     return rows
 
 
@@ -247,7 +247,7 @@ def plan_stages(rows: pa.Table, cfg: RunConfig, models: Mapping[str, Mapping[str
         providers = [p for p in links[name].values() if p is not None]
         if providers:
             columns = [table.column("key"), *(planned[p].column("key") for p in providers)]
-            keys = pa.array(column_keys(["chained", name, providers], columns), pa.string())
+            keys = column_keys(["chained", name, providers], columns)
             table = table.set_column(table.schema.get_field_index("key"), "key", keys)
         planned[name] = table
     return planned

@@ -151,7 +151,7 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
         decoding["top_p"] = settings.top_p
     fixed = [NAME, VERSION, settings.backend, _identity(settings, models), sha256_bytes(system.encode()), decoding]
     per_row = [source, rows.column("seed")] if settings.sampling else [source]
-    keys = pa.array(column_keys(fixed, per_row), pa.string())
+    keys = column_keys(fixed, per_row)
     data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": keys, "source_prompt": source,
             "seed": rows.column("seed")}
     return pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
