@@ -4,6 +4,6 @@
 """
 
 from catalogen.stage import Stage
-from tasks import generate
+from tasks import generate, remove_bg
 
-STAGES: dict[str, Stage] = {generate.NAME: generate}
+STAGES: dict[str, Stage] = {generate.NAME: generate, remove_bg.NAME: remove_bg}
