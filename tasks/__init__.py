@@ -6,9 +6,10 @@ plus its line below: see catalogen/stage.py for the contract.
 """
 
 from catalogen.stage import Stage
-from tasks import enhance, generate
+from tasks import enhance, generate, remove_bg
 
 STAGES: dict[str, Stage] = {
     enhance.NAME: enhance,
     generate.NAME: generate,
+    remove_bg.NAME: remove_bg,
 }
