@@ -272,12 +272,14 @@ def validate_catalog(
     required: Mapping[str, str] | None = None,
     reserved: Iterable[str] = (),
     source: str = "catalog",
+    exempt: Mapping[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """Check the catalog; return it with every ruled column normalised.
 
     `rules` are the optional per-row columns the run understands, `required` the text columns
     each row must fill (with a hint for when the column is missing), `reserved` the names the
-    results use. Raises CatalogError with every fault.
+    results use; `exempt` marks, per required column, the rows that need not fill it. Raises
+    CatalogError with every fault.
     Other columns are kept as they are and pass through to the results, `id` in its own type.
     """
     if table.num_rows == 0:
@@ -290,14 +292,17 @@ def validate_catalog(
             faults.append(Fault("is a name the results use; rename it", name))
     required = dict(required or {})
     for name, hint in required.items():
+        excused = (exempt or {}).get(name, np.zeros(table.num_rows, dtype=bool))
         if name not in table.column_names:
-            faults.append(Fault(f"required column is missing{f' ({hint})' if hint else ''}", name))
+            if not excused.all():
+                faults.append(Fault(f"required column is missing{f' ({hint})' if hint else ''}", name))
             continue
         column = table.column(name).combine_chunks()
         if not _is_text(column.type):
             faults.append(Fault(f"must hold strings, found {column.type}", name))
             continue
         blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True).to_numpy(zero_copy_only=False)
+        blank &= ~excused
         if blank.any():
             faults.append(Fault("is null or blank", name, _rows(labels, blank)))
     for name, rule in rules.items():

@@ -37,12 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from catalogen.catalog import Fault, row_labels
+from catalogen.catalog import Fault, RowLabels
 from catalogen.hashing import sha256_bytes
 
 IMAGE = "image"  # the catalog column, normalised to an absolute path or URL (null for binary rows)
@@ -215,12 +216,16 @@ def _text_values(text: pa.Array, places: _Places, settings: ImageSettings) -> tu
     return pa.array(normalised, pa.string()).take(where), pa.array(messages, pa.string()).take(where)
 
 
-def _faults_by_message(messages: pa.Array, text: pa.Array, labels: pa.Array) -> list[Fault]:
+def _mask(values: pa.Array) -> np.ndarray:
+    return pc.fill_null(values, False).to_numpy(zero_copy_only=False)
+
+
+def _faults_by_message(messages: pa.Array, text: pa.Array, labels: RowLabels) -> list[Fault]:
     faults = []
     for message in pc.unique(messages.drop_null()).to_pylist():
         rows = pc.fill_null(pc.equal(messages, message), False)
         example = text.filter(rows)[0].as_py()
-        faults.append(Fault(f"{message} (e.g. {example!r})", IMAGE, tuple(labels.filter(rows).to_pylist())))
+        faults.append(Fault(f"{message} (e.g. {example!r})", IMAGE, labels.pick(_mask(rows))))
     return faults
 
 
@@ -234,7 +239,7 @@ def check_images(
     `image` (absolute resolved paths or URLs), `image_bytes` and the column as given
     (`IMAGE_GIVEN`, see `catalog_as_given`); without an `image` column it is returned unchanged.
     """
-    labels = row_labels(table)
+    labels = RowLabels(table)
     faults = []
     if IMAGE_BYTES in table.column_names or IMAGE_GIVEN in table.column_names:
         name = IMAGE_BYTES if IMAGE_BYTES in table.column_names else IMAGE_GIVEN
@@ -254,10 +259,10 @@ def check_images(
     faults += _faults_by_message(messages, text, labels)
     empty = pc.fill_null(pc.equal(pc.binary_length(data), 0), False)
     if pc.any(empty).as_py():
-        faults.append(Fault("holds empty bytes", IMAGE, tuple(labels.filter(empty).to_pylist())))
+        faults.append(Fault("holds empty bytes", IMAGE, labels.pick(_mask(empty))))
     missing = pc.and_(text.is_null(), data.is_null())
     if required and pc.any(missing).as_py():
-        faults.append(Fault("is null or blank", IMAGE, tuple(labels.filter(missing).to_pylist())))
+        faults.append(Fault("is null or blank", IMAGE, labels.pick(_mask(missing))))
     normalised = table.set_column(table.schema.get_field_index(IMAGE), IMAGE, paths)
     normalised = normalised.append_column(IMAGE_BYTES, data)
     return normalised.append_column(IMAGE_GIVEN, given), faults

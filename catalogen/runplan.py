@@ -161,8 +161,11 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", f
     needs_images = required.pop("image", None) is not None  # a path or bytes: check_images knows both
     table, image_faults = check_images(table, Path(source).parent if folder is None else folder, cfg.images,
                                        needs_images)
+    # A row that brings its own image skips generation: it needs no prompt (later stages fall back
+    # to their own prompt settings).
+    exempt = {"prompt": _brings_image(table)} if "prompt" in required else {}
     try:
-        catalog = validate_catalog(table, catalog_rules(cfg), required, result_names(cfg), source=source)
+        catalog = validate_catalog(table, catalog_rules(cfg), required, result_names(cfg), source=source, exempt=exempt)
     except CatalogError as exc:
         raise CatalogError(source, exc.faults + image_faults) from None
     if image_faults:
@@ -174,6 +177,14 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", f
         if faults:
             raise CatalogError(source, faults)
     return catalog
+
+
+def _brings_image(table: pa.Table) -> np.ndarray:
+    has = np.zeros(table.num_rows, dtype=bool)
+    for name in IMAGE_ROW_COLUMNS:
+        if name in table.column_names:
+            has |= table.column(name).is_valid().to_numpy(zero_copy_only=False)
+    return has
 
 
 def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> pa.Table:
@@ -275,7 +286,7 @@ def _settled_skip_keys(name: str, module: Stage, table: pa.Table) -> pa.Table:
     if SKIP_COLUMN not in table.column_names:
         return table
     reasons = table.column(SKIP_COLUMN)
-    settled = pa.array(column_keys(["skipped", name, module.VERSION], [reasons]), pa.string())
+    settled = column_keys(["skipped", name, module.VERSION], [reasons])
     keys = pc.if_else(reasons.is_valid(), settled, table.column("key"))
     return table.set_column(table.schema.get_field_index("key"), "key", keys)
 

@@ -26,6 +26,7 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "catalogen",  # as the CLI and the deployment set it
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stages also run outside flows here
         # The ephemeral API is a subprocess; on a busy 2-core machine it can take longer than the
         # default 20 s to answer, which would fail a test for a reason that is not ours.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
