@@ -41,12 +41,15 @@ def derive_seed(run_seed: int, row_id: str, variant: int) -> int:
 CHUNK_ROWS = 1 << 16  # rows hashed per pass: bounds the Python objects alive at once
 
 
-def _digests(texts: pa.Array) -> Iterator[list[bytes]]:
-    """SHA-256 of each row's UTF-8 text, a chunk of rows at a time."""
+def _digests(texts: pa.Array) -> list[bytes]:
+    """SHA-256 of each row's UTF-8 text."""
     sha = hashlib.sha256
-    for start in range(0, len(texts), CHUNK_ROWS):
-        chunk = texts.slice(start, CHUNK_ROWS).to_pylist()
-        yield [sha(text.encode()).digest() for text in chunk]
+    return [sha(text.encode()).digest() for text in texts.to_pylist()]
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK_ROWS):
+        yield slice(start, min(n, start + CHUNK_ROWS))
 
 
 def _json_strings(values: pa.Array) -> pa.Array:
@@ -68,16 +71,13 @@ def _json_strings(values: pa.Array) -> pa.Array:
 
 def derive_seeds(run_seed: int, row_ids: pa.Array, variants: pa.Array) -> np.ndarray:
     """`derive_seed` for many rows at once (the same values), as an int64 array."""
-    ids = _json_strings(pc.cast(row_ids, pa.string()))
-    texts = pc.binary_join_element_wise(f'["seed",{int(run_seed)},', ids, ",",
-                                        pc.cast(variants, pa.string()), "]", "")
-    seeds = np.empty(len(texts), dtype=np.int64)
-    mask = np.uint64(MAX_SEED)
-    position = 0
-    for chunk in _digests(texts):
-        head = np.frombuffer(b"".join(d[:8] for d in chunk), dtype=">u8")
-        seeds[position:position + len(chunk)] = (head & mask).astype(np.int64)
-        position += len(chunk)
+    seeds = np.empty(len(row_ids), dtype=np.int64)
+    head = f'["seed",{int(run_seed)},'
+    for part in _chunks(len(row_ids)):
+        ids = _json_strings(pc.cast(row_ids[part], pa.string()))
+        texts = pc.binary_join_element_wise(head, ids, ",", pc.cast(variants[part], pa.string()), "]", "")
+        first8 = np.frombuffer(b"".join(d[:8] for d in _digests(texts)), dtype=">u8")
+        seeds[part] = (first8 & np.uint64(MAX_SEED)).astype(np.int64)
     return seeds
 
 
@@ -93,14 +93,17 @@ def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> pa.Array:
 
     `fixed` holds what every row shares (stage, version, models, settings); the columns hold what
     varies by row. Values are encoded by Arrow's text cast, which is the same on every machine.
+    Rows are encoded and hashed a chunk at a time, so memory stays flat however long the catalog.
     """
     if not columns:
         raise ValueError("column_keys needs at least one column of per-row values")
-    prefix = pa.scalar(stable_hash(fixed) + "|", pa.string())
-    joined = pc.binary_join_element_wise(*(_encoded(c) for c in columns), "|")
-    texts = pc.binary_join_element_wise(prefix, joined, "")
-    return pa.concat_arrays([pa.array([d.hex() for d in chunk], pa.string()) for chunk in _digests(texts)]
-                            or [pa.array([], pa.string())])
+    prefix = stable_hash(fixed) + "|"
+    pieces = []
+    for part in _chunks(len(columns[0])):
+        joined = pc.binary_join_element_wise(*(_encoded(c[part]) for c in columns), "|")
+        texts = pc.binary_join_element_wise(prefix, joined, "")
+        pieces.append(pa.array([d.hex() for d in _digests(texts)], pa.string()))
+    return pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
 
 
 def sha256_bytes(data: bytes) -> str:
