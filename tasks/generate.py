@@ -3,9 +3,16 @@
 Reads: the prompt (an earlier stage's, such as enhance, else the catalog's or the template's) and
 the per-row overrides `width`, `height`, `steps`, `guidance_scale`, `scheduler`.
 Writes: one PNG per row with its provenance, and `prompt`, `seed`, sizes, scheduler, the model's
-identity, the safety checker's verdict and the batch size it ran at.
+identity, the safety checker's verdict, the batch size it ran at, the LoRAs and embeddings it
+loaded (file sha256, weight, token), and `notes` (e.g. a prompt naming an embedding not loaded).
 Key: every parameter that decides the pixels, the model (repo, resolved revision, variant), the
-safety-checker mode and `VERSION`; the pipeline adds the keys of the upstream rows it read.
+safety-checker mode and `VERSION`; with add-ons, every file's sha256, each LoRA's name and weight
+and each embedding's token. The pipeline adds the keys of the upstream rows it read.
+
+Add-ons (`generate.loras`, `generate.embeddings`, a `.safetensors` checkpoint as `generate.model.repo`)
+are resolved like models (one `lora.<name>` / `embedding.<n>` role each, recorded in run.json) and
+checked before the run: pickles (`.ckpt`, `.bin`, `.pt`, `.pth`) are refused, since loading one can
+run code.
 
 Reproducibility: each image gets its own CPU `torch.Generator` seeded from its row, so its
 starting noise (and an ancestral sampler's noise) depends on that row alone, not on the batch
@@ -88,10 +95,14 @@ class ModelSettings(DiffusionSpec):
 class LoraSpec(Strict):
     """A LoRA adapter applied to every image of the run."""
 
-    path: str = Field(description="a local .safetensors file or folder, a Hub repo id (with weight_name), or tiny:lora-sd15")
+    path: str = Field(
+        description="a local .safetensors file or folder, a Hub repo id (with weight_name), or tiny:lora-sd15"
+    )
     weight_name: str | None = Field(None, description="the .safetensors file inside the folder or Hub repo")
     weight: float = Field(1.0, ge=-10, le=10, description="its strength, as in A1111's <lora:name:weight>")
-    name: str | None = Field(None, pattern=ADAPTER_NAME, description="adapter name; default the file's (or folder's) name")
+    name: str | None = Field(
+        None, pattern=ADAPTER_NAME, description="adapter name; default the file's (or folder's) name"
+    )
     revision: str | None = Field(None, description="Hub branch, tag or commit")
 
     def adapter_name(self) -> str:
@@ -108,7 +119,9 @@ class LoraSpec(Strict):
 class EmbeddingSpec(Strict):
     """A textual-inversion embedding: prompts that contain its token get its learned vectors."""
 
-    path: str = Field(description="a local .safetensors file or folder, a Hub repo id (with weight_name), or tiny:ti-sd15")
+    path: str = Field(
+        description="a local .safetensors file or folder, a Hub repo id (with weight_name), or tiny:ti-sd15"
+    )
     weight_name: str | None = Field(None, description="the .safetensors file inside the folder or Hub repo")
     token: str | None = Field(
         None, pattern=r"^\S+$",
@@ -428,45 +441,61 @@ def _config_digest(folder: Path) -> str:
     return stable_hash([(str(p.relative_to(folder)), sha256_file(p)) for p in files])
 
 
-def _weight_file(identity: ModelIdentity, weight_name: str | None, default: str, label: str) -> tuple[Path | None, str | None]:
+class _Unusable(Exception):
+    """An add-on whose files cannot be used (the message names it and says why)."""
+
+
+def _weight_file(identity: ModelIdentity, weight_name: str | None, default: str, label: str) -> Path:
     """The one .safetensors file an add-on loads from: the path itself, the named file, or the folder's only one."""
     root = Path(identity.path)
     if root.is_file():
-        return root, None
+        return root
     if weight_name is not None:
-        candidate = root / weight_name
-        return (candidate, None) if candidate.is_file() else (None, f"{label}: no {weight_name} in {root}")
+        if not (root / weight_name).is_file():
+            raise _Unusable(f"{label}: no {weight_name} in {root}")
+        return root / weight_name
     found = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix == SAFETENSORS)
-    if len(found) == 1 or default in found:
-        return root / (found[0] if len(found) == 1 else default), None
+    if len(found) == 1:
+        return root / found[0]
+    if default in found:
+        return root / default
     if found:
-        return None, f"{label}: {root} holds several {SAFETENSORS} files ({', '.join(found)}); choose one with weight_name"
+        raise _Unusable(f"{label}: {root} holds several {SAFETENSORS} files ({', '.join(found)}); "
+                        "choose one with weight_name")
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
-        return None, PICKLE_WHY.format(what=f"{label}: {root} has only {', '.join(pickles)}",
-                                       suffix=Path(pickles[0]).suffix, origin="its folder")
-    return None, f"{label}: no {SAFETENSORS} file in {root}"
+        raise _Unusable(PICKLE_WHY.format(what=f"{label}: {root} has only {', '.join(pickles)}",
+                                          suffix=Path(pickles[0]).suffix, origin="its folder"))
+    raise _Unusable(f"{label}: no {SAFETENSORS} file in {root}")
 
 
-def _embedding_tensors(spec: EmbeddingSpec, file: Path, kind: str, label: str) -> tuple[str | None, tuple[str, ...], str | None]:
-    """(token, tensor names, problem) from the file's header: which of the three layouts it is."""
+def _embedding(spec: EmbeddingSpec, file: Path, kind: str, label: str) -> Embedding:
+    """The embedding in `file`, by its layout (read from the header alone): SDXL's two tensors
+    (clip_l, clip_g), A1111's `emb_params`, or diffusers' one tensor named by its token."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as handle:
         names = tuple(handle.keys())
     if set(names) == {"clip_l", "clip_g"}:
         if kind != "sdxl":
-            return None, (), f"{label}: {file.name} is an SDXL embedding (clip_l, clip_g); the model is {kind}-shaped"
+            raise _Unusable(f"{label}: {file.name} is an SDXL embedding (clip_l, clip_g); the model is {kind}-shaped")
         if not spec.token:
-            return None, (), f"{label}: {file.name} is an SDXL embedding, which does not name its token: set token"
-        return spec.token, ("clip_l", "clip_g"), None
+            raise _Unusable(f"{label}: {file.name} is an SDXL embedding, which does not name its token: set token")
+        return Embedding(spec.token, str(file), file_digests(file)[0], ("clip_l", "clip_g"))
     if len(names) != 1:
-        return None, (), f"{label}: {file.name} is not a textual-inversion embedding (tensors: {', '.join(names[:5])})"
+        raise _Unusable(f"{label}: {file.name} is not a textual-inversion embedding (tensors: {', '.join(names[:5])})")
     if kind == "sdxl":
-        return None, (), f"{label}: {file.name} is an SD1.5 embedding (one tensor); SDXL needs clip_l and clip_g"
+        raise _Unusable(f"{label}: {file.name} is an SD1.5 embedding (one tensor); SDXL needs clip_l and clip_g")
     if names[0] == "emb_params" and not spec.token:
-        return None, (), f"{label}: {file.name} is an A1111 embedding (emb_params), which does not name its token: set token"
-    return spec.token or names[0], names, None
+        raise _Unusable(f"{label}: {file.name} is an A1111 embedding (emb_params), which does not name its token: "
+                        "set token")
+    return Embedding(spec.token or names[0], str(file), file_digests(file)[0], names)
+
+
+def _lora(spec: LoraSpec, identity: ModelIdentity, label: str) -> Lora:
+    file = _weight_file(identity, spec.weight_name, LORA_DEFAULT_FILE, label)
+    sha256, tensors_sha256 = file_digests(file)
+    return Lora(spec.adapter_name(), str(file), spec.weight, sha256, tensors_sha256[:12])
 
 
 def resolve_extras(cfg: RunConfig, identities: Mapping[str, ModelIdentity]) -> Extras:
@@ -476,32 +505,26 @@ def resolve_extras(cfg: RunConfig, identities: Mapping[str, ModelIdentity]) -> E
     so a run is refused before anything is written).
     """
     spec = model_spec(cfg)
-    problems: list[str] = []
     single = None
     if is_single_file(spec):
         path = identities["pipeline"].path
         folder = _config_folder(single_file_config(cfg), cfg)
         single = SingleFile(path, file_digests(path)[0], str(folder), _config_digest(folder))
+    problems: list[str] = []
     loras = []
     for index, lora in enumerate(cfg.generate.loras):
-        name = lora.adapter_name()
-        file, problem = _weight_file(identities[f"lora.{name}"], lora.weight_name, LORA_DEFAULT_FILE,
-                                     f"generate.loras.{index} ({lora.path})")
-        if file is None:
-            problems.append(problem)
-            continue
-        sha256, tensors_sha256 = file_digests(file)
-        loras.append(Lora(name, str(file), lora.weight, sha256, tensors_sha256[:12]))
+        try:
+            loras.append(_lora(lora, identities[f"lora.{lora.adapter_name()}"], f"generate.loras.{index} ({lora.path})"))
+        except _Unusable as exc:
+            problems.append(str(exc))
     embeddings = []
     for index, embedding in enumerate(cfg.generate.embeddings):
         label = f"generate.embeddings.{index} ({embedding.path})"
-        file, problem = _weight_file(identities[f"embedding.{index}"], embedding.weight_name, EMBEDDING_DEFAULT_FILE, label)
-        if file is not None:
-            token, tensors, problem = _embedding_tensors(embedding, file, spec.kind, label)
-        if problem:
-            problems.append(problem)
-            continue
-        embeddings.append(Embedding(token, str(file), file_digests(file)[0], tensors))
+        try:
+            file = _weight_file(identities[f"embedding.{index}"], embedding.weight_name, EMBEDDING_DEFAULT_FILE, label)
+            embeddings.append(_embedding(embedding, file, spec.kind, label))
+        except _Unusable as exc:
+            problems.append(str(exc))
     problems += _repeated("generate.embeddings", [e.token for e in embeddings], "token", cfg)
     if problems:
         raise ModelError(problems)
@@ -510,14 +533,14 @@ def resolve_extras(cfg: RunConfig, identities: Mapping[str, ModelIdentity]) -> E
 
 def _extras_columns(cfg: RunConfig, extras: Extras) -> dict[str, str | None]:
     """The provenance columns every planned row carries (JSON text, null when there is nothing to list)."""
-    loras = [
-        {"name": lora.name, "path": spec.path, "weight_name": spec.weight_name, "weight": lora.weight, "sha256": lora.sha256}
-        for spec, lora in zip(cfg.generate.loras, extras.adapters.loras)
-    ]
-    embeddings = [
-        {"token": e.token, "path": spec.path, "weight_name": spec.weight_name, "sha256": e.sha256}
-        for spec, e in zip(cfg.generate.embeddings, extras.adapters.embeddings)
-    ]
+    loras = []
+    for spec, lora in zip(cfg.generate.loras, extras.adapters.loras):
+        loras.append({"name": lora.name, "path": spec.path, "weight_name": spec.weight_name, "weight": lora.weight,
+                      "sha256": lora.sha256})
+    embeddings = []
+    for spec, embedding in zip(cfg.generate.embeddings, extras.adapters.embeddings):
+        embeddings.append({"token": embedding.token, "path": spec.path, "weight_name": spec.weight_name,
+                           "sha256": embedding.sha256})
     return {
         "loras": canonical_json(loras) if loras else None,
         "embeddings": canonical_json(embeddings) if embeddings else None,
@@ -609,7 +632,8 @@ def _job(position: int, row: dict[str, Any], pipe, extras: Extras) -> _Job:
     """
     texts = (row["prompt"], row["negative_prompt"])
     if extras.adapters.embeddings:
-        texts = (pipe.maybe_convert_prompt(texts[0], pipe.tokenizer), pipe.maybe_convert_prompt(texts[1], pipe.tokenizer))
+        tokenizer = pipe.tokenizer
+        texts = (pipe.maybe_convert_prompt(texts[0], tokenizer), pipe.maybe_convert_prompt(texts[1], tokenizer))
     return _Job(position, row, encoding_chunks(pipe.tokenizer, *texts), texts)
 
 
@@ -884,11 +908,12 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()
     groups: dict[tuple, list[_Job]] = {}
     notes: list[str | None] = []
+    loaded = extras.loaded_tokens()
     warned: set[str] = set()
     for position, row in enumerate(rows):
         job = _job(position, row, pipe, extras)
         groups.setdefault(_batch_signature(job), []).append(job)
-        notes.append(_notes(row, extras.loaded_tokens(), warned))
+        notes.append(_notes(row, loaded, warned))
 
     # 3. Run each group through the batcher; write each batch's images and record every row.
     identity = ctx.models["pipeline"]
