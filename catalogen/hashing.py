@@ -81,11 +81,24 @@ def derive_seeds(run_seed: int, row_ids: pa.Array, variants: pa.Array) -> np.nda
     return seeds
 
 
-def _encoded(values: pa.Array) -> pa.Array:
-    """Each value as `<length>:<text>` (null as `-`), so joined values can never run together."""
+def _encoded(values: pa.Array) -> pa.Array | pa.Scalar:
+    """Each value as `<length>:<text>` (null as `-`), so joined values can never run together.
+
+    A column holding one value throughout (a run default, typically) is encoded once, as a scalar:
+    the same text, at the cost of one row.
+    """
     text = pc.cast(values, pa.string())
+    if len(text) > 1 and text.null_count == 0 and pc.count_distinct(text).as_py() == 1:
+        return pa.scalar(_encoded(text[:1])[0].as_py(), pa.string())
     length = pc.cast(pc.binary_length(text), pa.string())
     return pc.fill_null(pc.binary_join_element_wise(length, text, ":"), "-")
+
+
+def _hex_array(digests: list[bytes]) -> pa.Array:
+    """64-character hex strings of the digests, built as one buffer (no Python string per row)."""
+    hexed = b"".join(digests).hex().encode("ascii")
+    offsets = np.arange(0, 64 * (len(digests) + 1), 64, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(digests), pa.py_buffer(offsets), pa.py_buffer(hexed))
 
 
 def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> pa.Array:
@@ -100,10 +113,32 @@ def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> pa.Array:
     prefix = stable_hash(fixed) + "|"
     pieces = []
     for part in _chunks(len(columns[0])):
-        joined = pc.binary_join_element_wise(*(_encoded(c[part]) for c in columns), "|")
+        encoded = [_encoded(c[part]) for c in columns]
+        if all(isinstance(e, pa.Scalar) for e in encoded):  # a join needs one array to size it
+            encoded[0] = pa.array([encoded[0].as_py()] * (part.stop - part.start), pa.string())
+        joined = pc.binary_join_element_wise(*encoded, "|")
         texts = pc.binary_join_element_wise(prefix, joined, "")
-        pieces.append(pa.array([d.hex() for d in _digests(texts)], pa.string()))
+        pieces.append(_hex_array(_digests(texts)))
     return pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
+
+
+def text_digest(columns: Sequence[pa.Array]) -> str:
+    """Hex SHA-256 of text columns (no nulls): their values in order, read from Arrow's buffers.
+
+    Each column contributes its value offsets (so values cannot run together) and its bytes.
+    """
+    h = hashlib.sha256()
+    for column in columns:
+        text = pc.cast(column, pa.string())
+        if isinstance(text, pa.ChunkedArray):
+            text = text.combine_chunks()
+        if text.null_count:
+            raise ValueError("text_digest needs columns without nulls")
+        _, offsets_buffer, data = text.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int32, count=len(text) + 1, offset=text.offset * 4)
+        h.update((offsets - offsets[0]).astype("<i8").tobytes())
+        h.update(memoryview(data)[offsets[0]:offsets[-1]] if data is not None else b"")
+    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:
