@@ -2,13 +2,16 @@
 
 demo_prompts.parquet: 24 prompts of the kind a training set is made from, with a few per-row
 overrides. demo_products.parquet: 12 products with the fields an e-commerce catalog has
-(prompts for them come from templates, see the product-imagery stage).
+(prompts for them come from templates, see the product-imagery stage). styles/*.png: small style
+references for the style stage (configs/products.yaml), drawn in code.
 """
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 HERE = Path(__file__).parent
 
@@ -102,7 +105,34 @@ def products_table() -> pa.Table:
     )
 
 
+STYLE_SIZE = 64
+
+
+def _gradient(top: tuple[int, int, int], bottom: tuple[int, int, int]) -> np.ndarray:
+    """A vertical blend from `top` to `bottom`, (STYLE_SIZE, STYLE_SIZE, 3) uint8."""
+    t = np.linspace(0.0, 1.0, STYLE_SIZE)[:, None, None]
+    column = (1 - t) * np.array(top) + t * np.array(bottom)
+    return np.broadcast_to(column, (STYLE_SIZE, STYLE_SIZE, 3)).round().astype(np.uint8)
+
+
+def style_images() -> dict[str, Image.Image]:
+    """Three brand looks: a warm sunset gradient, cool diagonal stripes, sage polka dots on cream."""
+    y, x = np.mgrid[0:STYLE_SIZE, 0:STYLE_SIZE]
+    warm = _gradient((250, 170, 90), (200, 70, 110))
+    stripes = np.where(((x + y) // 8 % 2 == 0)[..., None], np.array([40, 90, 170]), np.array([225, 235, 245]))
+    dots = ((x % 16 - 8) ** 2 + (y % 16 - 8) ** 2) < 16
+    sage = np.where(dots[..., None], np.array([120, 150, 110]), np.array([245, 238, 220]))
+    return {
+        "warm-gradient": Image.fromarray(warm),
+        "cool-stripes": Image.fromarray(stripes.astype(np.uint8)),
+        "sage-dots": Image.fromarray(sage.astype(np.uint8)),
+    }
+
+
 if __name__ == "__main__":
     pq.write_table(prompts_table(), HERE / "demo_prompts.parquet")
     pq.write_table(products_table(), HERE / "demo_products.parquet")
-    print("wrote", HERE / "demo_prompts.parquet", "and", HERE / "demo_products.parquet")
+    (HERE / "styles").mkdir(exist_ok=True)
+    for name, image in style_images().items():
+        image.save(HERE / "styles" / f"{name}.png", optimize=True)
+    print("wrote", HERE / "demo_prompts.parquet", HERE / "demo_products.parquet", "and", HERE / "styles")

@@ -4,6 +4,7 @@
 """
 
 from catalogen.stage import Stage
-from tasks import generate
+from tasks import generate, style, upscale
 
-STAGES: dict[str, Stage] = {generate.NAME: generate}
+# Pipeline order: generate, (remove_bg), style, upscale.
+STAGES: dict[str, Stage] = {generate.NAME: generate, style.NAME: style, upscale.NAME: upscale}
