@@ -36,7 +36,7 @@ from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_cata
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
-from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS, check_images
+from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS, check_images, check_paths
 from catalogen.models import ModelIdentity, check_loadable, resolve_model, MissingModelsError
 from catalogen.stage import SKIP_COLUMN, Stage
 from catalogen.store import ROW_KEY, STATUSES, SUCCEEDED, RunStateError, RunStore
@@ -52,6 +52,8 @@ ROLE_COLUMNS = {
     "prompt": ("prompt", "each row needs a prompt, or configure a `template:` that makes one from its columns"),
     "image": ("image", "each row needs an image (a path or the image's bytes), or run a stage that makes one first"),
 }
+# Catalog columns of file paths besides `image`: checked like image paths and made absolute.
+PATH_COLUMNS = ("style_image",)
 SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
 
@@ -159,8 +161,11 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", f
     """
     required = required_columns(cfg)
     needs_images = required.pop("image", None) is not None  # a path or bytes: check_images knows both
-    table, image_faults = check_images(table, Path(source).parent if folder is None else folder, cfg.images,
-                                       needs_images)
+    folder = Path(source).parent if folder is None else folder
+    table, image_faults = check_images(table, folder, cfg.images, needs_images)
+    for column in PATH_COLUMNS:
+        table, path_faults = check_paths(table, column, folder, cfg.images)
+        image_faults += path_faults
     # A row that brings its own image skips generation: it needs no prompt (later stages fall back
     # to their own prompt settings).
     exempt = {"prompt": _brings_image(table)} if "prompt" in required else {}

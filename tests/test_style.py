@@ -58,7 +58,8 @@ def styled(tmp_path: Path, rows: list[dict], **settings) -> tuple[pa.Table, Path
     out = tmp_path / "run"
     catalog = {name: [row.get(name) for row in rows] for name in ("id", "prompt", "seed")}
     catalog["style_image"] = [str(row["style_image"]) for row in rows]
-    plan = plan_table(pa.table(catalog), fast_config(**{**FAST_STYLE, **settings}), out)
+    roots = sorted({str(Path(row["style_image"]).parent) for row in rows})  # style images live outside the catalog's folder
+    plan = plan_table(pa.table(catalog), fast_config(**{**FAST_STYLE, "images.roots": roots, **settings}), out)
     sources = []
     for row in rows:
         relative = f"inputs/{row['id']}.png"
@@ -179,12 +180,32 @@ def test_key_follows_the_style_images_content_not_its_path(tmp_path: Path, style
     assert plan_rows([None], **{"style.scale": 0.5, "style.style_image": str(styles["red"])})[0]["key"] != keys[0]
 
 
-def test_rows_without_a_usable_style_image_fail_alone(tmp_path: Path, styles):
-    rows = [{**TARGET, "style_image": tmp_path / "missing.png"},
-            {**TARGET, "id": "fine", "style_image": styles["blue"]}]
-    table, _ = styled(tmp_path, rows)
-    missing = table.to_pylist()[0]
-    assert missing["status"] == "failed" and "missing.png" in missing["error"]
+def test_a_missing_style_image_is_refused_up_front_and_one_lost_later_fails_its_row(tmp_path: Path, styles):
+    from catalogen.catalog import CatalogError
+
+    lost = tmp_path / "lost.png"
+    shutil.copy(styles["red"], lost)
+    with pytest.raises(CatalogError) as info:
+        styled(tmp_path / "refused", [{**TARGET, "style_image": tmp_path / "missing.png"}])
+    (fault,) = info.value.faults
+    assert (fault.column, fault.rows) == ("style_image", ("target",)) and "does not exist" in fault.message
+
+    rows = [{**TARGET, "style_image": lost}, {**TARGET, "id": "fine", "style_image": styles["blue"]}]
+    out = tmp_path / "run"
+    catalog = {"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows], "seed": [r["seed"] for r in rows],
+               "style_image": [str(r["style_image"]) for r in rows]}
+    cfg = fast_config(**{**FAST_STYLE, "images.roots": [str(tmp_path), str(styles["blue"].parent)]})
+    plan = plan_table(pa.table(catalog), cfg, out)
+    lost.unlink()  # gone between planning and processing
+    (out / "inputs").mkdir(parents=True)
+    for row in rows:
+        cutout(row["cutout"]).save(out / "inputs" / f"{row['id']}.png")
+    planned = plan.planned["style"]
+    planned = planned.set_column(planned.schema.get_field_index("source_image"), "source_image",
+                                 pa.array([f"inputs/{r['id']}.png" for r in rows]))
+    table = style.process(planned, context(plan, "style"))
+    first = table.to_pylist()[0]
+    assert first["status"] == "failed" and "lost.png" in first["error"]
     assert result(table, "fine")["product_identical"] is True
 
 
