@@ -199,6 +199,17 @@ def test_writing_the_report_again_reuses_thumbnails(failed_run):
     assert {p.name: p.stat().st_mtime_ns for p in (out / THUMB_DIR).iterdir()} == before
 
 
+def test_report_of_a_folder_without_results_is_refused(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from catalogen.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "results.parquet does not exist" in result.output
+    assert not (tmp_path / "report.html").exists()
+
+
 def _artifact_data(key: str):
     """The newest artifact under `key`, read with Prefect's sync client (Artifact.get turns into a
     coroutine while Playwright's event loop runs in this thread)."""
