@@ -315,3 +315,27 @@ def test_error_reasons_count_equal_causes_together():
     assert error_reason("enhance: model answered 123456 tokens, key 9f86d081884c7d65") == \
         "enhance: model answered … tokens, key …"
     assert error_reason("generate: CUDA out of memory") != error_reason("generate: image withheld")
+
+
+def test_a_row_of_a_chained_run_shows_both_prompts_the_caption_and_each_image():
+    from catalogen.report import row_record
+
+    row = {
+        "id": "sku-1", "variant": 0, "status": "ok", "stage": "caption", "error": None, "prompt": "red shoe",
+        "enhance_source_prompt": "red shoe", "enhance_prompt": "a red leather shoe, studio light",
+        "enhance_status": "fallback", "enhance_error": "the answer was not a prompt; kept the input",
+        "generate_prompt": "a red leather shoe, studio light", "generate_seed": 2**63 - 1, "generate_status": "ok",
+        "generate_image_path": "images/generate/a.png", "generate_image_sha256": "a" * 64,
+        "generate_image_width": 64, "generate_image_height": 64,
+        "upscale_status": "skipped", "upscale_error": "the row asks for no upscale",
+        "upscale_image_path": None, "upscale_image_sha256": None,
+        "caption_status": "ok", "caption_caption": "a red shoe on white",
+    }
+    record = row_record(row, ["enhance", "generate", "upscale", "caption"], ["generate", "upscale"], {"a" * 64})
+    assert (record["before"], record["after"]) == ("red shoe", "a red leather shoe, studio light")
+    assert record["cap"] == "a red shoe on white"
+    assert record["seed"] == str(2**63 - 1)  # text: JavaScript numbers would round it
+    assert record["ss"] == ["fallback", "ok", "skipped", "ok"]
+    assert record["se"] == {"enhance": "the answer was not a prompt; kept the input", "upscale": "the row asks for no upscale"}
+    assert record["img"] == [{"src": "images/generate/a.png", "thumb": f"thumbs/{'a' * 64}.webp", "w": 64, "h": 64}, None]
+    assert "par" not in record  # no generate parameters recorded: no line to copy
