@@ -36,7 +36,6 @@ from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
 from catalogen.report import write_report
 from catalogen.results import assemble_results, summarize
-from catalogen.store import STATUSES
 from catalogen.runplan import (
     RunPlan,
     Selection,
@@ -53,6 +52,7 @@ from catalogen.runplan import (
     set_aside_unreadable_parts,
     stage_input,
 )
+from catalogen.store import STATUSES
 from tasks.runner import shard_task
 
 DEMO_CATALOG = "catalogs/demo_prompts.parquet"
