@@ -281,6 +281,8 @@ def run(
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped\n"
         f"results: {Path(summary['out']) / 'results.parquet'}"
     )
+    if summary.get("report"):
+        typer.echo(f"report: {summary['report']}")
     if summary["failed"]:
         err.print("[yellow]some rows failed; see the error column, and re-run with --retry-failed[/]")
         raise typer.Exit(3)
@@ -351,6 +353,27 @@ def clean(
         typer.echo(f"removed {len(orphans)} image(s), {size / 2**20:.1f} MB")
     else:
         typer.echo(f"{len(orphans)} image(s), {size / 2**20:.1f} MB, that no row points at; --yes removes them")
+
+
+@app.command()
+def report(
+    run_dir: Path = RunArg,
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads making thumbnails (default: up to 8)."),
+) -> None:
+    """Write report.html (summary, error reasons, a paged gallery) into a run folder; print its path.
+
+    Open it from the folder or from object storage: it is static, with relative links only.
+    Thumbnails go to thumbs/, made once per image.
+    """
+    from catalogen.report import write_report
+
+    store = RunStore(run_dir)
+    try:
+        with store.exclusive():
+            path = write_report(run_dir, workers=workers)
+    except (RunStateError, RunFolderBusy) as exc:
+        _fail(exc)
+    typer.echo(str(path))
 
 
 def main() -> None:

@@ -21,7 +21,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -30,6 +35,7 @@ from catalogen.config import load_config
 from catalogen.devices import visible_devices
 from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
+from catalogen.report import write_report
 from catalogen.results import assemble_results, summarize
 from catalogen.runplan import (
     RunPlan,
@@ -47,6 +53,7 @@ from catalogen.runplan import (
     set_aside_unreadable_parts,
     stage_input,
 )
+from catalogen.store import STATUSES
 from tasks.runner import shard_task
 
 # catalogen's loggers reach Prefect's console and API (PREFECT_LOGGING_EXTRA_LOGGERS=catalogen),
@@ -75,9 +82,30 @@ def _submit_next(plan: RunPlan, outcomes: ShardOutcomes, start: int, masks) -> t
     return None
 
 
+class _ShardProgress:
+    """A Prefect progress artifact over (shard, stage) steps: a step counts once its stage finished
+    (or crashed) on that shard, or once the shard passed it with nothing to do there."""
+
+    def __init__(self, plan: RunPlan, shards: int) -> None:
+        self.total = max(1, shards * len(plan.config.stages))
+        self.done = 0
+        self.artifact = create_progress_artifact(
+            progress=0.0 if shards else 100.0, key=f"{artifact_key(plan.store.root)}-progress",
+            description=f"(shard, stage) steps done of {self.total}, catalogen run into {plan.store.root}",
+        )
+
+    def advance(self, steps: int) -> None:
+        if steps:
+            self.done += steps
+            update_progress_artifact(self.artifact, progress=round(100.0 * self.done / self.total, 2))
+
+
 def _drive(plan: RunPlan, masks, done, window: int) -> list[str]:
     """Run every shard through its stages, at most `window` task runs at once; returns crashed (stage, shard)s."""
-    queue = iter(cut_shards(plan, masks))
+    shards = cut_shards(plan, masks)
+    steps = len(plan.config.stages)
+    progress = _ShardProgress(plan, len(shards))
+    queue = iter(shards)
     in_flight: dict[PrefectFuture, _InFlight] = {}
     crashed = []
     while True:
@@ -90,6 +118,9 @@ def _drive(plan: RunPlan, masks, done, window: int) -> list[str]:
             if submitted is not None:
                 future, index = submitted
                 in_flight[future] = _InFlight(outcomes, index)
+                progress.advance(index)  # the stages before it had nothing to do for this shard
+            else:
+                progress.advance(steps)
         if not in_flight:
             return crashed
         future = next(as_completed(list(in_flight)))
@@ -106,6 +137,9 @@ def _drive(plan: RunPlan, masks, done, window: int) -> list[str]:
         if submitted is not None:
             future, index = submitted
             in_flight[future] = _InFlight(state.outcomes, index)
+            progress.advance(index - state.stage)
+        else:
+            progress.advance(steps - state.stage)
 
 
 def artifact_key(out: Path) -> str:
@@ -134,6 +168,35 @@ def _artifact(plan: RunPlan, results, summary: dict[str, Any]) -> str:
             error = str(row["error"]).replace("|", "\\|").replace("\n", " ")[:300]
             lines.append(f"| {row['id']} | {row['variant']} | {error} |")
     return "\n".join(lines)
+
+
+def _stage_table(summary: dict[str, Any], results) -> list[dict[str, Any]]:
+    """Rows per stage and status, and the stage's seconds: the table artifact."""
+    table = []
+    for stage, counts in summary["stages"].items():
+        seconds = results.column(f"{stage}_seconds").to_pylist()
+        table.append({"stage": stage, **{s: counts.get(s, 0) for s in STATUSES},
+                      "seconds": round(sum(v for v in seconds if v is not None), 2)})
+    return table
+
+
+def _write_report(plan: RunPlan) -> Path | None:
+    """report.html; a report that cannot be written is logged, not fatal: the results stand."""
+    try:
+        return write_report(plan.store.root)
+    except Exception as exc:  # noqa: BLE001 - the run's outputs are complete without it
+        get_run_logger().error("could not write the report into %s: %s: %s", plan.store.root, type(exc).__name__, exc)
+        return None
+
+
+def _report_artifacts(plan: RunPlan, results, summary: dict[str, Any], report: Path | None) -> None:
+    key = artifact_key(plan.store.root)
+    create_table_artifact(key=f"{key}-stages", table=_stage_table(summary, results),
+                          description=f"rows per stage and status, catalogen run into {plan.store.root}")
+    if report is not None:
+        uri = report.resolve().as_uri()
+        create_markdown_artifact(key=f"{key}-report", markdown=f"### catalogen report\n\n[{report}]({uri})\n",
+                                 description=f"report of the catalogen run into {plan.store.root}")
 
 
 @flow(name="catalogen-run", task_runner=ThreadPoolTaskRunner())
@@ -191,8 +254,9 @@ def catalogen_run(
         results = assemble_results(plan)
         plan.store.write_results(results)
         plan.store.clear_leftovers()
+        report = _write_report(plan)
     summary = {**summarize(results, cfg.stages), "out": str(plan.store.root), "crashed_shards": len(crashed),
-               "pending_before": pending}
+               "pending_before": pending, "report": str(report) if report else None}
     log.info("results: %s", {k: v for k, v in summary.items() if k != "stages"})
     for name, counts in summary["stages"].items():
         untouched = plan.rows.num_rows - pending[name]
@@ -202,6 +266,7 @@ def catalogen_run(
             log.info("%s: %d rows were done before this run", name, untouched)
     create_markdown_artifact(key=artifact_key(plan.store.root), markdown=_artifact(plan, results, summary),
                              description=f"catalogen run into {plan.store.root}")
+    _report_artifacts(plan, results, summary, report)
     if summary["failed"] or crashed:
         message = f"{summary['failed']} of {summary['rows']} rows failed"
         if crashed:
