@@ -185,7 +185,7 @@ def _write_report(plan: RunPlan) -> Path | None:
     try:
         return write_report(plan.store.root)
     except Exception as exc:  # noqa: BLE001 - the run's outputs are complete without it
-        get_run_logger().error("could not write the report into %s: %s: %s", plan.store.root, type(exc).__name__, exc)
+        log.error("could not write the report into %s: %s: %s", plan.store.root, type(exc).__name__, exc)
         return None
 
 
