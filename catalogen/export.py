@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -146,6 +147,8 @@ class Selection:
     images: list[str]  # image path relative to the run folder, per row
     sha256: list[str | None]  # recorded sha256 of that image, per row
     splits: list[str]  # split name per row
+    text_column: str  # the results column that became `text`
+    image_column: str  # the results column of the image paths
     excluded: dict[str, int] = field(default_factory=dict)
 
 
@@ -364,7 +367,8 @@ def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Sel
         head = head.append_column(prov.field(name), prov.column(name))
     recorded = table.column(sha_col).to_pylist() if sha_col in table.column_names else [None] * table.num_rows
     return Selection(table=head, images=table.column(path_col).to_pylist(), sha256=recorded,
-                     splits=assign_splits(ids, fractions), excluded=excluded)
+                     splits=assign_splits(ids, fractions), text_column=text_col, image_column=path_col,
+                     excluded=excluded)
 
 
 def plan_shards(splits: list[str], order: list[str], shard_size: int) -> tuple[list[Shard], dict[str, list[int]]]:
@@ -424,8 +428,6 @@ def json_line(value: dict[str, Any]) -> str:
 
 def _need(module: str, fmt: str) -> Any:
     """Import an optional dependency, or say which extra brings it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError:
@@ -706,8 +708,8 @@ def claim_folder(out: Path, fingerprint: str, overwrite: bool) -> bool:
     """Make `out` ready for this export; True when it resumes an interrupted run of the same export."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return False
+    if not out.exists() or not [p for p in out.iterdir() if p.name != TMP]:
+        return False  # absent, empty, or only the debris of an export killed before it began
     manifest = _read_record(out / MANIFEST)
     pending = _read_record(out / PENDING)
     if manifest is None and pending is not None and pending.get("fingerprint") == fingerprint and not overwrite:
@@ -828,8 +830,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
         "results_sha256": results_sha256, "fingerprint": fingerprint,
         "options": {"image_stage": options.image_stage, "text": options.text, "where": list(options.where),
                     "split": fractions, "shard_size": options.shard_size},
-        "text_column": text_column(results, options.text, run_dir),
-        "image_column": image_columns(results, options.image_stage, run_dir)[0],
+        "text_column": selection.text_column, "image_column": selection.image_column,
         "rows": total, "splits": _split_counts(fractions, members, shards), "excluded": selection.excluded,
         "shards": entries, "owned": owned,
     }

@@ -308,6 +308,11 @@ def test_a_non_empty_folder_is_refused_unless_overwrite(runs, tmp_path):
     assert not list(out.rglob("*.tar")) and manifest["format"] == "imagefolder"
     assert len(list(out.rglob("*.png"))) == 8
 
+    debris = tmp_path / "killed-before-it-began"
+    (debris / ".tmp").mkdir(parents=True)
+    (debris / ".tmp" / ".manifest.json.x.tmp").write_text("{")
+    assert export(runs.before, debris, "hf")["rows"] == 8 and not (debris / ".tmp").exists()
+
     (out / "train" / "stray.png").write_bytes(b"not from an export")
     with pytest.raises(ExportError, match=r"holds 1 file\(s\) that no earlier export wrote \(train/stray.png\)"):
         export(runs.before, out, "hf", overwrite=True)
