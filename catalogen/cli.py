@@ -376,6 +376,42 @@ def report(
     typer.echo(str(path))
 
 
+@app.command("export")
+def export(
+    run_dir: Path = RunArg,
+    format_: str = typer.Option(..., "--format", "-f", help="hf (Parquet shards for `datasets`), webdataset (tar shards) or imagefolder (images + .txt captions + metadata.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder: absent or empty (an interrupted export of the same options resumes)."),
+    image_stage: Optional[str] = typer.Option(None, "--image-stage", help="Export this stage's image (default: the final image, column image_path)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Results column that becomes the text (default: caption_caption, else enhance_prompt, else generate_prompt, else prompt)."),
+    where: Optional[list[str]] = typer.Option(None, "--where", "-w", metavar="COLUMN<op>VALUE", help="Keep rows where a results column compares true: >=, <=, >, <, ==, != on numbers, text, true/false or ISO times, e.g. caption_clip_score>=25 (repeatable; all must hold; a null never does)."),
+    split: str = typer.Option("train=1", "--split", help="Named fractions, e.g. train=0.9,val=0.1: a row's split is fixed by a hash of its id."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Rows per shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out (only files it wrote; anything else there is refused)."),
+) -> None:
+    """Export the ok rows of a run folder as a training set that `datasets`, `webdataset` or a LoRA trainer loads.
+
+    Writes shards (each renamed into place when complete) and, last, manifest.json: rows per split,
+    sha256 and rows per file. The hf format needs the optional `datasets` package (the `export` extra).
+    """
+    from catalogen.export import ExportError, ExportOptions, export_run
+
+    options = ExportOptions(format=format_, image_stage=image_stage, text=text, where=tuple(where or ()),
+                            split=split, shard_size=shard_size, overwrite=overwrite)
+    try:
+        with _progress_bar() as progress:
+            task = progress.add_task(f"export {format_}", total=None)
+            manifest = export_run(run_dir, out, options, lambda done, total: progress.update(task, completed=done, total=total))
+    except ExportError as exc:
+        _fail(exc)
+    splits = ", ".join(f"{name} {info['rows']} rows in {info['shards']} shard(s)" for name, info in manifest["splits"].items())
+    left_out = ", ".join(f"{count} {reason}" for reason, count in manifest["excluded"].items() if count)
+    typer.echo(f"{manifest['rows']} rows exported ({splits}); text from {manifest['text_column']}, "
+               f"image from {manifest['image_column']}")
+    if left_out:
+        typer.echo(f"left out: {left_out}")
+    typer.echo(f"manifest: {out / 'manifest.json'}")
+
+
 def main() -> None:
     sys.exit(app())
 
