@@ -305,8 +305,9 @@ def write_answers(path: str, worker: str, barrier, rounds: int) -> None:
 def test_cache_takes_concurrent_writers_from_processes_and_threads(tmp_path: Path):
     path = tmp_path / "shared" / "cache.sqlite"  # created by whichever writer comes first
     rounds, workers = 40, 3
-    # Forked, as a Linux worker pool is: a spawned child would spend seconds re-importing `tasks`.
-    context = multiprocessing.get_context("fork")
+    # Spawned: a child forked from a process that has run a Prefect flow (earlier tests) exits 1
+    # after its target returns, inside multiprocessing's own shutdown, whatever the target did.
+    context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(workers)
     processes = [
         context.Process(target=write_answers, args=(str(path), f"p{number}", barrier, rounds))
