@@ -4,6 +4,6 @@
 """
 
 from catalogen.stage import Stage
-from tasks import generate
+from tasks import caption, generate
 
-STAGES: dict[str, Stage] = {generate.NAME: generate}
+STAGES: dict[str, Stage] = {generate.NAME: generate, caption.NAME: caption}
