@@ -129,11 +129,11 @@ def _is_text(typ: pa.DataType) -> bool:
     return pa.types.is_string(typ) or pa.types.is_large_string(typ)
 
 
-def _rows(labels: pa.Array, mask: np.ndarray) -> tuple[str, ...]:
-    return tuple(labels.filter(pa.array(mask)).to_pylist())
+def _rows(labels: "RowLabels", mask: np.ndarray) -> tuple[str, ...]:
+    return labels.pick(mask)
 
 
-def _parse_numbers(column: pa.ChunkedArray, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+def _parse_numbers(column: pa.ChunkedArray, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
     """Text cells (CSV, JSON) that hold numbers -> float64; cells that do not are faults."""
     text = pc.utf8_trim_whitespace(column)
     parsed: dict[str, float | None] = {}
@@ -155,7 +155,7 @@ def _parse_numbers(column: pa.ChunkedArray, name: str, rule: Rule, labels: pa.Ar
     return numbers, faults
 
 
-def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
     """Range, whole-number and multiple-of checks; returns the column as int64 / float64."""
     as_float = pc.cast(values, pa.float64())
     as_float = pc.if_else(pc.is_nan(as_float), pa.scalar(None, pa.float64()), as_float)  # NaN = not given
@@ -187,7 +187,7 @@ def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: pa.Array) ->
     return pc.cast(pc.if_else(pa.array(given), as_float, pa.scalar(None, pa.float64())), pa.int64()), faults
 
 
-def _check_text(values: pa.Array, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+def _check_text(values: pa.Array, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
     """Blank text is "not given"; a `canonical` rule rewrites each value to its canonical spelling."""
     blank = pc.equal(pc.utf8_trim_whitespace(values), "")
     values = pc.if_else(pc.fill_null(blank, False), pa.scalar(None, pa.string()), values)
@@ -205,7 +205,7 @@ def _check_text(values: pa.Array, name: str, rule: Rule, labels: pa.Array) -> tu
     return canonical.take(pc.index_in(values, keys)), faults
 
 
-def check_column(values: pa.ChunkedArray, name: str, rule: Rule, labels: pa.Array) -> tuple[pa.Array, list[Fault]]:
+def check_column(values: pa.ChunkedArray, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
     """One optional column against its rule; returns it normalised (typed, blanks and NaN as null)."""
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     typ = values.type
@@ -227,21 +227,28 @@ def check_column(values: pa.ChunkedArray, name: str, rule: Rule, labels: pa.Arra
 # --- the catalog as a whole -----------------------------------------------------------------------
 
 
-def row_labels(table: pa.Table) -> pa.Array:
-    """Row ids for fault messages; rows without a usable id are named by position."""
-    n = table.num_rows
-    positions = pa.array([f"#{i}" for i in range(n)], pa.string())
-    if "id" not in table.column_names:
-        return positions
-    ids = table.column("id").combine_chunks()
-    if not (_is_text(ids.type) or pa.types.is_integer(ids.type)):
-        return positions
-    text = pc.cast(ids, pa.string())
-    usable = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(text), ""), False)
-    return pc.if_else(usable, text, positions)
+class RowLabels:
+    """How fault messages name rows: by id, or by position where a row has no usable id.
+
+    Labels are made only for the rows a fault lists, never for the whole catalog.
+    """
+
+    def __init__(self, table: pa.Table):
+        self.ids: pa.Array | None = None
+        if "id" in table.column_names:
+            ids = table.column("id").combine_chunks()
+            if _is_text(ids.type) or pa.types.is_integer(ids.type):
+                self.ids = pc.cast(ids, pa.string())
+
+    def pick(self, mask: np.ndarray) -> tuple[str, ...]:
+        positions = np.flatnonzero(mask)
+        if self.ids is None:
+            return tuple(f"#{i}" for i in positions)
+        values = self.ids.take(pa.array(positions)).to_pylist()
+        return tuple(v if v is not None and v.strip() else f"#{i}" for v, i in zip(values, positions))
 
 
-def _id_faults(table: pa.Table, labels: pa.Array) -> list[Fault]:
+def _id_faults(table: pa.Table, labels: RowLabels) -> list[Fault]:
     if "id" not in table.column_names:
         return [Fault("required column is missing", "id")]
     ids = table.column("id").combine_chunks()
@@ -265,17 +272,19 @@ def validate_catalog(
     required: Mapping[str, str] | None = None,
     reserved: Iterable[str] = (),
     source: str = "catalog",
+    exempt: Mapping[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """Check the catalog; return it with every ruled column normalised.
 
     `rules` are the optional per-row columns the run understands, `required` the text columns
     each row must fill (with a hint for when the column is missing), `reserved` the names the
-    results use. Raises CatalogError with every fault.
+    results use; `exempt` marks, per required column, the rows that need not fill it. Raises
+    CatalogError with every fault.
     Other columns are kept as they are and pass through to the results, `id` in its own type.
     """
     if table.num_rows == 0:
         raise CatalogError(source, [Fault("the catalog has no rows")])
-    labels = row_labels(table)
+    labels = RowLabels(table)
     faults = _id_faults(table, labels)
     reserved = set(reserved)
     for name in table.column_names:
@@ -283,14 +292,17 @@ def validate_catalog(
             faults.append(Fault("is a name the results use; rename it", name))
     required = dict(required or {})
     for name, hint in required.items():
+        excused = (exempt or {}).get(name, np.zeros(table.num_rows, dtype=bool))
         if name not in table.column_names:
-            faults.append(Fault(f"required column is missing{f' ({hint})' if hint else ''}", name))
+            if not excused.all():
+                faults.append(Fault(f"required column is missing{f' ({hint})' if hint else ''}", name))
             continue
         column = table.column(name).combine_chunks()
         if not _is_text(column.type):
             faults.append(Fault(f"must hold strings, found {column.type}", name))
             continue
         blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True).to_numpy(zero_copy_only=False)
+        blank &= ~excused
         if blank.any():
             faults.append(Fault("is null or blank", name, _rows(labels, blank)))
     for name, rule in rules.items():
@@ -342,20 +354,25 @@ def expand_rows(catalog: pa.Table, default_variants: int, run_seed: int) -> pa.T
     counts = pc.fill_null(column_or_nulls(catalog, "num_variants", pa.int64()), default_variants).to_numpy()
     index = np.repeat(np.arange(n, dtype=np.int64), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
-    variant = (np.arange(len(index), dtype=np.int64) - starts).astype(np.int32)
-    ids = string_ids(catalog).take(pa.array(index))
-    own = column_or_nulls(catalog, "seed", pa.int64()).take(pa.array(index))
+    variant = pa.array((np.arange(len(index), dtype=np.int64) - starts).astype(np.int32))
+    ids = expand(string_ids(catalog), index)
+    own = expand(column_or_nulls(catalog, "seed", pa.int64()), index)
     has_own = pc.is_valid(own).to_numpy(zero_copy_only=False)
     seeds = np.zeros(len(index), dtype=np.int64)
     if has_own.any():
-        base = pc.fill_null(own, 0).to_numpy().astype(np.uint64) + variant.astype(np.uint64)
+        base = pc.fill_null(own, 0).to_numpy().astype(np.uint64) + variant.to_numpy().astype(np.uint64)
         seeds[has_own] = (base % np.uint64(MAX_SEED + 1)).astype(np.int64)[has_own]
-    missing = np.flatnonzero(~has_own)
-    if len(missing):
-        seeds[missing] = derive_seeds(run_seed, ids.take(pa.array(missing)).to_pylist(), variant[missing].tolist())
-    return pa.table(
-        {"id": ids, "variant": pa.array(variant), "seed": pa.array(seeds), "index": pa.array(index)}
-    )
+    if not has_own.all():
+        missing = pa.array(np.flatnonzero(~has_own))
+        seeds[~has_own] = derive_seeds(run_seed, ids.take(missing), variant.take(missing))
+    return pa.table({"id": ids, "variant": variant, "seed": pa.array(seeds), "index": pa.array(index)})
+
+
+def expand(values: pa.Array, index: np.ndarray) -> pa.Array:
+    """A catalog column repeated for each row's variants (no copy when every row has one)."""
+    if len(index) == len(values) and (len(index) == 0 or index[-1] == len(index) - 1):
+        return values  # index is 0..n-1: one variant per row
+    return values.take(pa.array(index))
 
 
 def shard(rows: pa.Table, rows_per_shard: int) -> Iterable[pa.Table]:

@@ -149,10 +149,11 @@ def models_prepare(
 def _log_above(console: Console) -> None:
     """Print Prefect's console logs through `console`, so they land above the progress bar
     instead of through it (Prefect's handler writes to the terminal on its own otherwise)."""
-    from prefect.logging.configuration import setup_logging
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    setup_logging()  # Prefect configures logging once per process; later calls keep these handlers
+    if not PROCESS_LOGGING_CONFIG:  # configure once per process: a second call would replace every handler
+        setup_logging()
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
     for handler in (h for lg in loggers for h in getattr(lg, "handlers", [])):
         if isinstance(handler, PrefectConsoleHandler):
@@ -223,6 +224,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # catalogen also logs outside runs
     from flows.run import catalogen_run  # Prefect reads the settings above when it is imported
 
     _log_above(err)
@@ -278,14 +280,17 @@ def verify(run_dir: Path = RunArg) -> None:
     try:
         with store.exclusive(), _progress_bar() as progress:
             task = progress.add_task("verify", total=None)
-            bad = verify_images(store, lambda done, total: progress.update(task, completed=done, total=total))
+            bad, still_marked = verify_images(store, lambda done, total: progress.update(task, completed=done, total=total))
     except (RunStateError, RunFolderBusy) as exc:
         _fail(exc)
     for row in bad[:20]:
         typer.echo(f"{row['stage']}: {row['id']} v{row['variant']}: {row['error']}")
+    redo = f"redo them with `catalogen run CATALOG --out {run_dir} --retry-failed`"
     if bad:
-        typer.echo(f"{len(bad)} image(s) missing or changed, now marked failed; redo them with "
-                   f"`catalogen run CATALOG --out {run_dir} --retry-failed`")
+        typer.echo(f"{len(bad)} image(s) missing or changed, now marked failed; {redo}")
+    if still_marked:
+        typer.echo(f"{still_marked} row(s) marked failed by an earlier verify are not redone yet; {redo}")
+    if bad or still_marked:
         raise typer.Exit(3)
     typer.echo("every image matches its recorded sha256")
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
+from catalogen.images import ImageSettings
 from catalogen.templates import TemplateSettings
 
 # The model profiles every stage maps to its own models (see each stage's `PROFILES`).
@@ -85,6 +86,9 @@ class RunConfig(Strict):
     )
     template: TemplateSettings = Field(
         TemplateSettings(), description="Jinja2 templates that make each row's prompt from its columns"
+    )
+    images: ImageSettings = Field(
+        ImageSettings(), description="where a catalog's `image` paths may point, URL schemes allowed, size limit"
     )
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,14 +38,47 @@ def derive_seed(run_seed: int, row_id: str, variant: int) -> int:
     return int.from_bytes(digest[:8], "big") & MAX_SEED
 
 
-def derive_seeds(run_seed: int, row_ids: Sequence[str], variants: Sequence[int]) -> list[int]:
-    """`derive_seed` for many rows (the same values, built without a JSON encoder per row)."""
-    head = f'["seed",{int(run_seed)},'
-    sha, dumps = hashlib.sha256, json.dumps
-    return [
-        int.from_bytes(sha(f"{head}{dumps(rid, ensure_ascii=False)},{int(v)}]".encode()).digest()[:8], "big") & MAX_SEED
-        for rid, v in zip(row_ids, variants)
-    ]
+CHUNK_ROWS = 1 << 16  # rows hashed per pass: bounds the Python objects alive at once
+
+
+def _digests(texts: pa.Array) -> Iterator[list[bytes]]:
+    """SHA-256 of each row's UTF-8 text, a chunk of rows at a time."""
+    sha = hashlib.sha256
+    for start in range(0, len(texts), CHUNK_ROWS):
+        chunk = texts.slice(start, CHUNK_ROWS).to_pylist()
+        yield [sha(text.encode()).digest() for text in chunk]
+
+
+def _json_strings(values: pa.Array) -> pa.Array:
+    """Each text as its canonical JSON string literal (`json.dumps(..., ensure_ascii=False)`).
+
+    Most ids need no escaping and are only quoted, by Arrow; the few with quotes, backslashes or
+    control characters go through the JSON encoder.
+    """
+    needs_escape = pc.fill_null(pc.match_substring_regex(values, r'["\\\x00-\x1f\x7f]'), False)
+    quoted = pc.binary_join_element_wise('"', values, '"', "")
+    if not pc.any(needs_escape).as_py():
+        return quoted
+    escaped = [json.dumps(v, ensure_ascii=False) for v in values.filter(needs_escape).to_pylist()]
+    positions = np.flatnonzero(needs_escape.to_numpy(zero_copy_only=False))
+    merged = np.array(quoted.to_pylist(), dtype=object)
+    merged[positions] = escaped
+    return pa.array(merged, pa.string())
+
+
+def derive_seeds(run_seed: int, row_ids: pa.Array, variants: pa.Array) -> np.ndarray:
+    """`derive_seed` for many rows at once (the same values), as an int64 array."""
+    ids = _json_strings(pc.cast(row_ids, pa.string()))
+    texts = pc.binary_join_element_wise(f'["seed",{int(run_seed)},', ids, ",",
+                                        pc.cast(variants, pa.string()), "]", "")
+    seeds = np.empty(len(texts), dtype=np.int64)
+    mask = np.uint64(MAX_SEED)
+    position = 0
+    for chunk in _digests(texts):
+        head = np.frombuffer(b"".join(d[:8] for d in chunk), dtype=">u8")
+        seeds[position:position + len(chunk)] = (head & mask).astype(np.int64)
+        position += len(chunk)
+    return seeds
 
 
 def _encoded(values: pa.Array) -> pa.Array:
@@ -53,7 +88,7 @@ def _encoded(values: pa.Array) -> pa.Array:
     return pc.fill_null(pc.binary_join_element_wise(length, text, ":"), "-")
 
 
-def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> list[str]:
+def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> pa.Array:
     """Hex SHA-256 per row of (`fixed`, the row's values in `columns`): idempotency keys.
 
     `fixed` holds what every row shares (stage, version, models, settings); the columns hold what
@@ -61,10 +96,11 @@ def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> list[str]:
     """
     if not columns:
         raise ValueError("column_keys needs at least one column of per-row values")
-    prefix = stable_hash(fixed)
+    prefix = pa.scalar(stable_hash(fixed) + "|", pa.string())
     joined = pc.binary_join_element_wise(*(_encoded(c) for c in columns), "|")
-    sha = hashlib.sha256
-    return [sha(f"{prefix}|{row}".encode()).hexdigest() for row in joined.to_pylist()]
+    texts = pc.binary_join_element_wise(prefix, joined, "")
+    return pa.concat_arrays([pa.array([d.hex() for d in chunk], pa.string()) for chunk in _digests(texts)]
+                            or [pa.array([], pa.string())])
 
 
 def sha256_bytes(data: bytes) -> str:

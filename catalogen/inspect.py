@@ -61,18 +61,27 @@ def folder_status(store: RunStore) -> dict[str, Any]:
     return {"rows": rows, "catalog": info.get("catalog", {}).get("path"), "stages": stages, "running": store.holder()}
 
 
-def verify_images(store: RunStore, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+VERIFY_PREFIX = "verify: "
+
+
+def verify_images(
+    store: RunStore, progress: Callable[[int, int], None] | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """Re-hash every image a result row points at; record missing or changed ones as failed.
 
     The failures go into a new part per stage (the newest result wins, so `run --retry-failed`
-    redoes those rows, and the stages after them), and into results.parquet.
+    redoes those rows, and the stages after them), and into results.parquet. Returns the new
+    failures, and how many rows an earlier verify marked that no run has redone yet.
     """
     info = store.read_run_json()
     checks = []
+    still_marked = 0
     for stage in _stages(info):
         found = _newest(_parts(store, stage, _WITH_IMAGES), ["id", "variant", "key"])
         if found.num_rows == 0:
             continue
+        marked = pc.starts_with(pc.fill_null(found.column("error"), ""), VERIFY_PREFIX)
+        still_marked += pc.sum(pc.and_(marked, pc.equal(found.column("status"), "failed"))).as_py() or 0
         ok = pc.and_(pc.is_in(found.column("status"), pa.array(list(SUCCEEDED))), found.column("image_path").is_valid())
         for row in found.filter(ok).select(["id", "variant", "key", "image_path", "image_sha256"]).to_pylist():
             checks.append((stage, row))
@@ -80,9 +89,9 @@ def verify_images(store: RunStore, progress: Callable[[int, int], None] | None =
     for done, (stage, row) in enumerate(checks, start=1):
         path = store.root / row["image_path"]
         if not path.is_file():
-            bad.append({"stage": stage, **row, "error": f"verify: image missing: {row['image_path']}"})
+            bad.append({"stage": stage, **row, "error": f"{VERIFY_PREFIX}image missing: {row['image_path']}"})
         elif sha256_file(path) != row["image_sha256"]:
-            bad.append({"stage": stage, **row, "error": f"verify: image changed since it was written: {row['image_path']}"})
+            bad.append({"stage": stage, **row, "error": f"{VERIFY_PREFIX}image changed since it was written: {row['image_path']}"})
         if progress is not None and (done % 100 == 0 or done == len(checks)):
             progress(done, len(checks))
     for stage in {b["stage"] for b in bad}:
@@ -93,7 +102,7 @@ def verify_images(store: RunStore, progress: Callable[[int, int], None] | None =
         store.write_part(stage, f"verify-{time.strftime('%Y%m%dT%H%M%S')}", pa.Table.from_pylist(records, schema=_RECORD))
     if bad and store.results_path.exists():
         _mark_results(store, bad)
-    return bad
+    return bad, still_marked
 
 
 def _mark_results(store: RunStore, bad: list[dict[str, Any]]) -> None:

@@ -119,6 +119,10 @@ def resolve_model(spec: ModelSpec, cfg: RunConfig) -> ModelIdentity:
         with quiet_loading():
             folder = ensure_tiny(spec.repo[len(TINY_PREFIX):], cfg.resolved_cache_dir())
         return ModelIdentity(spec.repo, _folder_hash(str(folder)), str(folder), spec.kind)
+    if spec.kind == "rembg":  # a named rembg model: one ONNX file in <cache_dir>/rembg
+        from catalogen.rembg_models import resolve_rembg
+
+        return resolve_rembg(spec, cfg)
     local = Path(spec.repo).expanduser()
     if local.exists():
         local = local.resolve()
@@ -179,6 +183,8 @@ def loadability_problems(identity: ModelIdentity) -> list[str]:
     folder = Path(identity.path)
     label = identity.repo
     if folder.is_file():
+        if identity.kind == "rembg" and folder.suffix == ".onnx":  # ONNX holds no code to run at load
+            return []
         if folder.suffix != ".safetensors":
             return [f"{label}: {folder.name} is not a .safetensors file; catalogen loads safetensors only"]
         return []

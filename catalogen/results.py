@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalogen.images import catalog_as_given
 from catalogen.runplan import RunPlan, done_results, stage_modules
 from catalogen.store import STATUSES, SUCCEEDED
 
@@ -64,7 +65,7 @@ def _summary(plan: RunPlan, stage_tables: dict[str, pa.Table]) -> dict[str, pa.A
 
 def assemble_results(plan: RunPlan) -> pa.Table:
     """The results table: catalog columns, `variant`, summary, then every stage's columns."""
-    table = plan.catalog.take(plan.rows.column("index"))
+    table = catalog_as_given(plan.catalog).take(plan.rows.column("index"))
     table = table.append_column("variant", plan.rows.column("variant"))
     stage_tables = {}
     for name, module in stage_modules(plan.config).items():

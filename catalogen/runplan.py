@@ -32,10 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import catalogen
-from catalogen.catalog import CatalogError, Fault, Rule, expand_rows, read_catalog, select_rows, validate_catalog
+from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_catalog, select_rows, validate_catalog
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash
+from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS, check_images
 from catalogen.models import ModelIdentity, check_loadable, resolve_model, MissingModelsError
 from catalogen.stage import SKIP_COLUMN, Stage
 from catalogen.store import ROW_KEY, STATUSES, SUCCEEDED, RunStateError, RunStore
@@ -151,9 +152,24 @@ class Selection:
         return select_rows(catalog, self.limit, self.sample, seed)
 
 
-def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog") -> pa.Table:
-    """Validate a catalog table against this run's stages and template; refuse it with every fault."""
-    catalog = validate_catalog(table, catalog_rules(cfg), required_columns(cfg), result_names(cfg), source=source)
+def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", folder: Path | None = None) -> pa.Table:
+    """Validate a catalog table against this run's stages and template; refuse it with every fault.
+
+    `folder` is where the catalog's relative image paths start (default: the folder of `source`).
+    """
+    required = required_columns(cfg)
+    needs_images = required.pop("image", None) is not None  # a path or bytes: check_images knows both
+    table, image_faults = check_images(table, Path(source).parent if folder is None else folder, cfg.images,
+                                       needs_images)
+    # A row that brings its own image skips generation: it needs no prompt (later stages fall back
+    # to their own prompt settings).
+    exempt = {"prompt": _brings_image(table)} if "prompt" in required else {}
+    try:
+        catalog = validate_catalog(table, catalog_rules(cfg), required, result_names(cfg), source=source, exempt=exempt)
+    except CatalogError as exc:
+        raise CatalogError(source, exc.faults + image_faults) from None
+    if image_faults:
+        raise CatalogError(source, image_faults)
     if _has_template(cfg):
         from catalogen.templates import template_faults
 
@@ -163,9 +179,17 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog") -
     return catalog
 
 
+def _brings_image(table: pa.Table) -> np.ndarray:
+    has = np.zeros(table.num_rows, dtype=bool)
+    for name in IMAGE_ROW_COLUMNS:
+        if name in table.column_names:
+            has |= table.column(name).is_valid().to_numpy(zero_copy_only=False)
+    return has
+
+
 def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> pa.Table:
     """Read and validate the catalog file, then keep the rows a trial run selects."""
-    catalog = validate_for_run(read_catalog(catalog_path), cfg, source=str(catalog_path))
+    catalog = validate_for_run(read_catalog(catalog_path), cfg, source=str(catalog_path), folder=Path(catalog_path).parent)
     return selection.apply(catalog, cfg.seed)
 
 
@@ -229,12 +253,12 @@ def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]
 def plan_rows(catalog: pa.Table, cfg: RunConfig) -> pa.Table:
     """The (id, variant) rows with everything a stage's plan reads from the catalog."""
     rows = expand_rows(catalog, cfg.num_variants, cfg.seed)
-    take = rows.column("index")
+    index = rows.column("index").to_numpy()
     positive, negative = base_prompts(catalog, cfg)
-    rows = rows.append_column("prompt", positive.take(take)).append_column("negative_prompt", negative.take(take))
-    for name in catalog_rules(cfg):
+    rows = rows.append_column("prompt", expand(positive, index)).append_column("negative_prompt", expand(negative, index))
+    for name in [*catalog_rules(cfg), *IMAGE_ROW_COLUMNS]:
         if name in catalog.column_names and name not in rows.column_names:
-            rows = rows.append_column(name, catalog.column(name).combine_chunks().take(take))
+            rows = rows.append_column(name, expand(catalog.column(name).combine_chunks(), index))
     return rows
 
 
@@ -243,14 +267,28 @@ def plan_stages(rows: pa.Table, cfg: RunConfig, models: Mapping[str, Mapping[str
     planned: dict[str, pa.Table] = {}
     links = upstreams(cfg.stages)
     for name, module in stage_modules(cfg).items():
-        table = module.plan(rows, cfg, models[name])
+        table = _settled_skip_keys(name, module, module.plan(rows, cfg, models[name]))
         providers = [p for p in links[name].values() if p is not None]
         if providers:
             columns = [table.column("key"), *(planned[p].column("key") for p in providers)]
-            keys = pa.array(column_keys(["chained", name, providers], columns), pa.string())
+            keys = column_keys(["chained", name, providers], columns)
             table = table.set_column(table.schema.get_field_index("key"), "key", keys)
         planned[name] = table
     return planned
+
+
+def _settled_skip_keys(name: str, module: Stage, table: pa.Table) -> pa.Table:
+    """A row the stage's own plan skips gets a key of the stage, its version and the reason only.
+
+    Settings that do not apply to it (generate's steps for a row that brings its own image) then
+    neither make it pending nor change the keys of the rows downstream that read from it.
+    """
+    if SKIP_COLUMN not in table.column_names:
+        return table
+    reasons = table.column(SKIP_COLUMN)
+    settled = column_keys(["skipped", name, module.VERSION], [reasons])
+    keys = pc.if_else(reasons.is_valid(), settled, table.column("key"))
+    return table.set_column(table.schema.get_field_index("key"), "key", keys)
 
 
 _memo: dict[tuple, RunPlan] = {}

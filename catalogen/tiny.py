@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from catalogen.tiny_vision import build_blip2, build_clip, build_rembg
+from catalogen import tiny_adapters
 from catalogen.tiny_llm import build_llm
+from catalogen.tiny_vision import build_blip2, build_clip, build_rembg
 
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
@@ -201,6 +202,14 @@ _BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "blip2": build_blip2,
     "clip": build_clip,
     "llm": build_llm,
+    "controlnet-sd15": tiny_adapters.build_controlnet_sd15,
+    "controlnet-sdxl": tiny_adapters.build_controlnet_sdxl,
+    "ip-adapter": tiny_adapters.build_ip_adapter,
+    "lora-sd15": tiny_adapters.build_lora_sd15,
+    "lora-sdxl": tiny_adapters.build_lora_sdxl,
+    "ti-sd15": tiny_adapters.build_ti_sd15,
+    "ti-sdxl": tiny_adapters.build_ti_sdxl,
+    "single-file": tiny_adapters.build_single_file,
 }
 TINY_MODELS = tuple(_BUILDERS)
 

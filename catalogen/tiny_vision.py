@@ -152,12 +152,31 @@ def build_rembg(folder: Path, cache_dir: Path) -> None:
 _U2NET_HOME_LOCK = threading.Lock()
 
 
-def rembg_session(folder: Path, providers: list[str] | None = None) -> BaseSession:
+@contextmanager
+def u2net_home(folder: Path) -> Iterator[None]:
+    """`U2NET_HOME=<folder>` while rembg creates a session or downloads a model (under a lock, then restored).
+
+    rembg reads its model folder from that variable only: named models live in
+    `<folder>/models/<name>/<name>.onnx` (or `<folder>/<name>.onnx`), and a custom `model_path` must lie inside it.
+    """
+    with _U2NET_HOME_LOCK:
+        previous = os.environ.get("U2NET_HOME")
+        os.environ["U2NET_HOME"] = str(folder)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["U2NET_HOME"]
+            else:
+                os.environ["U2NET_HOME"] = previous
+
+
+def rembg_session(folder: Path, providers: list | None = None) -> BaseSession:
     """Open the tiny model in `folder` with rembg's own `new_session("u2net_custom", model_path=...)`.
 
     rembg 2.0.86 refuses a `model_path` outside its home, which it reads from `U2NET_HOME` while the
-    session is created. So `U2NET_HOME` points at `folder` for that call only (under a lock, then
-    restored); a process that only ever uses this model may instead set `U2NET_HOME=<folder>` itself.
+    session is created. So `U2NET_HOME` points at `folder` for that call only (see `u2net_home`); a
+    process that only ever uses this model may instead set `U2NET_HOME=<folder>` itself.
     `u2net_custom` never downloads. `providers` is passed to onnxruntime; None lets rembg choose.
     """
     from rembg import new_session
@@ -166,16 +185,8 @@ def rembg_session(folder: Path, providers: list[str] | None = None) -> BaseSessi
     if not model_path.is_file():
         raise FileNotFoundError(f"no tiny rembg model at {model_path}; build it with ensure_tiny('rembg', cache_dir)")
     options = {} if providers is None else {"providers": list(providers)}
-    with _U2NET_HOME_LOCK:
-        previous = os.environ.get("U2NET_HOME")
-        os.environ["U2NET_HOME"] = str(model_path.parent)
-        try:
-            return new_session("u2net_custom", model_path=str(model_path), **options)
-        finally:
-            if previous is None:
-                del os.environ["U2NET_HOME"]
-            else:
-                os.environ["U2NET_HOME"] = previous
+    with u2net_home(model_path.parent):
+        return new_session("u2net_custom", model_path=str(model_path), **options)
 
 
 # --- BLIP-2 --------------------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 
 demo_prompts.parquet: 24 prompts of the kind a training set is made from, with a few per-row
 overrides. demo_products.parquet: 12 products with the fields an e-commerce catalog has
-(prompts for them come from templates, see the product-imagery stage).
+(prompts for them come from templates, see the product-imagery stage). demo_photos.parquet: six
+of those products with a photo each (`image`, a path relative to this folder), drawn here with
+PIL as flat shapes on plain backgrounds, so remove_bg has something to cut out offline.
 """
 
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
 
 HERE = Path(__file__).parent
 
@@ -102,7 +105,91 @@ def products_table() -> pa.Table:
     )
 
 
+# --- product photos -------------------------------------------------------------------------------
+
+PHOTO_SIZE = (160, 160)
+
+
+def _mug(draw: ImageDraw.ImageDraw) -> None:
+    draw.ellipse((102, 62, 138, 108), outline=(196, 160, 110), width=9)  # handle
+    draw.rounded_rectangle((40, 48, 112, 130), radius=10, fill=(214, 178, 128))  # body
+    draw.ellipse((40, 40, 112, 56), fill=(170, 136, 92))  # rim
+
+
+def _teapot(draw: ImageDraw.ImageDraw) -> None:
+    draw.polygon([(112, 92), (146, 62), (150, 68), (120, 106)], fill=(40, 40, 44))  # spout
+    draw.arc((14, 70, 56, 118), 90, 270, fill=(40, 40, 44), width=8)  # handle
+    draw.ellipse((32, 64, 124, 136), fill=(52, 52, 58))  # body
+    draw.ellipse((64, 48, 92, 70), fill=(40, 40, 44))  # lid
+
+
+def _tote(draw: ImageDraw.ImageDraw) -> None:
+    draw.arc((52, 20, 108, 80), 180, 360, fill=(92, 60, 36), width=6)  # handles
+    draw.polygon([(36, 52), (124, 52), (134, 140), (26, 140)], fill=(96, 110, 60))  # bag
+
+
+def _lamp(draw: ImageDraw.ImageDraw) -> None:
+    draw.ellipse((48, 128, 112, 142), fill=(176, 140, 60))  # base
+    draw.line((80, 134, 62, 84, 98, 48), fill=(176, 140, 60), width=6)  # arm
+    draw.polygon([(84, 30), (124, 30), (138, 62), (70, 62)], fill=(196, 160, 72))  # shade
+
+
+def _bottle(draw: ImageDraw.ImageDraw) -> None:
+    draw.rounded_rectangle((58, 44, 102, 142), radius=14, fill=(232, 112, 32))  # body
+    draw.rectangle((68, 24, 92, 46), fill=(60, 60, 60))  # cap
+
+
+def _planter(draw: ImageDraw.ImageDraw) -> None:
+    draw.ellipse((54, 30, 106, 78), fill=(70, 140, 60))  # plant
+    draw.polygon([(42, 70), (118, 70), (106, 132), (54, 132)], fill=(196, 104, 64))  # pot
+    draw.rectangle((38, 66, 122, 78), fill=(176, 92, 56))  # rim
+
+
+# id -> (drawing, background); backgrounds are plain and far from the product's colours.
+PHOTOS = {
+    "MUG-001": (_mug, (236, 240, 244)),
+    "TEA-002": (_teapot, (242, 238, 230)),
+    "BAG-003": (_tote, (238, 234, 226)),
+    "LMP-005": (_lamp, (222, 228, 236)),
+    "BTL-008": (_bottle, (240, 242, 240)),
+    "PLT-010": (_planter, (236, 238, 242)),
+}
+
+
+def draw_photo(product_id: str) -> Image.Image:
+    """A product photo made in code: a flat drawing of the product on a plain background."""
+    drawing, background = PHOTOS[product_id]
+    image = Image.new("RGB", PHOTO_SIZE, background)
+    drawing(ImageDraw.Draw(image))
+    return image
+
+
+def photos_table() -> pa.Table:
+    """The products that have a photo, with `image` as a path relative to this folder."""
+    products = {row[0]: row for row in PRODUCTS}
+    ids = list(PHOTOS)
+    return pa.table(
+        {
+            "id": ids,
+            "sku": ids,
+            "title": [products[i][1] for i in ids],
+            "category": [products[i][3] for i in ids],
+            "color": [products[i][5] for i in ids],
+            "image": [f"photos/{i}.png" for i in ids],
+        }
+    )
+
+
+def write_photos() -> None:
+    (HERE / "photos").mkdir(exist_ok=True)
+    for product_id in PHOTOS:
+        draw_photo(product_id).save(HERE / "photos" / f"{product_id}.png", optimize=True)
+
+
 if __name__ == "__main__":
     pq.write_table(prompts_table(), HERE / "demo_prompts.parquet")
     pq.write_table(products_table(), HERE / "demo_products.parquet")
-    print("wrote", HERE / "demo_prompts.parquet", "and", HERE / "demo_products.parquet")
+    write_photos()
+    pq.write_table(photos_table(), HERE / "demo_photos.parquet")
+    print("wrote", HERE / "demo_prompts.parquet", HERE / "demo_products.parquet", HERE / "demo_photos.parquet",
+          "and", HERE / "photos")

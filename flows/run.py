@@ -13,13 +13,14 @@ so a schedule's automations and notifications see a bad night.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed
@@ -48,6 +49,10 @@ from catalogen.runplan import (
 )
 from tasks.runner import shard_task
 
+# catalogen's loggers reach Prefect's console and API (PREFECT_LOGGING_EXTRA_LOGGERS=catalogen),
+# and any other handler, also when the flow's code runs outside a flow run.
+log = logging.getLogger("catalogen.flow")
+
 DEMO_CATALOG = "catalogs/demo_prompts.parquet"
 FAILED_ROWS_SHOWN = 10
 
@@ -72,7 +77,6 @@ def _submit_next(plan: RunPlan, outcomes: ShardOutcomes, start: int, masks) -> t
 
 def _drive(plan: RunPlan, masks, done, window: int) -> list[str]:
     """Run every shard through its stages, at most `window` task runs at once; returns crashed (stage, shard)s."""
-    log = get_run_logger()
     queue = iter(cut_shards(plan, masks))
     in_flight: dict[PrefectFuture, _InFlight] = {}
     crashed = []
@@ -159,7 +163,6 @@ def catalogen_run(
         sample: run only N rows picked by a seeded hash of their ids.
         origins: where each override came from (e.g. "--profile"), for messages and run.json.
     """
-    log = get_run_logger()
     settings = dict(overrides or {})
     named = dict(origins or {})
     if profile is not None:

@@ -204,7 +204,7 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     }
     fixed = [NAME, VERSION, identity.repo, identity.revision, identity.variant, safety_mode(cfg)]
     keys = column_keys(fixed, [columns[c] for c in PARAM_COLUMNS])
-    data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": pa.array(keys, pa.string()), **columns}
+    data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": keys, **columns}
     planned = pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
     return planned.append_column(SKIP_COLUMN, _own_image_skips(rows))
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from catalogen.devices import default_dtype, lease, visible_devices
+from catalogen.devices import Device, default_dtype, lease, visible_devices
 from catalogen.progress import tracker
 from catalogen.runplan import read_config
 from catalogen.stage import SKIP_COLUMN, StageContext
@@ -67,7 +68,7 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     device_name, waited, seconds = "-", 0.0, 0.0
     if todo.num_rows:
         asked = time.perf_counter()
-        with lease(visible_devices(cfg.device), timeout=cfg.lease_timeout_s, on_wait=_log_wait(stage, shard)) as device:
+        with _device(module, cfg, stage, shard) as device:
             waited = time.perf_counter() - asked
             started = time.perf_counter()
             ctx = StageContext(
@@ -83,6 +84,17 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     counts = _log_outcome(stage, shard, out, device_name, seconds, waited)
     tracker.shard(stage, shard, out.num_rows)
     return {"shard": shard, "stage": stage, "device": device_name, **counts}
+
+
+@contextmanager
+def _device(module, cfg, stage: str, shard: str) -> Iterator[Device]:
+    """A lease on one of the run's devices; none for a stage whose work runs elsewhere (a server)."""
+    needs_device = getattr(module, "needs_device", None)
+    if needs_device is not None and not needs_device(cfg):
+        yield Device("cpu", "cpu")
+        return
+    with lease(visible_devices(cfg.device), timeout=cfg.lease_timeout_s, on_wait=_log_wait(stage, shard)) as device:
+        yield device
 
 
 def _progress(stage: str, shard: str, already: int):

@@ -25,6 +25,11 @@ os.environ.update(
         "PREFECT_HOME": str(_HOME / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "catalogen",  # as the CLI and the deployment set it
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stages also run outside flows here
+        # The ephemeral API is a subprocess; on a busy 2-core machine it can take longer than the
+        # default 20 s to answer, which would fail a test for a reason that is not ours.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
 )
 os.environ.pop("PREFECT_API_URL", None)
@@ -45,6 +50,16 @@ BIN = Path(sys.executable).parent
 
 # Small and fast, but still the real pipeline: 32x32 images, 3 denoising steps.
 FAST = {"generate.steps": 3, "generate.width": 32, "generate.height": 32}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_logging() -> None:
+    """Configure Prefect's logging before any test: done later, inside a test, it would replace
+    pytest's log capture handler."""
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()
 
 
 def fast_config(**overrides: Any) -> RunConfig:

@@ -25,37 +25,41 @@ def faults_of(columns: dict, **cfg) -> list[str]:
     return [str(f) for f in info.value.faults]
 
 
-# (columns, words the fault must name) - each a distinct rule
+# (columns, the fault's column, words its message must hold, exactly the rows it must list)
 FAULTS = {
-    "missing id column": ({"prompt": ["x"]}, ["'id'", "missing"]),
-    "blank id": ({"id": ["a", " ", None], "prompt": ["x", "y", "z"]}, ["'id'", "null or blank", "#1", "#2"]),
-    "duplicate id": ({"id": ["a", "b", "a"], "prompt": ["x", "y", "z"]}, ["'id'", "unique", "a"]),
-    "id of wrong type": ({"id": [1.5, 2.5], "prompt": ["x", "y"]}, ["'id'", "double"]),
-    "missing prompt column": ({"id": ["a"]}, ["'prompt'", "missing"]),
-    "blank prompt": ({"id": ["a", "b"], "prompt": ["x", "  "]}, ["'prompt'", "blank", "b"]),
-    "prompt not text": ({"id": ["a"], "prompt": [3]}, ["'prompt'", "strings", "int64"]),
-    "width not multiple of 8": ({**GOOD, "width": [32, 36, None]}, ["'width'", "multiple of 8", "b"]),
-    "height outside model limits": ({**GOOD, "height": [32, 1024, 8]}, ["'height'", "between 16 and 512", "b", "c"]),
-    "steps out of range": ({**GOOD, "steps": [0, 151, 20]}, ["'steps'", "between 1 and 150", "a", "b"]),
-    "steps not whole": ({**GOOD, "steps": [2.5, None, 3.0]}, ["'steps'", "whole numbers", "a"]),
-    "guidance out of range": ({**GOOD, "guidance_scale": [7.5, -1.0, 31.0]}, ["'guidance_scale'", "between 0 and 30", "b", "c"]),
-    "negative seed": ({**GOOD, "seed": [1, -5, 2]}, ["'seed'", "between 0", "b"]),
-    "seed as lossy float": ({**GOOD, "seed": [1.0, 2.0**60, None]}, ["'seed'", "int64", "b"]),
-    "unknown scheduler": ({**GOOD, "scheduler": ["euler", "k_magic", None]}, ["'scheduler'", "unknown scheduler", "b"]),
-    "num_variants out of range": ({**GOOD, "num_variants": [1, 0, 65]}, ["'num_variants'", "between 1 and 64", "b", "c"]),
-    "column of wrong type": ({**GOOD, "steps": [b"ten", b"20", None]}, ["'steps'", "integers", "binary"]),
-    "text that is not a number": ({**GOOD, "steps": ["ten", "20", None]}, ["'steps'", "not numbers", "a"]),
-    "reserved column": ({**GOOD, "status": ["live", "live", "draft"]}, ["'status'", "results use"]),
-    "stage-prefixed column": ({**GOOD, "generate_seed": [1, 2, 3]}, ["'generate_seed'", "results use"]),
+    "missing id column": ({"prompt": ["x"]}, "id", ["missing"], ()),
+    "blank id": ({"id": ["a", " ", None], "prompt": ["x", "y", "z"]}, "id", ["null or blank"], ("#1", "#2")),
+    "duplicate id": ({"id": ["a", "b", "a"], "prompt": ["x", "y", "z"]}, "id", ["unique"], ("a",)),
+    "id of wrong type": ({"id": [1.5, 2.5], "prompt": ["x", "y"]}, "id", ["double"], ()),
+    "missing prompt column": ({"id": ["a"]}, "prompt", ["missing", "template"], ()),
+    "blank prompt": ({"id": ["a", "b"], "prompt": ["x", "  "]}, "prompt", ["blank"], ("b",)),
+    "prompt not text": ({"id": ["a"], "prompt": [3]}, "prompt", ["strings", "int64"], ()),
+    "width not multiple of 8": ({**GOOD, "width": [32, 36, None]}, "width", ["multiple of 8"], ("b",)),
+    "height outside model limits": ({**GOOD, "height": [32, 1024, 8]}, "height", ["between 16 and 512", "tiny:sd15"], ("b", "c")),
+    "steps out of range": ({**GOOD, "steps": [0, 151, 20]}, "steps", ["between 1 and 150"], ("a", "b")),
+    "steps not whole": ({**GOOD, "steps": [2.5, None, 3.0]}, "steps", ["whole numbers"], ("a",)),
+    "guidance out of range": ({**GOOD, "guidance_scale": [7.5, -1.0, 31.0]}, "guidance_scale", ["between 0 and 30"], ("b", "c")),
+    "negative seed": ({**GOOD, "seed": [1, -5, 2]}, "seed", ["between 0"], ("b",)),
+    "seed as lossy float": ({**GOOD, "seed": [1.0, 2.0**60, None]}, "seed", ["int64"], ("b",)),
+    "unknown scheduler": ({**GOOD, "scheduler": ["euler", "k_magic", None]}, "scheduler", ["unknown scheduler"], ("b",)),
+    "num_variants out of range": ({**GOOD, "num_variants": [1, 0, 65]}, "num_variants", ["between 1 and 64"], ("b", "c")),
+    "column of wrong type": ({**GOOD, "steps": [b"ten", b"20", None]}, "steps", ["integers", "binary"], ()),
+    "text that is not a number": ({**GOOD, "steps": ["ten", "20", None]}, "steps", ["not numbers"], ("a",)),
+    "reserved column": ({**GOOD, "status": ["live", "live", "draft"]}, "status", ["results use"], ()),
+    "stage-prefixed column": ({**GOOD, "generate_seed": [1, 2, 3]}, "generate_seed", ["results use"], ()),
 }
 
 
 @pytest.mark.parametrize("name", FAULTS)
-def test_each_fault_is_refused_and_named(name):
-    columns, words = FAULTS[name]
-    text = "\n".join(faults_of(columns))
+def test_each_fault_is_refused_and_names_exactly_its_rows(name):
+    columns, column, words, rows = FAULTS[name]
+    with pytest.raises(CatalogError) as info:
+        validate_for_run(pa.table(columns), fast_config())
+    mine = [f for f in info.value.faults if f.column == column]
+    assert len(mine) == 1, info.value.faults
     for word in words:
-        assert word in text, f"{name}: {word!r} not in {text!r}"
+        assert word in mine[0].message, f"{name}: {word!r} not in {mine[0].message!r}"
+    assert mine[0].rows == rows
 
 
 def test_all_faults_are_reported_together():

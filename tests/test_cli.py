@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from catalogen.cli import app
+from catalogen.store import RunStore
 from conftest import BIN, REPO, cli_env, prompts, write_catalog
 
 FAST_ARGS = ["--set", "generate.width=32", "--set", "generate.height=32"]
@@ -123,3 +124,25 @@ def test_a_device_that_is_not_there_is_refused_up_front(tmp_path: Path):
     assert result.exit_code == 1
     assert "CUDA is not available" in result.output or "GPU(s) visible" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_run_with_failed_rows_ends_failed_in_prefect(prefect_server: str, tmp_path: Path):
+    from catalogen.config import load_config
+    from catalogen.runplan import prepare
+
+    catalog = write_catalog(tmp_path / "catalog.parquet", prompts(3))
+    out = tmp_path / "out"
+    settings = {"generate.width": 32, "generate.height": 32, "generate.steps": 2}
+    row = prepare(catalog, load_config(None, settings), out).planned["generate"].to_pylist()[2]
+    (out / RunStore(out).image_path("generate", row["id"], row["variant"], row["key"])).mkdir(parents=True)
+    result = catalogen("run", str(catalog), "--out", str(out), "--set", "generate.steps=2", *FAST_ARGS, api_url=prefect_server)
+    assert result.returncode == 3, result.stderr
+    assert "3 rows: 2 ok, 1 failed" in result.stdout
+    runs = api(prefect_server, "flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}})
+    mine = [r for r in runs if r["parameters"].get("out") == str(out)]
+    assert len(mine) == 1 and "1 of 3 rows failed" in mine[0]["state"]["message"]
+    artifacts = api(prefect_server, "artifacts/filter", {})
+    report = next(a for a in artifacts if a["flow_run_id"] == mine[0]["id"] and a["type"] == "markdown")
+    assert report["key"].startswith("catalogen-out-") and "First failed rows" in report["data"]
+    assert row["id"] in report["data"] and "tiny:sd15" in report["data"]

@@ -13,19 +13,29 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
 )
 from PIL import Image
 
 from catalogen.config import RunConfig
-from tasks import generate
+from catalogen.hashing import sha256_file
 from catalogen.models import resolve_model
 from catalogen.pngmeta import parse_parameters, read_png_text
-from catalogen.hashing import sha256_file
+from catalogen.schedulers import SCHEDULERS
 from conftest import context, fast_config, plan_table, run_stage
+from tasks import generate
 
 TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}
+
+
+def prompts_columns(n: int) -> dict[str, list]:
+    return {"id": [f"p{i}" for i in range(n)], "prompt": [f"object number {i}" for i in range(n)]}
 
 
 def pixels(out: Path, table: pa.Table, row_id: str = "target") -> np.ndarray:
@@ -35,7 +45,7 @@ def pixels(out: Path, table: pa.Table, row_id: str = "target") -> np.ndarray:
 
 
 def as_columns(rows: list[dict]) -> dict[str, list]:
-    keys = sorted({k for r in rows for k in r}, key=lambda k: ["id", "prompt", "negative_prompt", "seed"].index(k))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
@@ -56,29 +66,98 @@ def test_image_depends_on_its_row_only(tmp_path: Path):
 
 def _plain_scheduler(name: str, config):
     # Written out as a diffusers user would, independently of catalogen's scheduler table.
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    if name == "dpm++_2m_karras":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
-    return DDIMScheduler.from_config(config)
+    plain = {
+        "euler": lambda: EulerDiscreteScheduler.from_config(config),
+        "euler_a": lambda: EulerAncestralDiscreteScheduler.from_config(config),
+        "dpm++_2m": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+        "dpm++_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", use_karras_sigmas=True),
+        "ddim": lambda: DDIMScheduler.from_config(config),
+        "pndm": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
+        "lms": lambda: LMSDiscreteScheduler.from_config(config),
+        "heun": lambda: HeunDiscreteScheduler.from_config(config),
+        "unipc": lambda: UniPCMultistepScheduler.from_config(config),
+    }
+    return plain[name]()
 
 
-@pytest.mark.parametrize("scheduler", ["euler_a", "dpm++_2m_karras", "ddim"])
-def test_matches_a_plain_diffusers_call(tmp_path: Path, scheduler: str):
-    # Batch size 1: the plain call makes one image, and results are exact only at equal batch shapes.
-    cfg = fast_config(**{"generate.scheduler": scheduler, "generate.guidance_scale": 6.0, "generate.steps": 4,
-                         "generate.batch_size": 1})
-    table = run_stage(pa.table(as_columns([TARGET])), cfg, tmp_path)
-    ours = pixels(tmp_path, table)
-
+def test_every_scheduler_matches_a_plain_diffusers_call(tmp_path: Path):
+    # One row per scheduler, each set by the row's own override; batch size 1, since the plain
+    # call makes one image and results are exact only at equal batch shapes.
+    names = list(SCHEDULERS)
+    rows = [{**TARGET, "id": name} for name in names]
+    cfg = fast_config(**{"generate.guidance_scale": 6.0, "generate.steps": 4, "generate.batch_size": 1})
+    table = run_stage(pa.table({**as_columns(rows), "scheduler": names}), cfg, tmp_path)
     identity = resolve_model(generate.model_spec(cfg), cfg)
     pipe = StableDiffusionPipeline.from_pretrained(identity.path, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = _plain_scheduler(scheduler, pipe.scheduler.config)
-    image = pipe(
-        TARGET["prompt"], negative_prompt=TARGET["negative_prompt"], width=32, height=32,
-        num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(TARGET["seed"]),
-    ).images[0]
-    assert np.array_equal(ours, np.asarray(image))
+    pipe.set_progress_bar_config(disable=True)
+    default = pipe.scheduler.config
+    seen = set()
+    for name in names:
+        pipe.scheduler = _plain_scheduler(name, default)
+        image = pipe(
+            TARGET["prompt"], negative_prompt=TARGET["negative_prompt"], width=32, height=32,
+            num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(TARGET["seed"]),
+        ).images[0]
+        ours = pixels(tmp_path, table, name)
+        assert np.array_equal(ours, np.asarray(image)), name
+        seen.add(ours.tobytes())
+    assert len(seen) == len(names)  # each scheduler really gives its own image
+
+
+def test_provenance_records_each_rows_own_overrides(tmp_path: Path):
+    # A column or PNG chunk that recorded the run's setting instead of the row's would fail here.
+    own = {"id": "own", "prompt": "a red door", "negative_prompt": "grainy", "seed": 77, "steps": 3,
+           "guidance_scale": 4.5, "width": 40, "height": 24, "scheduler": "Euler a"}
+    plain = {"id": "plain", "prompt": "a blue boat"}
+    columns = {k: [own.get(k), plain.get(k)] for k in own}
+    cfg = fast_config(**{"generate.negative_prompt": "run negative", "generate.steps": 2})
+    table = run_stage(pa.table(columns), cfg, tmp_path)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    expected = {"own": (3, 4.5, 40, 24, "euler_a", "grainy", 77), "plain": (2, 7.5, 32, 32, "euler", "run negative", None)}
+    for rid, (steps, guidance, width, height, scheduler, negative, seed) in expected.items():
+        row = rows[rid]
+        assert (row["steps"], row["guidance_scale"], row["width"], row["height"], row["scheduler"],
+                row["negative_prompt"]) == (steps, guidance, width, height, scheduler, negative)
+        assert (row["image_width"], row["image_height"]) == (width, height)
+        with Image.open(tmp_path / row["image_path"]) as image:
+            assert image.size == (width, height)
+        text = read_png_text(str(tmp_path / row["image_path"]))
+        parsed = parse_parameters(text["parameters"])
+        assert (parsed["steps"], parsed["guidance_scale"], parsed["width"], parsed["height"], parsed["scheduler"],
+                parsed["negative_prompt"], parsed["seed"]) == (steps, guidance, width, height, scheduler, negative, row["seed"])
+        chunk = __import__("json").loads(text["catalogen"])
+        assert (chunk["steps"], chunk["scheduler"], chunk["negative_prompt"], chunk["seed"]) == (steps, scheduler, negative, row["seed"])
+        if seed is not None:
+            assert row["seed"] == seed
+
+
+@pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
+def test_the_negative_prompt_counts_on_the_long_and_weighted_path(tmp_path: Path, profile: str):
+    # Prompts over 77 tokens or with weights are encoded by catalogen, not the pipeline: their
+    # negative prompt must still reach the unconditional branch.
+    rows = [{"id": f"{kind}-{neg}", "prompt": prompt, "negative_prompt": neg, "seed": 4}
+            for kind, prompt in (("long", LONG + "with a red door"), ("weighted", "a (red:1.4) door"))
+            for neg in ("fog", "grain")]
+    table = run_stage(pa.table(as_columns(rows)), fast_config(profile=profile), tmp_path)
+    for kind in ("long", "weighted"):
+        assert not np.array_equal(pixels(tmp_path, table, f"{kind}-fog"), pixels(tmp_path, table, f"{kind}-grain"))
+
+
+def test_a_short_batch_really_runs_padded_to_the_batch_size(tmp_path: Path):
+    # Observed on the UNet itself (a forward hook on the real model), not read back from settings.
+    from catalogen.diffusion import load_pipeline
+
+    cfg = fast_config(**{"generate.batch_size": 4})
+    plan = plan_table(pa.table(prompts_columns(3)), cfg, tmp_path / "out")
+    pipe = load_pipeline(plan.models["generate"]["pipeline"], "cpu", torch.float32)
+    shapes: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape[0]))
+    try:
+        generate.process(plan.planned["generate"], context(plan, "generate"))
+    finally:
+        handle.remove()
+    assert shapes and set(shapes) == {8}  # 4 rows (3 real, 1 filler) x 2 for classifier-free guidance
 
 
 def test_png_parameters_round_trip(tmp_path: Path):

@@ -103,7 +103,7 @@ def test_a_lease_is_exclusive_across_threads():
     inside, overlaps = [], []
 
     def work():
-        with lease([CPU], poll_seconds=0.005):
+        with lease([CPU], poll_seconds=0.005, timeout=30):
             inside.append(1)
             overlaps.append(len(inside))
             time.sleep(0.02)
@@ -124,6 +124,25 @@ def test_leases_spread_over_devices_and_time_out():
         with pytest.raises(TimeoutError, match="no device free"):
             with lease([a, b], timeout=0.1):
                 pass
+
+
+def test_a_lease_is_released_when_its_block_raises():
+    device = Device("cuda:0", "test-gpu-raises")
+    with pytest.raises(RuntimeError, match="boom"):
+        with lease([device], timeout=5):
+            raise RuntimeError("boom")
+    with lease([device], timeout=1) as got:  # fails fast (TimeoutError) if the first lease leaked
+        assert got == device
+
+
+def test_waiting_for_a_lease_reports_its_holder_and_times_out():
+    device = Device("cuda:0", "test-gpu-waited")
+    heard = []
+    with lease([device], timeout=5):
+        with pytest.raises(TimeoutError, match=rf"held by pid {os.getpid()} thread"):
+            with lease([device], timeout=0.3, on_wait=lambda *a: heard.append(a), report_every=0.05):
+                pass
+    assert heard and heard[0][0] == "cuda:0" and f"pid {os.getpid()}" in heard[0][1]
 
 
 def test_a_lease_dies_with_its_process():
@@ -147,6 +166,37 @@ def test_a_lease_dies_with_its_process():
 
 
 # --- files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_limit", ["error", "killed"])
+def test_a_part_write_that_fails_halfway_counts_for_nothing(tmp_path: Path, on_limit: str):
+    # A real short write: the file-size limit stops the writer mid-file, as a full disk would.
+    # "error": write() fails with EFBIG; "killed": SIGXFSZ ends the process mid-write.
+    import textwrap
+
+    out = tmp_path / "run"
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        import pyarrow as pa
+        from catalogen.store import RunStore
+        # CPython ignores SIGXFSZ (write() then fails with EFBIG); the default action kills the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN if {on_limit!r} == "error" else signal.SIG_DFL)
+        table = pa.table({{"id": [f"row-{{i}}-" + "x" * 40 for i in range(200_000)]}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+        try:
+            RunStore({str(out)!r}).write_part("generate", "big", table)
+        except OSError as exc:
+            print("failed", exc.errno)
+            sys.exit(7)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == (7 if on_limit == "error" else -25), done.stderr  # 25: SIGXFSZ
+    store = RunStore(out)
+    assert store.part_files("generate") == []  # nothing half-written counts as done
+    leftovers = [p for p in out.rglob("*") if p.is_file()]
+    assert all(store.tmp_dir in p.parents for p in leftovers), leftovers  # debris only where it is swept
+    store.clear_leftovers()
+    assert not [p for p in out.rglob("*") if p.is_file()]
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path):

@@ -1,0 +1,117 @@
+"""What a very large catalog costs before any image is made: time to the first shard, driver memory.
+
+Runs `catalogen run` on a synthetic catalog of N rows (default 1,000,000) in a fresh process, as
+a user would, and watches the output folder: the first shard's input file appears just before
+its task is submitted. At that moment it reads the process's peak resident memory (VmHWM), then
+stops the run. It does this for a fresh folder, and again for a resume in which half the rows
+are already done (their parts are written beforehand, exactly as finished shards would be).
+
+Targets (issue "Trustworthy before it grows"): first shard within 10 s, driver peak under 1 GB,
+fresh and resumed alike.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scale.py [--rows 1000000] [--rows-per-shard 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def make_catalog(path: Path, rows: int) -> Path:
+    subjects = np.array(["a lighthouse", "a teapot", "a fox", "a bicycle", "a castle", "a mug", "a forest", "a robot"])
+    index = np.arange(rows)
+    prompts = pc.binary_join_element_wise(
+        pa.array(subjects[index % 8]), pa.array([f"variation {i}" for i in range(rows)]), ", "
+    )
+    pq.write_table(pa.table({"id": pa.array([f"sku-{i:07d}" for i in range(rows)]), "prompt": prompts,
+                             "brand": pa.array(["Northfold"] * rows)}), path)
+    return path
+
+
+def pretend_half_done(catalog: Path, out: Path, args: argparse.Namespace) -> int:
+    """Write parts for every other shard's worth of rows, as finished shards would have left them."""
+    from catalogen.config import load_config
+    from catalogen.runplan import prepare
+    from tasks import generate
+
+    plan = prepare(catalog, load_config(None, {"rows_per_shard": args.rows_per_shard}), out)
+    planned = plan.planned["generate"]
+    done = planned.filter(pa.array(np.arange(planned.num_rows) % 2 == 0))
+    now = pa.array([pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py()] * done.num_rows, pa.timestamp("us", tz="UTC"))
+    extra = {"status": pa.array(["ok"] * done.num_rows), "finished_at": now}
+    columns = {name: done.column(name) if name in done.column_names else extra.get(name, pa.nulls(done.num_rows, typ))
+               for name, typ in zip(generate.OUTPUT_SCHEMA.names, generate.OUTPUT_SCHEMA.types)}
+    table = pa.Table.from_pydict(columns, schema=generate.OUTPUT_SCHEMA)
+    folder = out / "stages" / "generate"
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, start in enumerate(range(0, table.num_rows, args.rows_per_shard)):
+        pq.write_table(table.slice(start, args.rows_per_shard), folder / f"part-pre{number:06d}.parquet")
+    return done.num_rows
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def time_to_first_shard(catalog: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Seconds from starting `catalogen run` until its first shard input exists, and peak RSS then."""
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(BIN / "catalogen"), "run", str(catalog), "--out", str(out), "--rows-per-shard", str(args.rows_per_shard),
+         "--device", "cpu"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    shard_inputs = out / "work" / "generate"
+    try:
+        while not (shard_inputs.is_dir() and any(shard_inputs.glob("shard-*.parquet"))):
+            if proc.poll() is not None:
+                raise RuntimeError(f"catalogen run ended before its first shard: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.01)
+        seconds = time.perf_counter() - started
+        peak = peak_rss_mb(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows-per-shard", type=int, default=1000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="catalogen-scale-"))
+    started = time.perf_counter()
+    catalog = make_catalog(work / "catalog.parquet", args.rows)
+    print(f"catalog: {args.rows:,} rows, {catalog.stat().st_size / 2**20:.1f} MB ({time.perf_counter() - started:.1f} s to write)")
+
+    fresh = time_to_first_shard(catalog, work / "fresh", args)
+    done = pretend_half_done(catalog, work / "resumed", args)
+    resumed = time_to_first_shard(catalog, work / "resumed", args)
+    print(f"{'':9} {'first shard':>12} {'driver peak':>12}   targets: <= 10 s, < 1024 MB")
+    print(f"{'fresh':9} {fresh[0]:10.1f} s {fresh[1]:9.0f} MB")
+    print(f"{'resumed':9} {resumed[0]:10.1f} s {resumed[1]:9.0f} MB   ({done:,} rows already done)")
+
+
+if __name__ == "__main__":
+    main()
