@@ -1,15 +1,16 @@
 """Image captioning with BLIP-2, and an optional CLIP score of image-text agreement.
 
 Reads: the image of the nearest earlier stage that makes one (`source_image`, a path relative
-to the run folder), else the catalog's (`image`: an absolute path, or `image_bytes`); and the
+to the run folder), else the catalog's (a file, a URL or bytes; see catalogen.images); and the
 prompt the image was made from (the nearest earlier stage that provides one, such as enhance,
 else the catalog's or the template's), used only by the CLIP score.
 Writes: one caption per row (no files), the model's identity, the prompt it was conditioned on
 and, when `caption.clip_score` is on, `clip_score`: CLIPScore's 100 x cosine similarity between
 the image and a text (clamped at 0), with the text and the CLIP model's identity.
 Key: the BLIP-2 model (repo, resolved revision), prompt, `max_new_tokens`, `num_beams`,
-`VERSION`; with the CLIP score on, also the CLIP model, which text it compares to and that
-text. The pipeline adds the keys of the upstream rows it reads (the image, the prompt).
+`VERSION`, the catalog image's identity (`catalogen.images.image_identity`); with the CLIP score
+on, also the CLIP model, which text it compares to and that text. The pipeline adds the keys of
+the upstream rows it reads (the image, the prompt).
 
 A caption that is useless as a training label (empty, a word or phrase repeated, no letters, the
 prompt echoed back) is recorded with status `degenerate` and the reason in `error`; it counts as
@@ -25,7 +26,6 @@ row's caption depends on that row alone, not on the batch it lands in.
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from collections import Counter
@@ -41,9 +41,10 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from catalogen.batching import AdaptiveBatcher, Outcome
-from catalogen.catalog import Rule
+from catalogen.catalog import Rule, column_or_nulls
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.hashing import column_keys, sha256_bytes
+from catalogen.images import ImageLoadError, ImageSettings, image_identities, read_planned
 from catalogen.models import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
 
@@ -109,8 +110,9 @@ class Settings(Strict):
 
 
 PLAN_FIELDS = [
-    pa.field("source_image", pa.string()),  # relative: an earlier stage's image; absolute: a catalog file
-    pa.field("source_bytes", pa.binary()),  # the catalog's image bytes (`image_bytes`)
+    pa.field("source_image", pa.string()),  # relative: an earlier stage's image; absolute: a catalog file; or a URL
+    pa.field("source_bytes", pa.large_binary()),  # the catalog's image bytes
+    pa.field("source_identity", pa.string()),  # what the key holds of a catalog image (images.image_identity)
     pa.field("source_prompt", pa.string()),  # the prompt the image was made from (handed over from upstream)
     pa.field("base_prompt", pa.string()),  # the catalog's or template's prompt
 ]
@@ -125,6 +127,7 @@ OUTPUT_SCHEMA = output_schema(
         pa.field("max_new_tokens", pa.int32()),
         pa.field("num_beams", pa.int32()),
         pa.field("source_image", pa.string()),
+        pa.field("source_sha256", pa.string()),  # of the bytes actually read
         pa.field("clip_score", pa.float64()),  # null when the score is off or there is no text
         pa.field("clip_text", pa.string()),
         pa.field("clip_model", pa.string()),
@@ -221,42 +224,29 @@ def degenerate_reason(caption: str, prompt: str = "") -> str | None:
 # --- plan -----------------------------------------------------------------------------------------
 
 
-def _string_column(rows: pa.Table, name: str) -> pa.Array:
-    if name not in rows.column_names or not pa.types.is_string(rows.schema.field(name).type):
-        return pa.nulls(rows.num_rows, pa.string())
-    return rows.column(name).combine_chunks()
-
-
-def _bytes_column(rows: pa.Table, name: str) -> pa.Array:
-    if name not in rows.column_names or not pa.types.is_binary(rows.schema.field(name).type):
-        return pa.nulls(rows.num_rows, pa.binary())
-    return rows.column(name).combine_chunks()
-
-
-def _digests(values: pa.Array) -> pa.Array:
-    """SHA-256 of each row's image bytes (null where none): what the key holds instead of the bytes."""
-    return pa.array([None if data is None else sha256_bytes(data) for data in values.to_pylist()], pa.string())
-
-
 def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) -> pa.Table:
     """Each row's image source and prompts, and its key.
 
-    The key holds the captioner's identity, the generation settings and, with the CLIP score on,
-    the CLIP model, the text source and the text as planned. The catalog's image is keyed by its
-    path (or its bytes' hash); an upstream image and an upstream prompt are keyed by the pipeline,
-    which chains the upstream rows' keys. The batch size changes no caption, so it is left out.
+    The key holds the captioner's identity, the generation settings, the catalog image's identity
+    (its bytes' SHA-256, or its file's path, size and time) and, with the CLIP score on, the CLIP
+    model, the text source and the text as planned. An upstream image and an upstream prompt are
+    keyed by the pipeline, which chains the upstream rows' keys. The batch size changes no
+    caption, so it is left out.
     """
     c = cfg.caption
     captioner = models["captioner"]
     base_prompt = pc.cast(rows.column("prompt"), pa.string())
+    source_image = column_or_nulls(rows, "image", pa.string())
+    source_bytes = column_or_nulls(rows, "image_bytes", pa.large_binary())
     columns = {
-        "source_image": _string_column(rows, "image"),
-        "source_bytes": _bytes_column(rows, "image_bytes"),
+        "source_image": source_image,
+        "source_bytes": source_bytes,
+        "source_identity": image_identities(source_image, source_bytes),
         "source_prompt": base_prompt,
         "base_prompt": base_prompt,
     }
     fixed: list[Any] = [NAME, VERSION, captioner.repo, captioner.revision, c.prompt, c.max_new_tokens, c.num_beams]
-    per_row = [columns["source_image"], _digests(columns["source_bytes"])]
+    per_row = [columns["source_identity"]]
     if c.clip_score:
         clip = models["clip"]
         fixed += ["clip", clip.repo, clip.revision, c.clip_text]
@@ -276,8 +266,12 @@ def load_captioner(identity: ModelIdentity, device: str, dtype: torch.dtype, bud
     def build():
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-        model = Blip2ForConditionalGeneration.from_pretrained(identity.path, dtype=dtype, use_safetensors=True)
         processor = Blip2Processor.from_pretrained(identity.path)
+        if processor.num_query_tokens is None:
+            # Without it the processor adds no image tokens, and `generate` silently ignores the image.
+            raise ValueError(f"{identity.repo}: its processor_config.json has no num_query_tokens (an old "
+                             "revision of the model); use a newer revision")
+        model = Blip2ForConditionalGeneration.from_pretrained(identity.path, dtype=dtype, use_safetensors=True)
         # A decoder-only model continues from the right end of each prompt.
         processor.tokenizer.padding_side = "left"
         return model.to(device).eval(), processor
@@ -297,20 +291,9 @@ def load_clip(identity: ModelIdentity, device: str, dtype: torch.dtype, budget_g
     return cached((CLIP_KIND, identity.repo, identity.revision, device, str(dtype)), device, build, budget_gb)
 
 
-def load_image(row: Mapping[str, Any], run_folder: Path) -> Image.Image:
-    """The image a row captions: its bytes, else its path (relative paths are inside the run folder).
-
-    To become `catalogen.images.load_image` once that lands.
-    """
-    if row["source_bytes"] is not None:
-        image = Image.open(io.BytesIO(row["source_bytes"]))
-    elif row["source_image"] is not None:
-        path = Path(row["source_image"])
-        image = Image.open(path if path.is_absolute() else run_folder / path)
-    else:
-        raise ValueError("the row has no image (no upstream image, no catalog `image` or `image_bytes`)")
-    image.load()
-    return image
+def read_image(row: Mapping[str, Any], run_folder: Path, settings: ImageSettings) -> tuple[bytes, Image.Image]:
+    """The bytes and decoded image a row captions (raises ImageLoadError with the reason)."""
+    return read_planned(row["source_image"], row["source_identity"], row["source_bytes"], run_folder, settings)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -344,6 +327,7 @@ class _Tools:
     device: str
     dtype: torch.dtype
     run_folder: Path
+    images: ImageSettings
 
 
 def _captions(tools: _Tools, images: list[Image.Image], size: int) -> list[str]:
@@ -372,7 +356,7 @@ def clip_scores(clip, images: list[Image.Image], texts: list[str], size: int, de
     real = len(images)
     inputs = processor(
         text=_padded(texts, size), images=_padded(images, size), return_tensors="pt",
-        padding="max_length", truncation=True, max_length=processor.tokenizer.model_max_length,
+        padding="max_length", truncation=True, max_length=model.config.text_config.max_position_embeddings,
     )
     inputs = inputs.to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -421,18 +405,20 @@ def _run_batch(tools: _Tools, jobs: list[_Job], size: int) -> list[dict[str, Any
     ready, images = [], []
     for index, job in enumerate(jobs):
         try:
-            images.append(_rgb(load_image(job.row, tools.run_folder)))
-            ready.append(index)
-        except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for unreadable files
-            where = job.row["source_image"] or "image_bytes"
-            records[index] = {"status": "failed", "error": f"cannot read image {where}: {type(exc).__name__}: {exc}"}
+            data, image = read_image(job.row, tools.run_folder, tools.images)
+        except ImageLoadError as exc:
+            records[index] = {"status": "failed", "error": f"cannot read the image: {exc}"}
+            continue
+        images.append(_rgb(image))
+        records[index] = {"source_sha256": sha256_bytes(data)}
+        ready.append(index)
     if not ready:
         return records
     ready_jobs = [jobs[i] for i in ready]
     captions = _captions(tools, images, size)
     scored = _scored(tools, ready_jobs, images, captions, size)
     for index, caption, clip in zip(ready, captions, scored):
-        records[index] = {**_caption_record(caption, tools.settings.prompt), **clip}
+        records[index] = {**records[index], **_caption_record(caption, tools.settings.prompt), **clip}
     return records
 
 
@@ -483,7 +469,7 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     budget = ctx.config.model_memory_gb
     captioner = load_captioner(ctx.models["captioner"], ctx.device.name, ctx.dtype, budget)
     clip = load_clip(ctx.models["clip"], ctx.device.name, ctx.dtype, budget) if s.clip_score else None
-    tools = _Tools(captioner, clip, s, ctx.device.name, ctx.dtype, ctx.store.root)
+    tools = _Tools(captioner, clip, s, ctx.device.name, ctx.dtype, ctx.store.root, ctx.config.images)
 
     # 2. One job per row: every row shares the prompt and settings, so any rows can share a batch.
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()

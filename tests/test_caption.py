@@ -9,17 +9,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from catalogen import models as model_cache
+from catalogen.config import load_config
 from catalogen.devices import Device
+from catalogen.hashing import sha256_bytes
 from catalogen.runplan import resolve_stage_models
 from catalogen.stage import StageContext
 from catalogen.store import SUCCEEDED, RunStore
-from conftest import fast_config, write_catalog
+from conftest import REPO, context, fast_config, plan_table, write_catalog
 from flows.run import catalogen_run
 from tasks import caption
 from tasks.caption import degenerate_reason
@@ -202,16 +205,43 @@ def test_images_come_from_paths_bytes_and_the_run_folder_and_bad_ones_fail_alone
     (run_folder / "images").mkdir(parents=True)
     _image(30).save(run_folder / "images" / "upstream.png")  # an earlier stage's image, relative to the run
     absolute = _saved(tmp_path, [31])[0]
-    paths = [absolute, str(tmp_path / "missing.png"), None, None, "images/upstream.png"]
+    paths = [absolute, str(tmp_path / "missing.png"), None, None, None]
     image_bytes = [None, None, b"not an image", _png(_image(32)), None]
     planned, ctx = _setup(tmp_path, _rows(paths, image_bytes), **{"caption.batch_size": 5})
+    handed_over = pa.array([None, None, None, None, "images/upstream.png"], pa.string())  # as the pipeline fills it
+    planned = planned.set_column(planned.schema.get_field_index("source_image"), "source_image",
+                                 pc.coalesce(handed_over, planned.column("source_image")))
     out = caption.process(planned, ctx).to_pylist()
 
     assert [r["status"] in SUCCEEDED for r in out] == [True, False, False, True, True]
-    assert "missing.png" in out[1]["error"] and "FileNotFoundError" in out[1]["error"]
-    assert "image_bytes" in out[2]["error"] and "UnidentifiedImageError" in out[2]["error"]
+    assert "missing.png does not exist" in out[1]["error"]
+    assert "the catalog's bytes is not an image" in out[2]["error"]
     direct = _direct_blip2(ctx, [_image(31), _image(32), _image(30)], "", 8, 1)
     assert [out[0]["caption"], out[3]["caption"], out[4]["caption"]] == direct
+    read = [Path(absolute).read_bytes(), _png(_image(32)), (run_folder / "images" / "upstream.png").read_bytes()]
+    assert [out[0]["source_sha256"], out[3]["source_sha256"], out[4]["source_sha256"]] == [sha256_bytes(b) for b in read]
+    assert out[1]["source_sha256"] is None and out[1]["caption"] is None
+
+
+def test_a_catalog_file_changed_since_planning_fails_its_row(tmp_path):
+    paths = _saved(tmp_path, [33, 34])
+    planned, ctx = _setup(tmp_path, _rows(paths))
+    _image(35, size=48).save(paths[1])  # other content under the planned key
+    out = caption.process(planned, ctx).to_pylist()
+
+    assert out[0]["status"] in SUCCEEDED
+    assert out[1]["status"] == "failed" and "changed (size or time) since the run was planned" in out[1]["error"]
+
+
+def test_a_catalog_of_photos_needs_no_prompt_to_be_captioned(tmp_path):
+    photos = _saved(tmp_path, [36, 37])
+    cfg = fast_config(stages=["caption"], **{"caption.max_new_tokens": 8, "caption.clip_score": True})
+    plan = plan_table(pa.table({"id": ["a", "b"], "image": [Path(p).name for p in photos]}), cfg, tmp_path / "out")
+    out = caption.process(plan.planned["caption"], context(plan, "caption")).to_pylist()
+
+    assert [r["status"] in SUCCEEDED for r in out] == [True, True]
+    assert [r["source_image"] for r in out] == [str(Path(p).resolve()) for p in photos]
+    assert [r["clip_score"] for r in out] == [None, None]  # no text to compare with
 
 
 def test_a_transparent_image_is_captioned_on_white(tmp_path):
@@ -292,6 +322,15 @@ def test_model_settings_take_a_plain_repo_id_and_refuse_the_wrong_kind():
     assert (cfg.caption.model.repo, cfg.caption.model.kind) == ("Salesforce/blip2-opt-6.7b", "blip2")
     faults = caption.config_faults(cfg)
     assert len(faults) == 1 and "caption.clip_model" in faults[0] and "'sd15'" in faults[0]
+
+
+def test_the_shipped_configs_load():
+    example = load_config(REPO / "configs" / "run.example.yaml")
+    dataset = load_config(REPO / "configs" / "dataset.yaml")
+
+    assert example.caption == caption.Settings()  # the example shows the defaults
+    assert dataset.stages == ("generate", "caption") and dataset.template.preset == "dataset"
+    assert dataset.caption.clip_score
 
 
 # --- through the flow ------------------------------------------------------------------------------
