@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -175,6 +176,38 @@ class _RichReporter:
         self.progress.refresh()
 
 
+def _prefect_environment() -> None:
+    """Settings Prefect reads when it is imported; any the user has set win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no usage reporting from batch jobs
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # catalogen also logs outside runs
+
+
+def _start_prefect_api() -> threading.Thread | None:
+    """Start Prefect's ephemeral API server in the background (none when PREFECT_API_URL names one).
+
+    It takes seconds to come up; started here, it does so while the catalog is being checked and
+    planned. The flow then finds it running (it is one server per process).
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow starts it again, and reports the error
+            return
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+    return thread
+
+
 def _progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -207,6 +240,8 @@ def run(
         "generate.batch_size": (batch_size, "--batch-size"),
         "stages": ([s.strip() for s in stages.split(",") if s.strip()] if stages else None, "--stages"),
     }
+    _prefect_environment()
+    warming = None
     try:
         overrides, origins = _settings(set_, **named)
         cfg = load_config(config, overrides, origins)
@@ -215,17 +250,15 @@ def run(
         holder = store.holder()
         if holder:
             raise RunFolderBusy(f"{folder} is in use by another run ({holder})")
-        selection = Selection(limit, sample)
-        prepare(catalog, cfg, folder, selection)  # remembered: the flow reuses it
+        warming = _start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
+        prepare(catalog, cfg, folder, Selection(limit, sample))  # remembered: the flow reuses it
         check_folder_catalog(store, catalog, new_catalog)
     except REFUSALS as exc:
         _fail(exc)
-    # Quiet by default on machines without internet; set either variable to choose otherwise.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # catalogen also logs outside runs
-    from flows.run import catalogen_run  # Prefect reads the settings above when it is imported
+    finally:
+        if warming is not None:
+            warming.join()
+    from flows.run import catalogen_run
 
     _log_above(err)
     progress = _progress_bar()

@@ -41,12 +41,15 @@ def derive_seed(run_seed: int, row_id: str, variant: int) -> int:
 CHUNK_ROWS = 1 << 16  # rows hashed per pass: bounds the Python objects alive at once
 
 
-def _digests(texts: pa.Array) -> Iterator[list[bytes]]:
-    """SHA-256 of each row's UTF-8 text, a chunk of rows at a time."""
+def _digests(texts: pa.Array) -> list[bytes]:
+    """SHA-256 of each row's UTF-8 text."""
     sha = hashlib.sha256
-    for start in range(0, len(texts), CHUNK_ROWS):
-        chunk = texts.slice(start, CHUNK_ROWS).to_pylist()
-        yield [sha(text.encode()).digest() for text in chunk]
+    return [sha(text.encode()).digest() for text in texts.to_pylist()]
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK_ROWS):
+        yield slice(start, min(n, start + CHUNK_ROWS))
 
 
 def _json_strings(values: pa.Array) -> pa.Array:
@@ -68,24 +71,34 @@ def _json_strings(values: pa.Array) -> pa.Array:
 
 def derive_seeds(run_seed: int, row_ids: pa.Array, variants: pa.Array) -> np.ndarray:
     """`derive_seed` for many rows at once (the same values), as an int64 array."""
-    ids = _json_strings(pc.cast(row_ids, pa.string()))
-    texts = pc.binary_join_element_wise(f'["seed",{int(run_seed)},', ids, ",",
-                                        pc.cast(variants, pa.string()), "]", "")
-    seeds = np.empty(len(texts), dtype=np.int64)
-    mask = np.uint64(MAX_SEED)
-    position = 0
-    for chunk in _digests(texts):
-        head = np.frombuffer(b"".join(d[:8] for d in chunk), dtype=">u8")
-        seeds[position:position + len(chunk)] = (head & mask).astype(np.int64)
-        position += len(chunk)
+    seeds = np.empty(len(row_ids), dtype=np.int64)
+    head = f'["seed",{int(run_seed)},'
+    for part in _chunks(len(row_ids)):
+        ids = _json_strings(pc.cast(row_ids[part], pa.string()))
+        texts = pc.binary_join_element_wise(head, ids, ",", pc.cast(variants[part], pa.string()), "]", "")
+        first8 = np.frombuffer(b"".join(d[:8] for d in _digests(texts)), dtype=">u8")
+        seeds[part] = (first8 & np.uint64(MAX_SEED)).astype(np.int64)
     return seeds
 
 
-def _encoded(values: pa.Array) -> pa.Array:
-    """Each value as `<length>:<text>` (null as `-`), so joined values can never run together."""
+def _encoded(values: pa.Array) -> pa.Array | pa.Scalar:
+    """Each value as `<length>:<text>` (null as `-`), so joined values can never run together.
+
+    A column holding one value throughout (a run default, typically) is encoded once, as a scalar:
+    the same text, at the cost of one row.
+    """
     text = pc.cast(values, pa.string())
+    if len(text) > 1 and text.null_count == 0 and pc.count_distinct(text).as_py() == 1:
+        return pa.scalar(_encoded(text[:1])[0].as_py(), pa.string())
     length = pc.cast(pc.binary_length(text), pa.string())
     return pc.fill_null(pc.binary_join_element_wise(length, text, ":"), "-")
+
+
+def _hex_array(digests: list[bytes]) -> pa.Array:
+    """64-character hex strings of the digests, built as one buffer (no Python string per row)."""
+    hexed = b"".join(digests).hex().encode("ascii")
+    offsets = np.arange(0, 64 * (len(digests) + 1), 64, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(digests), pa.py_buffer(offsets), pa.py_buffer(hexed))
 
 
 def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> pa.Array:
@@ -93,14 +106,39 @@ def column_keys(fixed: Any, columns: Sequence[pa.Array]) -> pa.Array:
 
     `fixed` holds what every row shares (stage, version, models, settings); the columns hold what
     varies by row. Values are encoded by Arrow's text cast, which is the same on every machine.
+    Rows are encoded and hashed a chunk at a time, so memory stays flat however long the catalog.
     """
     if not columns:
         raise ValueError("column_keys needs at least one column of per-row values")
-    prefix = pa.scalar(stable_hash(fixed) + "|", pa.string())
-    joined = pc.binary_join_element_wise(*(_encoded(c) for c in columns), "|")
-    texts = pc.binary_join_element_wise(prefix, joined, "")
-    return pa.concat_arrays([pa.array([d.hex() for d in chunk], pa.string()) for chunk in _digests(texts)]
-                            or [pa.array([], pa.string())])
+    prefix = stable_hash(fixed) + "|"
+    pieces = []
+    for part in _chunks(len(columns[0])):
+        encoded = [_encoded(c[part]) for c in columns]
+        if all(isinstance(e, pa.Scalar) for e in encoded):  # a join needs one array to size it
+            encoded[0] = pa.array([encoded[0].as_py()] * (part.stop - part.start), pa.string())
+        joined = pc.binary_join_element_wise(*encoded, "|")
+        texts = pc.binary_join_element_wise(prefix, joined, "")
+        pieces.append(_hex_array(_digests(texts)))
+    return pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
+
+
+def text_digest(columns: Sequence[pa.Array]) -> str:
+    """Hex SHA-256 of text columns (no nulls): their values in order, read from Arrow's buffers.
+
+    Each column contributes its value offsets (so values cannot run together) and its bytes.
+    """
+    h = hashlib.sha256()
+    for column in columns:
+        text = pc.cast(column, pa.string())
+        if isinstance(text, pa.ChunkedArray):
+            text = text.combine_chunks()
+        if text.null_count:
+            raise ValueError("text_digest needs columns without nulls")
+        _, offsets_buffer, data = text.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int32, count=len(text) + 1, offset=text.offset * 4)
+        h.update((offsets - offsets[0]).astype("<i8").tobytes())
+        h.update(memoryview(data)[offsets[0]:offsets[-1]] if data is not None else b"")
+    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

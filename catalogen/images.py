@@ -268,6 +268,26 @@ def check_images(
     return normalised.append_column(IMAGE_GIVEN, given), faults
 
 
+def check_paths(table: pa.Table, column: str, folder: Path, settings: ImageSettings) -> tuple[pa.Table, list[Fault]]:
+    """A catalog column of file paths (e.g. a row's `style_image`) checked and made absolute.
+
+    The same rules as `image` paths: relative to the catalog's folder or inside `images.roots`,
+    no climbing out, no links leading out, the file must exist. Null and blank cells stay null.
+    """
+    if column not in table.column_names:
+        return table, []
+    given = table.column(column).combine_chunks()
+    if not _is_text(given.type):
+        return table, [Fault(f"must hold text (a path), found {given.type}", column)]
+    text = _blank_as_null(pc.cast(given, pa.string()))
+    paths, messages = _text_values(text, _Places.of(folder, settings), settings)
+    faults = []
+    for message in pc.unique(messages.drop_null()).to_pylist():
+        rows = pc.fill_null(pc.equal(messages, message), False)
+        faults.append(Fault(f"{message} (e.g. {text.filter(rows)[0].as_py()!r})", column, RowLabels(table).pick(_mask(rows))))
+    return table.set_column(table.schema.get_field_index(column), column, paths), faults
+
+
 def catalog_as_given(catalog: pa.Table) -> pa.Table:
     """A checked catalog with its `image` column as the user gave it (for results.parquet)."""
     if IMAGE_GIVEN not in catalog.column_names:

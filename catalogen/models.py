@@ -93,8 +93,10 @@ def quiet_loading() -> Iterator[None]:
 
 @lru_cache(maxsize=None)
 def _folder_hash(path: str) -> str:
-    """Content hash of a local model folder, so edited weights never reuse old results."""
+    """Content hash of a local model folder (or single file), so edited weights never reuse old results."""
     root = Path(path)
+    if root.is_file():
+        return "sha256:" + sha256_file(root)[:32]
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     return "sha256:" + stable_hash([(str(p.relative_to(root)), sha256_file(p)) for p in files])[:32]
 

@@ -35,8 +35,8 @@ import catalogen
 from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_catalog, select_rows, validate_catalog
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
-from catalogen.hashing import column_keys, sha256_file, stable_hash
-from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS, check_images
+from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
+from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS, check_images, check_paths
 from catalogen.models import ModelIdentity, check_loadable, resolve_model, MissingModelsError
 from catalogen.stage import SKIP_COLUMN, Stage
 from catalogen.store import ROW_KEY, STATUSES, SUCCEEDED, RunStateError, RunStore
@@ -52,6 +52,8 @@ ROLE_COLUMNS = {
     "prompt": ("prompt", "each row needs a prompt, or configure a `template:` that makes one from its columns"),
     "image": ("image", "each row needs an image (a path or the image's bytes), or run a stage that makes one first"),
 }
+# Catalog columns of file paths besides `image`: checked like image paths and made absolute.
+PATH_COLUMNS = ("style_image",)
 SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
 
@@ -159,8 +161,11 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", f
     """
     required = required_columns(cfg)
     needs_images = required.pop("image", None) is not None  # a path or bytes: check_images knows both
-    table, image_faults = check_images(table, Path(source).parent if folder is None else folder, cfg.images,
-                                       needs_images)
+    folder = Path(source).parent if folder is None else folder
+    table, image_faults = check_images(table, folder, cfg.images, needs_images)
+    for column in PATH_COLUMNS:
+        table, path_faults = check_paths(table, column, folder, cfg.images)
+        image_faults += path_faults
     # A row that brings its own image skips generation: it needs no prompt (later stages fall back
     # to their own prompt settings).
     exempt = {"prompt": _brings_image(table)} if "prompt" in required else {}
@@ -285,10 +290,14 @@ def _settled_skip_keys(name: str, module: Stage, table: pa.Table) -> pa.Table:
     """
     if SKIP_COLUMN not in table.column_names:
         return table
-    reasons = table.column(SKIP_COLUMN)
-    settled = column_keys(["skipped", name, module.VERSION], [reasons])
-    keys = pc.if_else(reasons.is_valid(), settled, table.column("key"))
-    return table.set_column(table.schema.get_field_index("key"), "key", keys)
+    skipped = table.column(SKIP_COLUMN).is_valid()
+    if not pc.any(skipped).as_py():
+        return table
+    positions = np.flatnonzero(skipped.to_numpy(zero_copy_only=False))
+    settled = column_keys(["skipped", name, module.VERSION], [table.column(SKIP_COLUMN).take(pa.array(positions))])
+    keys = np.array(table.column("key").to_pylist(), dtype=object)
+    keys[positions] = settled.to_pylist()
+    return table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys, pa.string()))
 
 
 _memo: dict[tuple, RunPlan] = {}
@@ -460,20 +469,20 @@ def cut_shards(plan: RunPlan, masks: Mapping[str, np.ndarray]) -> list[Shard]:
     for name in plan.config.stages:
         module = stage_modules(plan.config)[name]
         for column in module.SHARD_ORDER:
-            order_columns[f"{name}.{column}"] = plan.planned[name].column(column).take(pa.array(work))
+            values = plan.planned[name].column(column)
+            if values.null_count or pc.count_distinct(values).as_py() > 1:  # a constant orders nothing
+                order_columns[f"{name}.{column}"] = values.take(pa.array(work))
     if order_columns:
         order = pa.table(order_columns).append_column("_pos", pa.array(np.arange(len(work))))
         order = order.sort_by([(c, "ascending") for c in order_columns] + [("_pos", "ascending")])
         work = work[order.column("_pos").to_numpy()]
     size = plan.config.rows_per_shard
     shards = []
-    key_columns = [plan.planned[name].column("key") for name in plan.config.stages]
+    identity = [plan.rows.column("id"), pc.cast(plan.rows.column("variant"), pa.string())]
+    identity += [plan.planned[name].column("key") for name in plan.config.stages]
     for start in range(0, len(work), size):
         rows = work[start:start + size]
-        take = pa.array(rows)
-        digest = stable_hash([c.take(take).to_pylist() for c in key_columns], plan.rows.column("id").take(take).to_pylist(),
-                             plan.rows.column("variant").take(take).to_pylist())
-        shards.append(Shard(digest[:16], rows))
+        shards.append(Shard(text_digest([c.take(pa.array(rows)) for c in identity])[:16], rows))
     return shards
 
 

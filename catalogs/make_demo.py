@@ -4,11 +4,13 @@ demo_prompts.parquet: 24 prompts of the kind a training set is made from, with a
 overrides. demo_products.parquet: 12 products with the fields an e-commerce catalog has
 (prompts for them come from templates, see the product-imagery stage). demo_photos.parquet: six
 of those products with a photo each (`image`, a path relative to this folder), drawn here with
-PIL as flat shapes on plain backgrounds, so remove_bg has something to cut out offline.
+PIL as flat shapes on plain backgrounds, so remove_bg has something to cut out offline. styles/*.png: small style
+references for the style stage (configs/products.yaml), drawn in code.
 """
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
@@ -186,10 +188,37 @@ def write_photos() -> None:
         draw_photo(product_id).save(HERE / "photos" / f"{product_id}.png", optimize=True)
 
 
+STYLE_SIZE = 64
+
+
+def _gradient(top: tuple[int, int, int], bottom: tuple[int, int, int]) -> np.ndarray:
+    """A vertical blend from `top` to `bottom`, (STYLE_SIZE, STYLE_SIZE, 3) uint8."""
+    t = np.linspace(0.0, 1.0, STYLE_SIZE)[:, None, None]
+    column = (1 - t) * np.array(top) + t * np.array(bottom)
+    return np.broadcast_to(column, (STYLE_SIZE, STYLE_SIZE, 3)).round().astype(np.uint8)
+
+
+def style_images() -> dict[str, Image.Image]:
+    """Three brand looks: a warm sunset gradient, cool diagonal stripes, sage polka dots on cream."""
+    y, x = np.mgrid[0:STYLE_SIZE, 0:STYLE_SIZE]
+    warm = _gradient((250, 170, 90), (200, 70, 110))
+    stripes = np.where(((x + y) // 8 % 2 == 0)[..., None], np.array([40, 90, 170]), np.array([225, 235, 245]))
+    dots = ((x % 16 - 8) ** 2 + (y % 16 - 8) ** 2) < 16
+    sage = np.where(dots[..., None], np.array([120, 150, 110]), np.array([245, 238, 220]))
+    return {
+        "warm-gradient": Image.fromarray(warm),
+        "cool-stripes": Image.fromarray(stripes.astype(np.uint8)),
+        "sage-dots": Image.fromarray(sage.astype(np.uint8)),
+    }
+
+
 if __name__ == "__main__":
     pq.write_table(prompts_table(), HERE / "demo_prompts.parquet")
     pq.write_table(products_table(), HERE / "demo_products.parquet")
     write_photos()
     pq.write_table(photos_table(), HERE / "demo_photos.parquet")
+    (HERE / "styles").mkdir(exist_ok=True)
+    for name, image in style_images().items():
+        image.save(HERE / "styles" / f"{name}.png", optimize=True)
     print("wrote", HERE / "demo_prompts.parquet", HERE / "demo_products.parquet", HERE / "demo_photos.parquet",
-          "and", HERE / "photos")
+          "and", HERE / "photos", "and", HERE / "styles")

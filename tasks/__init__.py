@@ -6,11 +6,13 @@ plus its line below: see catalogen/stage.py for the contract.
 """
 
 from catalogen.stage import Stage
-from tasks import caption, enhance, generate, remove_bg
+from tasks import caption, enhance, generate, remove_bg, style, upscale
 
 STAGES: dict[str, Stage] = {
     enhance.NAME: enhance,
     generate.NAME: generate,
     remove_bg.NAME: remove_bg,
+    style.NAME: style,
+    upscale.NAME: upscale,
     caption.NAME: caption,
 }

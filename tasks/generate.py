@@ -3,9 +3,16 @@
 Reads: the prompt (an earlier stage's, such as enhance, else the catalog's or the template's) and
 the per-row overrides `width`, `height`, `steps`, `guidance_scale`, `scheduler`.
 Writes: one PNG per row with its provenance, and `prompt`, `seed`, sizes, scheduler, the model's
-identity, the safety checker's verdict and the batch size it ran at.
+identity, the safety checker's verdict, the batch size it ran at, the LoRAs and embeddings it
+loaded (file sha256, weight, token), and `notes` (e.g. a prompt naming an embedding not loaded).
 Key: every parameter that decides the pixels, the model (repo, resolved revision, variant), the
-safety-checker mode and `VERSION`; the pipeline adds the keys of the upstream rows it read.
+safety-checker mode and `VERSION`; with add-ons, every file's sha256, each LoRA's name and weight
+and each embedding's token. The pipeline adds the keys of the upstream rows it read.
+
+Add-ons (`generate.loras`, `generate.embeddings`, a `.safetensors` checkpoint as `generate.model.repo`)
+are resolved like models (one `lora.<name>` / `embedding.<n>` role each, recorded in run.json) and
+checked before the run: pickles (`.ckpt`, `.bin`, `.pt`, `.pth`) are refused, since loading one can
+run code.
 
 Reproducibility: each image gets its own CPU `torch.Generator` seeded from its row, so its
 starting noise (and an ancestral sampler's noise) depends on that row alone, not on the batch
@@ -17,9 +24,13 @@ it lands in, its neighbours, shard, retries or the device.
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import numpy as np
@@ -32,14 +43,17 @@ from pydantic import Field, field_validator
 import catalogen
 from catalogen.batching import AdaptiveBatcher, Outcome
 from catalogen.catalog import Rule, column_or_nulls
-from catalogen.config import DiffusionSpec, RunConfig, Strict, field_bounds
-from catalogen.diffusion import load_pipeline
-from catalogen.hashing import column_keys
-from catalogen.models import ModelIdentity, cached
+from catalogen.config import DiffusionSpec, ModelSpec, RunConfig, Strict, field_bounds
+from catalogen.diffusion import SAFETENSORS, Adapters, Embedding, Lora, SingleFile, file_digests, load_pipeline
+from catalogen.hashing import canonical_json, column_keys, sha256_file, stable_hash
+from catalogen.models import (
+    PICKLE_SUFFIXES, TINY_PREFIX, MissingModelsError, ModelError, ModelIdentity, cached,
+)
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
 from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
 from catalogen.stage import SKIP_COLUMN, StageContext, output_schema
+from catalogen.tiny import TINY_MODELS, ensure_tiny
 
 NAME = "generate"
 # Bump when a change here alters the images made from the same inputs: it is part of every key,
@@ -63,11 +77,66 @@ PROFILES: dict[str, DiffusionSpec] = {
 
 SafetyMode = Literal["off", "flag", "withhold"]
 
+ADAPTER_NAME = r"^[A-Za-z0-9_-]+$"  # PEFT adapter names become module keys: no dots; A1111 tags: no ':' or ','
+LORA_DEFAULT_FILE = "pytorch_lora_weights.safetensors"  # diffusers' names, chosen when a folder has several
+EMBEDDING_DEFAULT_FILE = "learned_embeds.safetensors"
+
+
+class ModelSettings(DiffusionSpec):
+    """The pipeline: a diffusers folder or Hub repo, or one original-layout `.safetensors` checkpoint."""
+
+    config: str | None = Field(
+        None,
+        description="for a single-file checkpoint: the diffusers folder, Hub repo or tiny:<name> whose configuration "
+        "(and tokenizer) it loads with; default the profile's base model of the same kind",
+    )
+
+
+class LoraSpec(Strict):
+    """A LoRA adapter applied to every image of the run."""
+
+    path: str = Field(
+        description="a local .safetensors file or folder, a Hub repo id (with weight_name), or tiny:lora-sd15"
+    )
+    weight_name: str | None = Field(None, description="the .safetensors file inside the folder or Hub repo")
+    weight: float = Field(1.0, ge=-10, le=10, description="its strength, as in A1111's <lora:name:weight>")
+    name: str | None = Field(
+        None, pattern=ADAPTER_NAME, description="adapter name; default the file's (or folder's) name"
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit")
+
+    def adapter_name(self) -> str:
+        """The configured name, else the file's stem; for diffusers' default file name, its folder's or repo's name."""
+        if self.name:
+            return self.name
+        file = self.weight_name or (self.path if self.path.endswith(SAFETENSORS) else "")
+        stem = Path(file).stem
+        if not stem or file == LORA_DEFAULT_FILE:
+            stem = Path(self.path.removeprefix(TINY_PREFIX).rstrip("/")).name
+        return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+class EmbeddingSpec(Strict):
+    """A textual-inversion embedding: prompts that contain its token get its learned vectors."""
+
+    path: str = Field(
+        description="a local .safetensors file or folder, a Hub repo id (with weight_name), or tiny:ti-sd15"
+    )
+    weight_name: str | None = Field(None, description="the .safetensors file inside the folder or Hub repo")
+    token: str | None = Field(
+        None, pattern=r"^\S+$",
+        description="the word prompts use for it; required for A1111 (emb_params) and SDXL (clip_l/clip_g) files, "
+        "which do not name their token",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit")
+
 
 class Settings(Strict):
     """Text-to-image defaults; any catalog row may override the per-image ones."""
 
-    model: DiffusionSpec | None = Field(None, description="overrides the profile's model")
+    model: ModelSettings | None = Field(None, description="overrides the profile's model")
+    loras: tuple[LoraSpec, ...] = Field((), description="LoRA adapters, applied together at their weights")
+    embeddings: tuple[EmbeddingSpec, ...] = Field((), description="textual-inversion embeddings, by token")
     scheduler: str = Field("euler", description=f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling")
     steps: int = Field(25, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0, le=30)
@@ -104,6 +173,11 @@ PLAN_FIELDS = [
     pa.field("steps", pa.int32()),
     pa.field("guidance_scale", pa.float64()),
     pa.field("scheduler", pa.string()),
+    # The run's add-ons, the same in every row (null when none), as JSON text: a list of
+    # {name, path, weight_name, weight, sha256} (LoRAs) and {token, path, weight_name, sha256} (embeddings).
+    pa.field("loras", pa.string()),
+    pa.field("embeddings", pa.string()),
+    pa.field("model_sha256", pa.string()),  # a single-file checkpoint's sha256 (null for a diffusers folder)
 ]
 PLAN_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("variant", pa.int32()), pa.field("key", pa.string()),
                          *PLAN_FIELDS])
@@ -116,6 +190,7 @@ OUTPUT_SCHEMA = output_schema(
         pa.field("model_revision", pa.string()),
         pa.field("batch_size", pa.int32()),
         pa.field("safety_flagged", pa.bool_()),
+        pa.field("notes", pa.string()),  # what to know about a row that still succeeded (e.g. an unloaded embedding)
     ],
     images=True,
 )
@@ -124,13 +199,25 @@ OUTPUT_SCHEMA = output_schema(
 BATCH_COLUMNS = ("width", "height", "steps", "guidance_scale", "scheduler")
 SHARD_ORDER = (*BATCH_COLUMNS, "negative_prompt")
 
+log = logging.getLogger("catalogen.generate")
+
 
 def model_spec(cfg: RunConfig) -> DiffusionSpec:
     return cfg.generate.model or PROFILES[cfg.profile]
 
 
-def models(cfg: RunConfig) -> dict[str, DiffusionSpec]:
-    return {"pipeline": model_spec(cfg)}
+def is_single_file(spec: DiffusionSpec) -> bool:
+    return spec.repo.endswith(SAFETENSORS)
+
+
+def models(cfg: RunConfig) -> dict[str, ModelSpec]:
+    """The pipeline, and every LoRA (`lora.<name>`) and embedding (`embedding.<n>`) file it loads."""
+    found: dict[str, ModelSpec] = {"pipeline": model_spec(cfg)}
+    for lora in cfg.generate.loras:
+        found[f"lora.{lora.adapter_name()}"] = ModelSpec(repo=lora.path, kind="lora", revision=lora.revision)
+    for index, embedding in enumerate(cfg.generate.embeddings):
+        found[f"embedding.{index}"] = ModelSpec(repo=embedding.path, kind="embedding", revision=embedding.revision)
+    return found
 
 
 def safety_mode(cfg: RunConfig) -> str:
@@ -155,7 +242,8 @@ def rules(cfg: RunConfig) -> dict[str, Rule]:
 
 
 def config_faults(cfg: RunConfig) -> list[str]:
-    """Run-level settings the model cannot do, checked by the same rules as catalog columns."""
+    """Run-level settings the model cannot do, checked by the same rules as catalog columns;
+    and every model, LoRA or embedding file that is a pickle or is not there."""
     spec = model_spec(cfg)
     problems = []
     for name in ("width", "height"):
@@ -169,7 +257,295 @@ def config_faults(cfg: RunConfig) -> list[str]:
     if cfg.generate.safety_checker not in (None, "off") and not spec.has_safety_checker:
         problems.append(f"generate.safety_checker={cfg.generate.safety_checker}: {spec.repo} has no safety checker "
                         f"(from {cfg.origin('generate.safety_checker')})")
+    problems += _model_faults(cfg)
+    problems += _adapter_faults(cfg)
     return problems
+
+
+# --- single-file checkpoints, LoRAs, embeddings: pre-run checks -----------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+PICKLE_WHY = (
+    "{what}: {suffix} files are Python pickles, and loading a pickle can run any code it holds, so catalogen loads "
+    ".safetensors files only. Use the model's .safetensors release, or convert the file once on a machine where you "
+    "trust it: `sd = torch.load(FILE, map_location='cpu', weights_only=True); "
+    "safetensors.torch.save_file(sd.get('state_dict', sd), 'NAME.safetensors')` (from {origin})"
+)
+
+
+def _pickle_fault(setting: str, value: str | None, cfg: RunConfig) -> list[str]:
+    suffix = Path(value or "").suffix.lower()
+    if suffix not in PICKLE_SUFFIXES:
+        return []
+    return [PICKLE_WHY.format(what=f"{setting}={value}", suffix=suffix, origin=cfg.origin(setting))]
+
+
+def _location_faults(setting: str, path: str, weight_name: str | None, tiny_prefix: str, cfg: RunConfig) -> list[str]:
+    """A LoRA's or embedding's source: a tiny add-on of the right kind, a local file or folder, or a Hub repo id."""
+    origin = f"(from {cfg.origin(setting)})"
+    if weight_name is not None and not weight_name.endswith(SAFETENSORS):
+        return [f"{setting}.weight_name={weight_name}: not a {SAFETENSORS} file {origin}"]
+    if path.startswith(TINY_PREFIX):
+        name = path[len(TINY_PREFIX):]
+        if name not in TINY_MODELS or not name.startswith(tiny_prefix):
+            choices = ", ".join(TINY_PREFIX + m for m in TINY_MODELS if m.startswith(tiny_prefix))
+            return [f"{setting}.path={path}: no such tiny add-on; choose from {choices} {origin}"]
+        return []
+    local = Path(path).expanduser()
+    if local.is_file():
+        if weight_name is not None:
+            return [f"{setting}.weight_name={weight_name}: path {path} is already a file; weight_name picks a file "
+                    f"inside a folder or Hub repo {origin}"]
+        if local.suffix != SAFETENSORS:
+            return [f"{setting}.path={path}: not a {SAFETENSORS} file {origin}"]
+        return []
+    if local.is_dir():
+        if weight_name is None and not any(local.glob(f"*{SAFETENSORS}")):
+            pickles = sorted(p.name for p in local.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                return _pickle_fault(f"{setting}.path", str(local / pickles[0]), cfg)
+        return []  # which file it holds is checked once resolved (see resolve_extras)
+    if _HUB_ID.fullmatch(path) and not path.endswith(SAFETENSORS):
+        return []
+    return [f"{setting}.path={path}: no such file or folder, and not a Hub repo id (owner/name) {origin}"]
+
+
+def _adapter_faults(cfg: RunConfig) -> list[str]:
+    """Every LoRA and embedding: no pickles, sources that exist, names and tokens used once."""
+    problems = []
+    kind = model_spec(cfg).kind
+    for group, items, tiny_prefix in (("loras", cfg.generate.loras, "lora-"),
+                                      ("embeddings", cfg.generate.embeddings, "ti-")):
+        for index, item in enumerate(items):
+            setting = f"generate.{group}.{index}"
+            pickles = _pickle_fault(f"{setting}.path", item.path, cfg) + _pickle_fault(
+                f"{setting}.weight_name", item.weight_name, cfg)
+            problems += pickles or _location_faults(setting, item.path, item.weight_name, tiny_prefix, cfg)
+            tiny_kind = item.path.removeprefix(TINY_PREFIX).removeprefix(tiny_prefix)
+            if item.path.startswith(TINY_PREFIX) and tiny_kind in ("sd15", "sdxl") and tiny_kind != kind:
+                problems.append(f"{setting}.path={item.path}: made for {tiny_kind}, but the model is {kind}-shaped "
+                                f"(from {cfg.origin(setting)})")
+    problems += _repeated("generate.loras", [lora.adapter_name() for lora in cfg.generate.loras], "name", cfg)
+    tokens = [e.token for e in cfg.generate.embeddings if e.token]
+    problems += _repeated("generate.embeddings", tokens, "token", cfg)
+    return problems
+
+
+def _repeated(setting: str, values: list[str], what: str, cfg: RunConfig) -> list[str]:
+    seen, problems = set(), []
+    for value in values:
+        if value in seen:
+            problems.append(f"{setting}: two entries have the {what} {value!r}; give each its own {what} "
+                            f"(from {cfg.origin(setting)})")
+        seen.add(value)
+    return problems
+
+
+def _default_config(cfg: RunConfig, kind: str) -> str:
+    """The configuration a single-file checkpoint loads with: the profile's base model of its kind."""
+    if PROFILES[cfg.profile].kind == kind:
+        return PROFILES[cfg.profile].repo
+    return f"{TINY_PREFIX}{kind}" if cfg.profile.startswith("tiny") else PROFILES[kind].repo
+
+
+def single_file_config(cfg: RunConfig) -> str:
+    spec = model_spec(cfg)
+    return getattr(spec, "config", None) or _default_config(cfg, spec.kind)
+
+
+def _model_faults(cfg: RunConfig) -> list[str]:
+    """The configured model: never a pickle; a single-file checkpoint is a local file with a usable configuration."""
+    if cfg.generate.model is None:
+        return []
+    spec = cfg.generate.model
+    setting = "generate.model.repo"
+    origin = f"(from {cfg.origin(setting)})"
+    problems = _pickle_fault(setting, spec.repo, cfg)
+    if problems:
+        return problems
+    if not is_single_file(spec):
+        if spec.config is not None:
+            problems.append(f"generate.model.config={spec.config}: only a single-file (.safetensors) checkpoint takes "
+                            f"a config; {spec.repo} is a diffusers model (from {cfg.origin('generate.model.config')})")
+        return problems
+    if not Path(spec.repo).expanduser().is_file():
+        problems.append(f"{setting}={spec.repo}: a single-file checkpoint must be a local file, and there is none; "
+                        f"download it first (e.g. `huggingface-cli download OWNER/REPO FILE.safetensors`) {origin}")
+    if spec.has_safety_checker:
+        problems.append(f"generate.model.has_safety_checker: a single-file checkpoint brings no safety checker; set "
+                        f"it to false (from {cfg.origin('generate.model.has_safety_checker')})")
+    config = single_file_config(cfg)
+    config_origin = f"(from {cfg.origin('generate.model.config')})"
+    if config.startswith(TINY_PREFIX):
+        if config[len(TINY_PREFIX):] not in ("sd15", "sdxl"):
+            problems.append(f"generate.model.config={config}: choose tiny:sd15 or tiny:sdxl {config_origin}")
+    elif Path(config).expanduser().is_dir():
+        if not (Path(config).expanduser() / "model_index.json").is_file():
+            problems.append(f"generate.model.config={config}: not a diffusers pipeline folder (no model_index.json) "
+                            f"{config_origin}")
+    elif not _HUB_ID.fullmatch(config):
+        problems.append(f"generate.model.config={config}: no such folder, and not a Hub repo id (owner/name) "
+                        f"{config_origin}")
+    return problems
+
+
+# --- single-file checkpoints, LoRAs, embeddings: resolved to files --------------------------------
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What the run adds to the plain pipeline: its checkpoint file, LoRAs and embeddings."""
+
+    single_file: SingleFile | None = None
+    adapters: Adapters = Adapters()
+
+    def __bool__(self) -> bool:
+        return self.single_file is not None or bool(self.adapters)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the key holds: every file's sha256, the LoRAs' names and weights, the embeddings' tokens."""
+        single = self.single_file
+        return {
+            "single_file": [single.sha256, single.config_digest] if single else None,
+            "loras": [[lora.name, lora.sha256, lora.weight] for lora in self.adapters.loras],
+            "embeddings": [[e.token, e.sha256, list(e.tensors)] for e in self.adapters.embeddings],
+        }
+
+    def loaded_tokens(self) -> frozenset[str]:
+        return frozenset(e.token.lower() for e in self.adapters.embeddings)
+
+
+CONFIG_FILES = ("*.json", "*.txt", "*.model")  # a pipeline's configuration and tokenizer files, no weights
+
+
+def _config_folder(config: str, cfg: RunConfig) -> Path:
+    """A local folder holding the configuration a single-file checkpoint loads with (Hub: configs only)."""
+    if config.startswith(TINY_PREFIX):
+        return ensure_tiny(config[len(TINY_PREFIX):], cfg.resolved_cache_dir())
+    local = Path(config).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    from huggingface_hub import snapshot_download
+
+    offline = cfg.is_offline()
+    try:
+        return Path(snapshot_download(config, allow_patterns=list(CONFIG_FILES), local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - the hub client raises several kinds for "not cached"
+        if offline:
+            raise MissingModelsError([f"{config} (the configuration of {model_spec(cfg).repo})"]) from exc
+        raise
+
+
+def _config_digest(folder: Path) -> str:
+    files = sorted(p for pattern in CONFIG_FILES for p in folder.rglob(pattern) if p.is_file())
+    return stable_hash([(str(p.relative_to(folder)), sha256_file(p)) for p in files])
+
+
+class _Unusable(Exception):
+    """An add-on whose files cannot be used (the message names it and says why)."""
+
+
+def _weight_file(identity: ModelIdentity, weight_name: str | None, default: str, label: str) -> Path:
+    """The one .safetensors file an add-on loads from: the path itself, the named file, or the folder's only one."""
+    root = Path(identity.path)
+    if root.is_file():
+        return root
+    if weight_name is not None:
+        if not (root / weight_name).is_file():
+            raise _Unusable(f"{label}: no {weight_name} in {root}")
+        return root / weight_name
+    found = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix == SAFETENSORS)
+    if len(found) == 1:
+        return root / found[0]
+    if default in found:
+        return root / default
+    if found:
+        raise _Unusable(f"{label}: {root} holds several {SAFETENSORS} files ({', '.join(found)}); "
+                        "choose one with weight_name")
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise _Unusable(PICKLE_WHY.format(what=f"{label}: {root} has only {', '.join(pickles)}",
+                                          suffix=Path(pickles[0]).suffix, origin="its folder"))
+    raise _Unusable(f"{label}: no {SAFETENSORS} file in {root}")
+
+
+def _embedding(spec: EmbeddingSpec, file: Path, kind: str, label: str) -> Embedding:
+    """The embedding in `file`, by its layout (read from the header alone): SDXL's two tensors
+    (clip_l, clip_g), A1111's `emb_params`, or diffusers' one tensor named by its token."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        names = tuple(handle.keys())
+    if set(names) == {"clip_l", "clip_g"}:
+        if kind != "sdxl":
+            raise _Unusable(f"{label}: {file.name} is an SDXL embedding (clip_l, clip_g); the model is {kind}-shaped")
+        if not spec.token:
+            raise _Unusable(f"{label}: {file.name} is an SDXL embedding, which does not name its token: set token")
+        return Embedding(spec.token, str(file), file_digests(file)[0], ("clip_l", "clip_g"))
+    if len(names) != 1:
+        raise _Unusable(f"{label}: {file.name} is not a textual-inversion embedding (tensors: {', '.join(names[:5])})")
+    if kind == "sdxl":
+        raise _Unusable(f"{label}: {file.name} is an SD1.5 embedding (one tensor); SDXL needs clip_l and clip_g")
+    if names[0] == "emb_params" and not spec.token:
+        raise _Unusable(f"{label}: {file.name} is an A1111 embedding (emb_params), which does not name its token: "
+                        "set token")
+    return Embedding(spec.token or names[0], str(file), file_digests(file)[0], names)
+
+
+def _lora(spec: LoraSpec, identity: ModelIdentity, label: str) -> Lora:
+    file = _weight_file(identity, spec.weight_name, LORA_DEFAULT_FILE, label)
+    sha256, tensors_sha256 = file_digests(file)
+    return Lora(spec.adapter_name(), str(file), spec.weight, sha256, tensors_sha256[:12])
+
+
+def resolve_extras(cfg: RunConfig, identities: Mapping[str, ModelIdentity]) -> Extras:
+    """The run's checkpoint file, LoRAs and embeddings as local files with their hashes; no weights loaded.
+
+    Raises `ModelError` naming every add-on whose folder holds no usable file (called by `plan`,
+    so a run is refused before anything is written).
+    """
+    spec = model_spec(cfg)
+    single = None
+    if is_single_file(spec):
+        path = identities["pipeline"].path
+        folder = _config_folder(single_file_config(cfg), cfg)
+        single = SingleFile(path, file_digests(path)[0], str(folder), _config_digest(folder))
+    problems: list[str] = []
+    loras = []
+    for index, lora in enumerate(cfg.generate.loras):
+        try:
+            loras.append(_lora(lora, identities[f"lora.{lora.adapter_name()}"], f"generate.loras.{index} ({lora.path})"))
+        except _Unusable as exc:
+            problems.append(str(exc))
+    embeddings = []
+    for index, embedding in enumerate(cfg.generate.embeddings):
+        label = f"generate.embeddings.{index} ({embedding.path})"
+        try:
+            file = _weight_file(identities[f"embedding.{index}"], embedding.weight_name, EMBEDDING_DEFAULT_FILE, label)
+            embeddings.append(_embedding(embedding, file, spec.kind, label))
+        except _Unusable as exc:
+            problems.append(str(exc))
+    problems += _repeated("generate.embeddings", [e.token for e in embeddings], "token", cfg)
+    if problems:
+        raise ModelError(problems)
+    return Extras(single, Adapters(tuple(loras), tuple(embeddings)))
+
+
+def _extras_columns(cfg: RunConfig, extras: Extras) -> dict[str, str | None]:
+    """The provenance columns every planned row carries (JSON text, null when there is nothing to list)."""
+    loras = []
+    for spec, lora in zip(cfg.generate.loras, extras.adapters.loras):
+        loras.append({"name": lora.name, "path": spec.path, "weight_name": spec.weight_name, "weight": lora.weight,
+                      "sha256": lora.sha256})
+    embeddings = []
+    for spec, embedding in zip(cfg.generate.embeddings, extras.adapters.embeddings):
+        embeddings.append({"token": embedding.token, "path": spec.path, "weight_name": spec.weight_name,
+                           "sha256": embedding.sha256})
+    return {
+        "loras": canonical_json(loras) if loras else None,
+        "embeddings": canonical_json(embeddings) if embeddings else None,
+        "model_sha256": extras.single_file.sha256 if extras.single_file else None,
+    }
 
 
 # --- plan -----------------------------------------------------------------------------------------
@@ -183,13 +559,17 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     """Each row's effective parameters (row override, else run default) and idempotency key.
 
     The key hashes exactly what changes the image: parameters, model identity, safety mode and
-    this stage's code version. Shards and neighbours do not change an image; the batch size
-    changes only its last float bits (see `_generate`) and is a throughput setting, so it is left
-    out of the key and recorded per row instead.
+    this stage's code version; with a single-file checkpoint, LoRAs or embeddings, also each
+    file's sha256, each LoRA's name and weight and each embedding's token. Shards and neighbours
+    do not change an image; the batch size changes only its last float bits (see `_generate`) and
+    is a throughput setting, so it is left out of the key and recorded per row instead.
+
+    Raises `ModelError` when a LoRA's or embedding's folder holds no usable file (see `resolve_extras`).
     """
     g = cfg.generate
     spec = model_spec(cfg)
     identity = models["pipeline"]
+    extras = resolve_extras(cfg, models)
     prompt = pc.cast(rows.column("prompt"), pa.string())
     columns = {
         "prompt": prompt,
@@ -202,7 +582,11 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
         "guidance_scale": _filled(rows, "guidance_scale", pa.float64(), g.guidance_scale),
         "scheduler": _filled(rows, "scheduler", pa.string(), g.scheduler),
     }
+    for name, value in _extras_columns(cfg, extras).items():
+        columns[name] = pa.repeat(pa.scalar(value, pa.string()), rows.num_rows)
     fixed = [NAME, VERSION, identity.repo, identity.revision, identity.variant, safety_mode(cfg)]
+    if extras:  # only then: keys of runs without add-ons stay as they were
+        fixed.append(extras.fingerprint())
     keys = column_keys(fixed, [columns[c] for c in PARAM_COLUMNS])
     data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": keys, **columns}
     planned = pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
@@ -227,6 +611,30 @@ class _Job:
     position: int
     row: dict[str, Any]
     chunks: int  # 0: the pipeline encodes the prompts itself; else 75-token chunks (see prompts.py)
+    texts: tuple[str, str]  # prompt and negative prompt as our own encoding reads them (see `_job`)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What writing a row's image needs besides the row."""
+
+    ctx: StageContext
+    mode: str  # the safety checker's
+    extras: Extras
+
+
+def _job(position: int, row: dict[str, Any], pipe, extras: Extras) -> _Job:
+    """A row and how its prompts are encoded.
+
+    The pipeline spells an embedding of n vectors out as n tokens (`<tok> <tok>_1 …`) in its own
+    encoding; prompts that need ours (long or weighted, see prompts.py) are spelt out here, so they
+    get every vector and their length is counted right.
+    """
+    texts = (row["prompt"], row["negative_prompt"])
+    if extras.adapters.embeddings:
+        tokenizer = pipe.tokenizer
+        texts = (pipe.maybe_convert_prompt(texts[0], tokenizer), pipe.maybe_convert_prompt(texts[1], tokenizer))
+    return _Job(position, row, encoding_chunks(pipe.tokenizer, *texts), texts)
 
 
 def _with_scheduler(pipe, scheduler):
@@ -254,13 +662,15 @@ def _encode_sdxl_all(pipe, texts: list[str], chunks: int) -> tuple[torch.Tensor,
 def _conditioning(pipe, jobs: list[_Job]) -> dict[str, Any]:
     """The pipeline's prompt arguments for a batch whose rows share one encoding plan."""
     chunks = jobs[0].chunks
-    positive = [job.row["prompt"] for job in jobs]
-    negative = [job.row["negative_prompt"] for job in jobs]
-    has_negative = bool(negative[0])  # part of the batch signature: all or none have one
+    has_negative = bool(jobs[0].row["negative_prompt"])  # part of the batch signature: all or none have one
     if chunks == 0:
+        positive = [job.row["prompt"] for job in jobs]
+        negative = [job.row["negative_prompt"] for job in jobs]
         # None, not "", so SDXL zeroes the unconditional embedding exactly as a plain call does.
         return {"prompt": [plain_text(p) for p in positive],
                 "negative_prompt": [plain_text(n) for n in negative] if has_negative else None}
+    positive = [job.texts[0] for job in jobs]
+    negative = [job.texts[1] for job in jobs]
     if "text_encoder_2" not in pipe.components:
         return {"prompt_embeds": torch.cat([encode_sd(pipe, p, chunks) for p in positive]),
                 "negative_prompt_embeds": torch.cat([encode_sd(pipe, n, chunks) for n in negative])}
@@ -331,11 +741,12 @@ def _safety_flags(ctx: StageContext, images: list[Image.Image]) -> list[bool]:
     return [bool(f) for f in flags]
 
 
-def _provenance(row: dict[str, Any], ctx: StageContext, flagged: bool | None) -> dict[str, Any]:
+def _provenance(row: dict[str, Any], run: _Run, flagged: bool | None) -> dict[str, Any]:
     """What goes into the PNG: everything that decides the pixels, nothing that varies by run
     (timings, batch size), so re-running a row writes a byte-identical file."""
+    ctx = run.ctx
     identity = ctx.models["pipeline"]
-    return {
+    provenance = {
         **{k: row[k] for k in ("id", "variant", "key", "source_prompt", *PARAM_COLUMNS)},
         "stage": NAME,
         "model": identity.repo,
@@ -345,44 +756,77 @@ def _provenance(row: dict[str, Any], ctx: StageContext, flagged: bool | None) ->
         "safety_flagged": flagged,
         "catalogen_version": catalogen.__version__,
     }
+    # Only when present, so the files of runs without add-ons stay byte-identical to before.
+    for name in ("loras", "embeddings"):
+        if row[name]:
+            provenance[name] = json.loads(row[name])
+    if row["model_sha256"]:
+        provenance["model_sha256"] = row["model_sha256"]
+    return provenance
 
 
-def _save(job: _Job, image: Image.Image, flagged: bool | None, mode: str, ctx: StageContext) -> dict[str, Any]:
-    row = job.row
-    if flagged and mode == "withhold":
-        return {"status": "failed", "error": "withheld: the safety checker flagged this image", "safety_flagged": True}
-    identity = ctx.models["pipeline"]
-    parameters = format_parameters(
-        row["prompt"], row["negative_prompt"],
+def _a1111_parameters(row: dict[str, Any], run: _Run) -> str:
+    """The A1111 `parameters` text, with LoRAs and embeddings as A1111 writes them.
+
+    A1111 keeps `<lora:name:weight>` in the prompt it records (pasting it back loads the LoRA) and
+    lists `Lora hashes` (kohya's tensor-data hash, 12 digits) and `TI hashes` (file sha256, 12
+    digits), which sites such as Civitai use to link the resources; `Model hash` is the first 10
+    digits of a checkpoint file's sha256.
+    """
+    identity = run.ctx.models["pipeline"]
+    adapters = run.extras.adapters
+    prompt = row["prompt"]
+    extra: dict[str, Any] = {}
+    if adapters.loras:
+        tags, hashes = [], []
+        for lora in adapters.loras:
+            tags.append(f"<lora:{lora.name}:{lora.weight:g}>")
+            hashes.append(f"{lora.name}: {lora.a1111_hash}")
+        prompt = " ".join([prompt, *tags])
+        extra["Lora hashes"] = ", ".join(hashes)
+    if adapters.embeddings:
+        extra["TI hashes"] = ", ".join(f"{e.token}: {e.sha256[:12]}" for e in adapters.embeddings)
+    extra["Version"] = f"catalogen {catalogen.__version__}"
+    single = run.extras.single_file
+    model_hash = single.sha256[:10] if single else identity.revision.removeprefix("sha256:")[:10]
+    return format_parameters(
+        prompt, row["negative_prompt"],
         steps=row["steps"], scheduler=row["scheduler"], guidance_scale=row["guidance_scale"],
         seed=row["seed"], width=row["width"], height=row["height"],
-        model=identity.repo, model_hash=identity.revision.removeprefix("sha256:")[:10],
-        extra={"Version": f"catalogen {catalogen.__version__}"},
+        model=identity.repo, model_hash=model_hash, extra=extra,
     )
-    relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
-    data = encode_png(image, parameters, _provenance(row, ctx, flagged))
+
+
+def _save(job: _Job, image: Image.Image, flagged: bool | None, run: _Run) -> dict[str, Any]:
+    row = job.row
+    if flagged and run.mode == "withhold":
+        return {"status": "failed", "error": "withheld: the safety checker flagged this image", "safety_flagged": True}
+    store = run.ctx.store
+    relative = store.image_path(NAME, row["id"], row["variant"], row["key"])
+    data = encode_png(image, _a1111_parameters(row, run), _provenance(row, run, flagged))
     return {
         "status": "ok",
         "image_path": relative,
-        "image_sha256": ctx.store.write_image(relative, data),
+        "image_sha256": store.write_image(relative, data),
         "image_width": image.width,
         "image_height": image.height,
         "safety_flagged": flagged,
     }
 
 
-def _records(outcomes: list[Outcome], mode: str, ctx: StageContext) -> list[dict[str, Any]]:
+def _records(outcomes: list[Outcome], run: _Run) -> list[dict[str, Any]]:
     """Check, encode and write one batch's images; one result record per row."""
     images = [o.result for o in outcomes if o.error is None]
-    flags = iter(_safety_flags(ctx, images) if mode != "off" and images else [])
+    checked = run.mode != "off"
+    flags = iter(_safety_flags(run.ctx, images) if checked and images else [])
     records = []
     for outcome in outcomes:
         if outcome.error is not None:
             records.append({"status": "failed", "error": f"{type(outcome.error).__name__}: {outcome.error}"})
             continue
-        flagged = next(flags) if mode != "off" else None
+        flagged = next(flags) if checked else None
         try:
-            records.append(_save(outcome.item, outcome.result, flagged, mode, ctx))
+            records.append(_save(outcome.item, outcome.result, flagged, run))
         except OSError as exc:
             records.append({"status": "failed", "error": f"could not write image: {exc}"})
     return records
@@ -395,26 +839,81 @@ def _batch_signature(job: _Job) -> tuple:
     return (*(row[k] for k in BATCH_COLUMNS), bool(row["negative_prompt"]), job.chunks)
 
 
+# --- prompts that name embeddings -----------------------------------------------------------------
+
+# Negative embeddings that prompts (LLM-written ones especially) name as if every setup had them.
+KNOWN_EMBEDDINGS = (
+    "easynegative", "easynegativev2", "bad-hands-5", "badhandv4", "bad_prompt", "bad_prompt_version2",
+    "ng_deepnegative_v1_75t", "verybadimagenegative_v1.3", "bad-artist", "bad-artist-anime", "bad-image-v2-39000",
+    "negative_hand-neg", "fastnegativev2", "baddream", "unrealisticdream", "unaestheticxl_v10", "negativexl_d",
+)
+_ANGLE_TAG = re.compile(r"<[^<>\s]{1,80}>")
+_KNOWN_NAME = re.compile(
+    r"(?<![\w-])(?:" + "|".join(re.escape(name) for name in KNOWN_EMBEDDINGS) + r")(?![\w-])", re.IGNORECASE
+)
+_NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):", re.IGNORECASE)  # A1111 extra networks, not embeddings
+
+
+def unloaded_embeddings(text: str, loaded: frozenset[str]) -> list[str]:
+    """Names in `text` that look like embeddings and are not among the `loaded` tokens (lower case).
+
+    Looks like one: an angle-bracketed token (`<style>`, `<lora:x:1>`), or a popular negative
+    embedding's name as a whole word, any case. Each name once, in order of appearance.
+    """
+    found = [match.group(0) for match in _ANGLE_TAG.finditer(text)]
+    rest = _ANGLE_TAG.sub(" ", text)
+    found += [match.group(0) for match in _KNOWN_NAME.finditer(rest)]
+    names: list[str] = []
+    for name in found:
+        if name.lower() not in loaded and name not in names:
+            names.append(name)
+    return names
+
+
+def _notes(row: dict[str, Any], loaded: frozenset[str], warned: set[str]) -> str | None:
+    """The row's note on embeddings its prompts name but the run does not load; logged once per name."""
+    notes = []
+    for label, text in (("prompt", row["prompt"]), ("negative prompt", row["negative_prompt"])):
+        for name in unloaded_embeddings(text or "", loaded):
+            if _NETWORK_TAG.match(name):
+                notes.append(f"{label} has the A1111 tag {name!r}, which is read as plain words "
+                             "(LoRAs are set in generate.loras)")
+            else:
+                notes.append(f"{label} names embedding {name!r} which is not loaded")
+            if name not in warned:
+                warned.add(name)
+                log.warning("%s of row %s names %r, which is not a loaded embedding: it is read as plain words "
+                            "(load it with generate.embeddings, or drop it from the prompts)", label, row["id"], name)
+    return "; ".join(notes) or None
+
+
 def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     """Generate one image per planned row; failures are recorded per row, never raised.
 
     Args:
         planned (`pa.Table`): rows of `PLAN_SCHEMA` (from `plan`, prompts filled from upstream).
-        ctx (`StageContext`): the run's settings, the output folder, `models["pipeline"]`, the device.
+        ctx (`StageContext`): the run's settings, the output folder, `models["pipeline"]` (and a
+            `lora.<name>` / `embedding.<n>` role per add-on), the device.
 
     Returns:
         `pa.Table` of `OUTPUT_SCHEMA`, one row per planned row, in the same order.
     """
-    # 1. Load the pipeline (once per process) and decide the safety-checker mode.
-    pipe = load_pipeline(ctx.models["pipeline"], ctx.device.name, ctx.dtype, ctx.config.model_memory_gb)
-    mode = safety_mode(ctx.config)
+    # 1. Load the pipeline with the run's checkpoint file, LoRAs and embeddings (once per process).
+    extras = resolve_extras(ctx.config, ctx.models)
+    pipe = load_pipeline(ctx.models["pipeline"], ctx.device.name, ctx.dtype, ctx.config.model_memory_gb,
+                         single_file=extras.single_file, adapters=extras.adapters)
+    run = _Run(ctx, safety_mode(ctx.config), extras)
 
-    # 2. Group rows that can share a pipeline call.
+    # 2. Group rows that can share a pipeline call; note prompts naming embeddings that are not loaded.
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()
     groups: dict[tuple, list[_Job]] = {}
+    notes: list[str | None] = []
+    loaded = extras.loaded_tokens()
+    warned: set[str] = set()
     for position, row in enumerate(rows):
-        job = _Job(position, row, encoding_chunks(pipe.tokenizer, row["prompt"], row["negative_prompt"]))
+        job = _job(position, row, pipe, extras)
         groups.setdefault(_batch_signature(job), []).append(job)
+        notes.append(_notes(row, loaded, warned))
 
     # 3. Run each group through the batcher; write each batch's images and record every row.
     identity = ctx.models["pipeline"]
@@ -426,12 +925,13 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     for jobs in groups.values():
         started = time.perf_counter()
         for outcomes in batcher.run(jobs):
-            records = _records(outcomes, mode, ctx)
+            records = _records(outcomes, run)
             seconds = (time.perf_counter() - started) / len(outcomes)  # batch time, shared by its rows
             finished = datetime.now(timezone.utc)
             for outcome, record in zip(outcomes, records):
-                results[outcome.item.position] = {
-                    **outcome.item.row, **common, **record,
+                position = outcome.item.position
+                results[position] = {
+                    **outcome.item.row, **common, **record, "notes": notes[position],
                     "seconds": seconds, "batch_size": outcome.batch_size, "finished_at": finished,
                 }
             done += len(outcomes)

@@ -1,0 +1,602 @@
+"""Upscaling by 2, 3 or 4 with a ControlNet tile model, in overlapping tiles with blended seams.
+
+Reads: the previous image stage's output (or the catalog's image) and the row's prompt (an earlier
+stage's, else the catalog's or the template's, else `upscale.prompt`).
+Writes: one PNG per row of exactly (input width x factor, input height x factor). The input is
+Lanczos-resized by the factor and used as both the img2img image and the ControlNet's control
+image. Outputs larger than a tile are cut into overlapping tiles (`tile_grid`); each tile is
+denoised on its own and the tiles are blended with cosine ramps across every overlap (`Blend`),
+so no tile edge shows. An RGBA input keeps its alpha: Lanczos-resized alone and put back.
+Key: the base pipeline and ControlNet (repo, resolved revision), every setting that changes the
+pixels (factor, strength, conditioning scale, steps, guidance, scheduler, tile size and overlap),
+the row's prompts, seed and input image; the pipeline adds the keys of the upstream rows it read.
+
+A tile's noise comes from its own CPU generator, seeded from (row seed, tile index) (`tile_seed`),
+and every call runs at the full batch size, so a row's image depends neither on the other rows nor
+on which of its tiles share a call.
+
+    >>> planned = plan(rows, cfg, {"pipeline": pipeline_identity, "controlnet": controlnet_identity})
+    >>> results = process(planned, StageContext(cfg, RunStore("out"), identities, device, torch.float32))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+from pydantic import Field, field_validator
+
+import catalogen
+from catalogen.batching import AdaptiveBatcher, Outcome
+from catalogen.catalog import Rule, column_or_nulls
+from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
+from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.diffusion import load_pipeline
+from catalogen.hashing import MAX_SEED, column_keys, sha256_bytes, stable_hash
+from catalogen.models import ModelIdentity, cached
+from catalogen.pngmeta import encode_png, format_parameters
+from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
+from catalogen.source_image import SourceImageError, open_source
+from catalogen.stage import StageContext, output_schema
+from tasks import generate
+
+NAME = "upscale"
+VERSION = 1
+
+READS = ("image", "prompt")
+PROVIDES = ("image",)
+FROM_UPSTREAM = {
+    "source_image": ("image", "image_path"),
+    "prompt": ("prompt", "prompt"),
+    "negative_prompt": ("prompt", "negative_prompt"),
+}
+MAKES_IMAGES = True
+
+# The tile ControlNet per profile; the base pipeline is the profile's generate model, and the tile
+# size defaults to its native size (the tiny profile's 64, so small test images are tiled too).
+PROFILES: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(repo="tiny:controlnet-sd15", kind="controlnet"),
+    "tiny-sdxl": ModelSpec(repo="tiny:controlnet-sdxl", kind="controlnet"),
+    "sd15": ModelSpec(repo="lllyasviel/control_v11f1e_sd15_tile", kind="controlnet"),
+    "sdxl": ModelSpec(repo="xinsir/controlnet-tile-sdxl-1.0", kind="controlnet"),
+}
+MULTIPLE = 8  # tile sides: what the pipelines accept (the VAE's and UNet's downsampling)
+
+
+class Settings(Strict):
+    """Upscaling settings for the whole run."""
+
+    controlnet: ModelSpec | None = Field(
+        None, description="overrides the profile's tile ControlNet (it must match the base model's family)"
+    )
+    factor: int = Field(2, ge=2, le=4, description="output size = input size x factor")
+    strength: float = Field(0.8, gt=0, le=1, description="img2img strength: how much of each tile is redrawn")
+    controlnet_conditioning_scale: float = Field(1.0, ge=0, le=2)
+    steps: int = Field(20, ge=1, le=150)
+    guidance_scale: float = Field(7.0, ge=0, le=30)
+    scheduler: str = Field("euler", description=f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling")
+    prompt: str = Field("", description="the prompt for rows that have none")
+    negative_prompt: str = ""
+    tile_size: int | None = Field(None, ge=16, le=4096, description="tile side in output pixels, a multiple of 8; "
+                                  "default the model's native size")
+    tile_overlap: int | None = Field(None, ge=0, description="overlap between tiles; default 1/8 of the tile")
+    batch_size: int = Field(4, ge=1, le=256, description="tiles per pipeline call, always run at this size")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        canonical = canonical_scheduler(value)
+        if canonical is None:
+            raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(SCHEDULERS)}")
+        return canonical
+
+
+PLAN_FIELDS = [
+    pa.field("source_image", pa.string()),  # relative: an upstream stage's image; absolute: a catalog file
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("factor", pa.int32()),
+    pa.field("strength", pa.float64()),
+    pa.field("controlnet_conditioning_scale", pa.float64()),
+    pa.field("steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("scheduler", pa.string()),
+    pa.field("tile_size", pa.int32()),
+    pa.field("tile_overlap", pa.int32()),
+]
+PLAN_SCHEMA = pa.schema([
+    pa.field("id", pa.string()), pa.field("variant", pa.int32()), pa.field("key", pa.string()),
+    *PLAN_FIELDS, pa.field("source_bytes", pa.binary()),
+])
+OUTPUT_SCHEMA = output_schema(
+    [
+        *PLAN_FIELDS,
+        pa.field("tiles", pa.int32()),
+        pa.field("input_width", pa.int32()),
+        pa.field("input_height", pa.int32()),
+        pa.field("dtype", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("model_revision", pa.string()),
+        pa.field("controlnet", pa.string()),
+        pa.field("controlnet_revision", pa.string()),
+        pa.field("batch_size", pa.int32()),
+    ],
+    images=True,
+)
+SHARD_ORDER = ("negative_prompt",)
+RECORDED = tuple(f.name for f in PLAN_FIELDS)
+
+
+def controlnet_spec(cfg: RunConfig) -> ModelSpec:
+    return cfg.upscale.controlnet or PROFILES[cfg.profile]
+
+
+def models(cfg: RunConfig) -> dict[str, ModelSpec]:
+    return {"pipeline": generate.model_spec(cfg), "controlnet": controlnet_spec(cfg)}
+
+
+def rules(cfg: RunConfig) -> dict[str, Rule]:
+    return {}
+
+
+def tile_size(cfg: RunConfig) -> int:
+    return cfg.upscale.tile_size or generate.model_spec(cfg).default_size
+
+
+def tile_overlap(cfg: RunConfig) -> int:
+    if cfg.upscale.tile_overlap is not None:
+        return cfg.upscale.tile_overlap
+    return tile_size(cfg) // 8
+
+
+def config_faults(cfg: RunConfig) -> list[str]:
+    """Tiles the pipelines cannot take, overlaps that leave no tile its own middle, no denoising step."""
+    u = cfg.upscale
+    problems = []
+    size, overlap = tile_size(cfg), tile_overlap(cfg)
+    if size % MULTIPLE:
+        problems.append(f"upscale.tile_size={size}: must be a multiple of {MULTIPLE} "
+                        f"(from {cfg.origin('upscale.tile_size')})")
+    if overlap >= size / 2:
+        problems.append(f"upscale.tile_overlap={overlap}: must be less than half the tile ({size}) "
+                        f"(from {cfg.origin('upscale.tile_overlap')})")
+    if int(u.steps * u.strength) < 1:
+        problems.append(f"upscale.strength={u.strength} with upscale.steps={u.steps} leaves no denoising step "
+                        f"(steps x strength must be at least 1) (from {cfg.origin('upscale.strength')})")
+    return problems
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+def _catalog_image(rows: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """The catalog's own image (a path or bytes) for rows that bring one; the upstream image replaces it."""
+    path = column_or_nulls(rows, "image", pa.string())
+    data = column_or_nulls(rows, "image_bytes", pa.binary())
+    return path, data
+
+
+def _bytes_digests(data: pa.Array) -> pa.Array:
+    return pa.array([None if d is None else sha256_bytes(d) for d in data.to_pylist()], pa.string())
+
+
+def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) -> pa.Table:
+    """Each row's upscaling parameters and key; no model loads."""
+    u = cfg.upscale
+    n = rows.num_rows
+    size, overlap = tile_size(cfg), tile_overlap(cfg)
+    source_image, source_bytes = _catalog_image(rows)
+    columns = {
+        "source_image": source_image,
+        "prompt": pc.coalesce(pc.cast(rows.column("prompt"), pa.string()), pa.scalar(u.prompt, pa.string())),
+        "negative_prompt": pc.fill_null(column_or_nulls(rows, "negative_prompt", pa.string()), u.negative_prompt),
+        "seed": rows.column("seed"),
+        "factor": pa.array([u.factor] * n, pa.int32()),
+        "strength": pa.array([u.strength] * n, pa.float64()),
+        "controlnet_conditioning_scale": pa.array([u.controlnet_conditioning_scale] * n, pa.float64()),
+        "steps": pa.array([u.steps] * n, pa.int32()),
+        "guidance_scale": pa.array([u.guidance_scale] * n, pa.float64()),
+        "scheduler": pa.array([u.scheduler] * n, pa.string()),
+        "tile_size": pa.array([size] * n, pa.int32()),
+        "tile_overlap": pa.array([overlap] * n, pa.int32()),
+    }
+    pipeline, controlnet = models["pipeline"], models["controlnet"]
+    fixed = [NAME, VERSION, pipeline.repo, pipeline.revision, pipeline.variant, controlnet.repo, controlnet.revision,
+             u.factor, u.strength, u.controlnet_conditioning_scale, u.steps, u.guidance_scale, u.scheduler,
+             size, overlap]
+    per_row = [columns["prompt"], columns["negative_prompt"], columns["seed"], source_image,
+               _bytes_digests(source_bytes)]
+    keys = pa.array(column_keys(fixed, per_row), pa.string())
+    data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": keys, **columns,
+            "source_bytes": source_bytes}
+    return pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
+
+
+# --- tiles ----------------------------------------------------------------------------------------
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles start along one side of `length` pixels: as few as cover it with at least
+    `overlap` between neighbours, spread evenly so the last one ends exactly at the edge."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(t: np.ndarray) -> np.ndarray:
+    """A cosine ramp from 0 to 1 over t in [0, 1]; ramp(t) + ramp(1 - t) == 1."""
+    return 0.5 - 0.5 * np.cos(np.pi * t)
+
+
+def axis_weights(starts: list[int], tile: int, index: int) -> np.ndarray:
+    """A tile's blend weights along one side: rising across the overlap with the tile before it,
+    falling across the overlap with the tile after it, 1 elsewhere (and at the image's edges).
+
+    Across an overlap shared by two tiles, one rises exactly as the other falls (sampled at pixel
+    centres, so no weight is 0), so their weights sum to 1.
+    """
+    weights = np.ones(tile)
+    if index > 0:
+        shared = starts[index - 1] + tile - starts[index]
+        weights[:shared] *= _ramp((np.arange(shared) + 0.5) / shared)
+    if index < len(starts) - 1:
+        shared = starts[index] + tile - starts[index + 1]
+        weights[tile - shared:] *= 1 - _ramp((np.arange(shared) + 0.5) / shared)
+    return weights
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """How an output of `width` x `height` is cut: tiles of `tile_width` x `tile_height` at `boxes`.
+
+    A side no longer than the tile is one tile, rounded up to a multiple of 8 (`padded_*`: the image
+    is edge-padded to that and cropped back).
+    """
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    xs: tuple[int, ...]
+    ys: tuple[int, ...]
+
+    @property
+    def padded_width(self) -> int:
+        return max(self.width, self.tile_width)
+
+    @property
+    def padded_height(self) -> int:
+        return max(self.height, self.tile_height)
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """(left, top, right, bottom) of each tile, row by row: the tile index is the position here."""
+        return [(x, y, x + self.tile_width, y + self.tile_height) for y in self.ys for x in self.xs]
+
+    def weights(self, index: int) -> np.ndarray:
+        """Tile `index`'s blend weights, (tile_height, tile_width)."""
+        row, column = divmod(index, len(self.xs))
+        wy = axis_weights(list(self.ys), self.tile_height, row)
+        wx = axis_weights(list(self.xs), self.tile_width, column)
+        return np.outer(wy, wx)
+
+
+def tile_grid(width: int, height: int, tile: int, overlap: int) -> TileGrid:
+    """The tiles covering an output of `width` x `height` (see `TileGrid`)."""
+    tile_width = tile if width > tile else _round_up(width, MULTIPLE)
+    tile_height = tile if height > tile else _round_up(height, MULTIPLE)
+    xs, ys = axis_starts(width, tile, overlap), axis_starts(height, tile, overlap)
+    return TileGrid(width, height, tile_width, tile_height, tuple(xs), tuple(ys))
+
+
+class Blend:
+    """Tiles accumulated into one image, each weighted by `TileGrid.weights`, normalised at the end."""
+
+    def __init__(self, grid: TileGrid):
+        self.grid = grid
+        self.total = np.zeros((grid.padded_height, grid.padded_width, 3))
+        self.weight = np.zeros((grid.padded_height, grid.padded_width, 1))
+
+    def add(self, index: int, tile: np.ndarray) -> None:
+        """`tile`: (tile_height, tile_width, 3) floats in [0, 1]."""
+        left, top, right, bottom = self.grid.boxes[index]
+        weights = self.grid.weights(index)[..., None]
+        self.total[top:bottom, left:right] += weights * tile
+        self.weight[top:bottom, left:right] += weights
+
+    def result(self) -> np.ndarray:
+        """The blended image cropped to the output size, as 8-bit pixels."""
+        blended = (self.total / self.weight)[: self.grid.height, : self.grid.width]
+        return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
+
+
+def tile_seed(row_seed: int, index: int) -> int:
+    """Tile `index`'s noise seed: a function of the row's seed and the index only."""
+    return int(stable_hash("tile", row_seed, index)[:16], 16) & MAX_SEED
+
+
+def upscaled_input(image: Image.Image, grid: TileGrid) -> np.ndarray:
+    """The RGB input Lanczos-resized to the grid's output size, then edge-padded to the grid:
+    (padded_height, padded_width, 3) uint8."""
+    resized = np.asarray(image.convert("RGB").resize((grid.width, grid.height), Image.Resampling.LANCZOS))
+    pad = ((0, grid.padded_height - grid.height), (0, grid.padded_width - grid.width), (0, 0))
+    return np.pad(resized, pad, mode="edge")
+
+
+def upscaled_alpha(image: Image.Image, factor: int) -> Image.Image:
+    """The alpha channel Lanczos-resized on its own (what an RGBA input keeps)."""
+    size = (image.width * factor, image.height * factor)
+    return image.getchannel("A").resize(size, Image.Resampling.LANCZOS)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def load_controlnet(identity: ModelIdentity, device: str, dtype: torch.dtype, budget_gb: float | None = None):
+    """A ControlNet model from its folder (safetensors only), once per process."""
+
+    def build():
+        from diffusers import ControlNetModel
+
+        model = ControlNetModel.from_pretrained(
+            identity.path, dtype=dtype, use_safetensors=True, variant=identity.variant
+        )
+        return model.to(device).eval()
+
+    key = ("controlnet", identity.repo, identity.revision, device, str(dtype))
+    return cached(key, device, build, budget_gb)
+
+
+def _tiling_vae(vae):
+    """The VAE with tiling on, sharing its weights: a shallow copy, so the switch stays off on the
+    shared pipeline's VAE (generate's images must not change because an upscale ran in the process).
+    Tiling only acts on tiles larger than the VAE's own sample size."""
+    view = copy.copy(vae)
+    view.enable_tiling()
+    return view
+
+
+def _controlnet_view(pipe, controlnet, scheduler):
+    """A ControlNet img2img pipeline over the plain pipeline's modules and the ControlNet."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline
+
+    components = {**pipe.components, "scheduler": scheduler, "controlnet": controlnet, "vae": _tiling_vae(pipe.vae)}
+    if is_sdxl(pipe):
+        view = StableDiffusionXLControlNetImg2ImgPipeline(
+            **components, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt, add_watermarker=False
+        )
+    else:
+        view = StableDiffusionControlNetImg2ImgPipeline(**components, requires_safety_checker=False)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
+# --- process --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Work:
+    """One row on its way: its input, its tiles, and the blend that collects them."""
+
+    position: int
+    row: dict[str, Any]
+    chunks: int
+    source: Image.Image
+    grid: TileGrid
+    blend: Blend | None = None
+    pixels: np.ndarray | None = None  # the upscaled, padded input; made when the first tile needs it
+    left: int = 0  # tiles not yet blended
+    error: str | None = None
+    batch_size: int = 0
+    seconds: float = 0.0
+
+    def tile(self, index: int) -> Image.Image:
+        if self.pixels is None:
+            self.pixels = upscaled_input(self.source, self.grid)
+        left, top, right, bottom = self.grid.boxes[index]
+        return Image.fromarray(self.pixels[top:bottom, left:right])
+
+    def release(self) -> None:
+        self.pixels = None
+        self.blend = None
+
+    def add(self, index: int, tile: np.ndarray) -> None:
+        if self.blend is None:
+            self.blend = Blend(self.grid)
+        self.blend.add(index, tile)
+
+
+@dataclass(frozen=True)
+class _Tile:
+    work: _Work
+    index: int
+
+
+def _prepare(position: int, row: dict[str, Any], pipe, ctx: StageContext) -> _Work:
+    """A row's input, read, and its tile grid; raises SourceImageError for an input it cannot use."""
+    source = open_source(row, ctx.store.root)
+    factor = row["factor"]
+    grid = tile_grid(source.width * factor, source.height * factor, row["tile_size"], row["tile_overlap"])
+    chunks = prompt_chunks(pipe, row["prompt"], row["negative_prompt"])
+    return _Work(position, row, chunks, source, grid, left=len(grid.boxes))
+
+
+def _upscale_batch(pipe, controlnet, tiles: list[_Tile], size: int) -> list[np.ndarray]:
+    """One ControlNet img2img call over tiles, always `size` wide (padded with the last tile, whose
+    result is dropped: see tasks/generate.py `_generate`). Returns each tile as floats in [0, 1]."""
+    real = len(tiles)
+    tiles = tiles + [tiles[-1]] * (size - real)
+    first = tiles[0].work
+    row = first.row
+    view = _controlnet_view(pipe, controlnet, make_scheduler(row["scheduler"], pipe.scheduler.config))
+    images = [tile.work.tile(tile.index) for tile in tiles]
+    generators = [torch.Generator("cpu").manual_seed(tile_seed(t.work.row["seed"], t.index)) for t in tiles]
+    prompts = prompt_arguments(pipe, [t.work.row["prompt"] for t in tiles],
+                               [t.work.row["negative_prompt"] for t in tiles], first.chunks)
+    with torch.inference_mode():
+        out = view(
+            **prompts,
+            image=images,
+            control_image=images,
+            width=first.grid.tile_width,
+            height=first.grid.tile_height,
+            strength=row["strength"],
+            controlnet_conditioning_scale=row["controlnet_conditioning_scale"],
+            num_inference_steps=row["steps"],
+            guidance_scale=row["guidance_scale"],
+            generator=generators,
+            output_type="np",
+        )
+    arrays = list(out.images[:real])
+    if not all(np.isfinite(a).all() for a in arrays):
+        hint = "" if pipe.dtype == torch.float32 else "; try dtype float32"
+        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}){hint}")
+    return arrays
+
+
+def _provenance(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """What goes into the PNG: what decides the pixels, nothing that varies by run."""
+    pipeline, controlnet = ctx.models["pipeline"], ctx.models["controlnet"]
+    return {
+        **{k: row[k] for k in ("id", "variant", "key", *RECORDED)},
+        "stage": NAME,
+        "model": pipeline.repo,
+        "model_revision": pipeline.revision,
+        "controlnet": controlnet.repo,
+        "controlnet_revision": controlnet.revision,
+        "device": ctx.device.name,
+        "dtype": ctx.dtype_name,
+        "catalogen_version": catalogen.__version__,
+    }
+
+
+def _finish(work: _Work, ctx: StageContext) -> dict[str, Any]:
+    """The row's blended image, its alpha put back, written; or the failure of one of its tiles."""
+    facts = {"tiles": len(work.grid.boxes), "input_width": work.source.width, "input_height": work.source.height}
+    if work.error is not None:
+        return {**facts, "status": "failed", "error": work.error}
+    row = work.row
+    image = Image.fromarray(work.blend.result())
+    if work.source.mode == "RGBA":
+        image.putalpha(upscaled_alpha(work.source, row["factor"]))
+    pipeline, controlnet = ctx.models["pipeline"], ctx.models["controlnet"]
+    parameters = format_parameters(
+        row["prompt"], row["negative_prompt"],
+        steps=row["steps"], scheduler=row["scheduler"], guidance_scale=row["guidance_scale"],
+        seed=row["seed"], width=image.width, height=image.height,
+        model=pipeline.repo, model_hash=pipeline.revision.removeprefix("sha256:")[:10],
+        extra={"Denoising strength": row["strength"], "ControlNet": controlnet.repo,
+               "ControlNet weight": row["controlnet_conditioning_scale"], "Upscale factor": row["factor"],
+               "Tile": f"{row['tile_size']}/{row['tile_overlap']}", "Version": f"catalogen {catalogen.__version__}"},
+    )
+    relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
+    try:
+        digest = ctx.store.write_image(relative, encode_png(image, parameters, _provenance(row, ctx)))
+    except OSError as exc:
+        return {**facts, "status": "failed", "error": f"could not write image: {exc}"}
+    return {**facts, "status": "ok", "image_path": relative, "image_sha256": digest,
+            "image_width": image.width, "image_height": image.height}
+
+
+def _absorb(outcome: Outcome, seconds: float) -> _Work | None:
+    """Blend one tile's outcome into its row; the row, once its last tile is in."""
+    work, index = outcome.item.work, outcome.item.index
+    work.seconds += seconds
+    work.batch_size = outcome.batch_size
+    if outcome.error is not None and work.error is None:
+        work.error = f"tile {index}: {type(outcome.error).__name__}: {outcome.error}"
+    elif work.error is None:
+        work.add(index, outcome.result)
+    work.left -= 1
+    return work if work.left == 0 else None
+
+
+def _batch_signature(work: _Work) -> tuple:
+    """Tiles that can share one call: same tile shape and settings, same prompt encoding plan."""
+    row = work.row
+    settings = ("steps", "guidance_scale", "strength", "controlnet_conditioning_scale", "scheduler")
+    return (work.grid.tile_width, work.grid.tile_height, *(row[k] for k in settings), bool(row["negative_prompt"]),
+            work.chunks)
+
+
+def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
+    """Upscale one image per planned row; failures are recorded per row, never raised.
+
+    Args:
+        planned (`pa.Table`): rows of `PLAN_SCHEMA` (from `plan`, `source_image` and prompts filled from upstream).
+        ctx (`StageContext`): the run's settings, the output folder, `models["pipeline"]` and
+            `models["controlnet"]`, the device.
+
+    Returns:
+        `pa.Table` of `OUTPUT_SCHEMA`, one row per planned row, in the same order.
+    """
+    # 1. Load the plain pipeline (the one generate shares) and the ControlNet, once per process.
+    pipeline, controlnet_identity = ctx.models["pipeline"], ctx.models["controlnet"]
+    budget = ctx.config.model_memory_gb
+    pipe = load_pipeline(pipeline, ctx.device.name, ctx.dtype, budget)
+    controlnet = load_controlnet(controlnet_identity, ctx.device.name, ctx.dtype, budget)
+    common = {"device": ctx.device.name, "dtype": ctx.dtype_name, "model": pipeline.repo,
+              "model_revision": pipeline.revision, "controlnet": controlnet_identity.repo,
+              "controlnet_revision": controlnet_identity.revision}
+
+    # 2. Read each row's input and cut its output into tiles; a row whose input cannot be used fails here.
+    rows = planned.select(PLAN_SCHEMA.names).to_pylist()
+    results: list[dict[str, Any] | None] = [None] * len(rows)
+    groups: dict[tuple, list[_Tile]] = {}
+    for position, row in enumerate(rows):
+        try:
+            work = _prepare(position, row, pipe, ctx)
+        except SourceImageError as exc:
+            results[position] = {**row, **common, "status": "failed", "error": str(exc), "seconds": 0.0,
+                                 "finished_at": datetime.now(timezone.utc)}
+            continue
+        tiles = groups.setdefault(_batch_signature(work), [])
+        tiles += [_Tile(work, index) for index in range(len(work.grid.boxes))]
+    done = sum(r is not None for r in results)
+    ctx.progress(done)
+
+    # 3. Run the tiles through the batcher; blend each into its row; write a row once its last tile is in.
+    batcher = AdaptiveBatcher(_batch_runner(pipe, controlnet), ctx.config.upscale.batch_size)
+    for tiles in groups.values():
+        started = time.perf_counter()
+        for outcomes in batcher.run(tiles):
+            seconds = (time.perf_counter() - started) / len(outcomes)
+            complete = []
+            for outcome in outcomes:
+                work = _absorb(outcome, seconds)
+                if work is not None:
+                    complete.append(work)
+            for work in complete:
+                results[work.position] = {
+                    **work.row, **common, **_finish(work, ctx),
+                    "seconds": work.seconds, "batch_size": work.batch_size, "finished_at": datetime.now(timezone.utc),
+                }
+                work.release()
+            done += len(complete)
+            ctx.progress(done)
+            started = time.perf_counter()
+    return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)
+
+
+def _batch_runner(pipe, controlnet):
+    """The batcher's call: one padded ControlNet img2img call over a batch of tiles."""
+
+    def run(tiles: list[_Tile], size: int) -> list[np.ndarray]:
+        return _upscale_batch(pipe, controlnet, tiles, size)
+
+    return run
