@@ -427,3 +427,24 @@ def load_image(
     """
     data = read_source(source_image, source_bytes, run_root, settings)
     return decode_image(data, settings, source_image or "the catalog's bytes")
+
+
+def read_planned(
+    source_image: str | None, source_identity: str | None, source_bytes: bytes | None, run_root: Path,
+    settings: ImageSettings,
+) -> tuple[bytes, Image.Image]:
+    """A planned row's image bytes and decoded image; a catalog file must still be the one its key was made from.
+
+    `source_identity` is what the plan recorded (`image_identity`); a catalog file whose size or
+    time changed since then raises ImageLoadError, so a result is never recorded under the key of
+    other content.
+    """
+    if source_image is not None and source_identity is not None and source_identity.startswith("file:"):
+        try:
+            now = file_identity(source_image)
+        except OSError as exc:
+            raise ImageLoadError(f"cannot read {source_image}: {exc.strerror or exc}") from None
+        if now != source_identity:
+            raise ImageLoadError(f"{source_image} changed (size or time) since the run was planned; run again to use it")
+    data = read_source(source_image, source_bytes, run_root, settings)
+    return data, decode_image(data, settings, source_image or "the catalog's bytes")

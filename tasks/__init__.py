@@ -6,7 +6,7 @@ plus its line below: see catalogen/stage.py for the contract.
 """
 
 from catalogen.stage import Stage
-from tasks import enhance, generate, remove_bg, style, upscale
+from tasks import caption, enhance, generate, remove_bg, style, upscale
 
 STAGES: dict[str, Stage] = {
     enhance.NAME: enhance,
@@ -14,4 +14,5 @@ STAGES: dict[str, Stage] = {
     remove_bg.NAME: remove_bg,
     style.NAME: style,
     upscale.NAME: upscale,
+    caption.NAME: caption,
 }

@@ -38,7 +38,7 @@ import catalogen
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.images import ImageLoadError, decode_image, file_identity, image_identities, read_source
+from catalogen.images import ImageLoadError, image_identities, read_planned
 from catalogen.models import ModelIdentity, TINY_PREFIX, cached
 from catalogen.placement import alpha_box, canvas_size, coverage, fill_ratio, parse_aspect, parse_color, place
 from catalogen.rembg_models import KIND, REMBG_MODELS, home_of
@@ -329,16 +329,8 @@ def _png(image: Image.Image, provenance: dict[str, Any]) -> bytes:
 
 def _read(row: dict[str, Any], ctx: StageContext) -> tuple[bytes, Image.Image]:
     """The row's image bytes and decoded image; a catalog file must be the one the key was made from."""
-    source, planned = row["source_image"], row["source_identity"]
-    if source is not None and planned is not None and planned.startswith("file:"):
-        try:
-            now = file_identity(source)
-        except OSError as exc:
-            raise ImageLoadError(f"cannot read {source}: {exc.strerror or exc}") from None
-        if now != planned:
-            raise ImageLoadError(f"{source} changed (size or time) since the run was planned; run again to use it")
-    data = read_source(source, row["source_bytes"], ctx.store.root, ctx.config.images)
-    return data, decode_image(data, ctx.config.images, source or "the catalog's bytes")
+    return read_planned(row["source_image"], row["source_identity"], row["source_bytes"], ctx.store.root,
+                        ctx.config.images)
 
 
 def _write_canvas(cutout: Image.Image, row: dict[str, Any], provenance: dict[str, Any], ctx: StageContext) -> dict:
