@@ -14,17 +14,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The demo catalog on the tiny profile: built in code, no network needed.
+## The demo catalog on the tiny profile (generate -> caption): built in code, no network needed.
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/catalogen run catalogs/demo_prompts.parquet --profile tiny --out outputs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/catalogen run catalogs/demo_prompts.parquet --config configs/dataset.yaml --profile tiny --out outputs/demo
 
 ## The whole test suite, offline, on the CPU.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-## Throughput of the flow against a bare loop (prints figures; not a test).
+## Every benchmark (prints figures side by side; not tests).
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scale.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/enhance.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export.py
 
 clean:
 	rm -rf $(VENV) outputs/*/

@@ -35,10 +35,10 @@ import pyarrow.parquet as pq  # noqa: E402
 from catalogen.catalog import shard  # noqa: E402
 from catalogen.config import load_config  # noqa: E402
 from catalogen.devices import default_dtype, visible_devices  # noqa: E402
-from catalogen.models import load_pipeline  # noqa: E402
+from catalogen.diffusion import load_pipeline  # noqa: E402
 from catalogen.runplan import prepare  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
-from tasks import STAGES, generate  # noqa: E402
+from tasks import generate  # noqa: E402
 
 
 def make_catalog(path: Path, rows: int) -> Path:
@@ -57,9 +57,9 @@ def make_catalog(path: Path, rows: int) -> Path:
 def bare_loop(catalog: Path, overrides: dict, out: Path) -> tuple[float, float]:
     """Wall time of a plain loop over the shards, and the time spent inside the stage's batches."""
     cfg = load_config(None, overrides)
-    plan = prepare(catalog, cfg, out, STAGES)
+    plan = prepare(catalog, cfg, out)
     device = visible_devices(cfg.device)[0]
-    ctx = StageContext(cfg, plan.store, plan.identities["generate"], device, default_dtype(device, cfg.dtype))
+    ctx = StageContext(cfg, plan.store, plan.models["generate"], device, default_dtype(device, cfg.dtype))
     started = time.perf_counter()
     tables = [generate.process(piece, ctx) for piece in shard(plan.planned["generate"], cfg.rows_per_shard)]
     wall = time.perf_counter() - started
@@ -71,8 +71,9 @@ def flow_run(catalog: Path, overrides: dict, out: Path) -> tuple[float, float]:
     from flows.run import catalogen_run
 
     started = time.perf_counter()
-    summary = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides)
+    state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True)
     wall = time.perf_counter() - started
+    summary = state.result()
     assert summary["ok"] == summary["rows"], summary
     return wall, pq.read_table(out / "results.parquet", columns=["generate_seconds"]).column(0).to_numpy().sum()
 
@@ -82,9 +83,9 @@ def measure(side: str, catalog: Path, overrides: dict, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if side == "bare":
         cfg = load_config(None, overrides)
-        plan = prepare(catalog, cfg, work / "warm", STAGES)
+        plan = prepare(catalog, cfg, work / "warm")
         device = visible_devices(cfg.device)[0]
-        load_pipeline(plan.identities["generate"], device.name, default_dtype(device, cfg.dtype))
+        load_pipeline(plan.models["generate"]["pipeline"], device.name, default_dtype(device, cfg.dtype))
         wall, inside = bare_loop(catalog, overrides, work / "run")
         extra = {}
     else:  # warm up through a small flow, so the models load where the flow's tasks run

@@ -87,7 +87,7 @@ def tokenize(tokenizer, text: str) -> Tokens:
     weights: list[float] = []
     for fragment, weight in parse_weights(text):
         if fragment:
-            found = tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids
+            found = tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids
             ids += found
             weights += [weight] * len(found)
     return Tokens(ids, weights)
