@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import catalogen
-from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_catalog, select_rows, validate_catalog
+from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_catalog, select_rows, string_ids, validate_catalog
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
@@ -406,32 +406,55 @@ def read_config(store: RunStore) -> tuple[RunConfig, dict[str, dict[str, ModelId
 # --- what is done, what is pending ----------------------------------------------------------------
 
 
-def aligned(planned: pa.Table, found: pa.Table, columns: Sequence[str]) -> pa.Table:
-    """`found`'s `columns` for each planned row (matched on id, variant, key), in planned order.
-
-    Asked-for key columns (`id`, `variant`, `key`) come from the planned rows themselves.
-    """
-    values = [c for c in columns if c not in ROW_KEY]
-    if found.num_rows == 0:
-        joined = pa.table({c: pa.nulls(planned.num_rows, found.schema.field(c).type) for c in values})
-    else:
-        left = planned.select(list(ROW_KEY)).append_column("_row", pa.array(np.arange(planned.num_rows)))
-        joined = left.join(found.select([*ROW_KEY, *values]), keys=list(ROW_KEY), join_type="left outer")
-        joined = joined.sort_by("_row")
-    return pa.table({c: planned.column(c) if c in ROW_KEY else joined.column(c) for c in columns})
-
-
 def set_aside_unreadable_parts(plan: RunPlan) -> list[Path]:
     """Parts that cannot be read are moved aside, so their rows are redone instead of aborting the run."""
     return [p for name in plan.config.stages for p in plan.store.set_aside_unreadable(name)]
 
 
 def done_results(plan: RunPlan, stage: str, columns: Sequence[str]) -> pa.Table:
-    """The newest result of each planned row under its current key (nulls where none)."""
+    """The newest result of each planned row under its current key (nulls where none).
+
+    Results are matched to rows by id (a hash lookup in the catalog's ids) and variant, then kept
+    only where their key is the row's current one; a row recorded more than once under its key (a
+    retry, `catalogen verify`) keeps its newest. No join over millions of string keys is needed.
+    """
     module = stage_modules(plan.config)[stage]
     wanted = list(dict.fromkeys(["status", *columns]))
-    found = plan.store.latest(stage, module.OUTPUT_SCHEMA, wanted)
-    return aligned(plan.planned[stage], found, wanted)
+    values = [c for c in wanted if c not in ROW_KEY]
+    planned = plan.planned[stage]
+    found = plan.store.stage_rows(stage, module.OUTPUT_SCHEMA, list(dict.fromkeys([*ROW_KEY, "finished_at", *values])))
+    position = _planned_positions(plan, found)
+    if len(position):
+        usable = position >= 0
+        current = planned.column("key").take(pa.array(np.where(usable, position, 0)))
+        usable &= pc.fill_null(pc.equal(found.column("key"), current), False).to_numpy(zero_copy_only=False)
+        candidates = np.flatnonzero(usable)
+        newest_first = np.lexsort((-found.column("finished_at").to_numpy().astype("int64")[candidates],
+                                   position[candidates]))
+        candidates = candidates[newest_first]
+        rows = position[candidates]
+        keep = np.concatenate([[True], rows[1:] != rows[:-1]]) if len(rows) else np.array([], bool)
+        source = np.full(planned.num_rows, -1, dtype=np.int64)
+        source[rows[keep]] = candidates[keep]
+    else:
+        source = np.full(planned.num_rows, -1, dtype=np.int64)
+    take = pa.array(source, mask=source < 0)
+    return pa.table({c: planned.column(c) if c in ROW_KEY else found.column(c).take(take) for c in wanted})
+
+
+def _planned_positions(plan: RunPlan, found: pa.Table) -> np.ndarray:
+    """The planned row each recorded result belongs to by (id, variant), or -1 if none does."""
+    if found.num_rows == 0:
+        return np.array([], dtype=np.int64)
+    catalog_row = pc.index_in(found.column("id"), string_ids(plan.catalog))
+    index = plan.rows.column("index").to_numpy()
+    starts = np.searchsorted(index, np.arange(plan.catalog.num_rows))
+    counts = np.diff(np.append(starts, len(index)))
+    known = catalog_row.is_valid().to_numpy(zero_copy_only=False)
+    row = pc.fill_null(catalog_row, 0).to_numpy().astype(np.int64)
+    variant = found.column("variant").to_numpy().astype(np.int64)
+    known &= variant < counts[row]
+    return np.where(known, starts[row] + variant, -1)
 
 
 def pending_masks(plan: RunPlan, retry_failed: bool, done: Mapping[str, pa.Table]) -> dict[str, np.ndarray]:

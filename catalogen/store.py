@@ -274,18 +274,6 @@ class RunStore:
         files = [str(p) for p in self.part_files(stage)]
         return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
 
-    def latest(self, stage: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-        """The newest result per (id, variant, key), over all parts."""
-        wanted = list(dict.fromkeys([*ROW_KEY, "finished_at", *(columns or schema.names)]))
-        rows = self.stage_rows(stage, schema, wanted)
-        if rows.num_rows == 0:
-            return rows
-        rows = rows.sort_by([("finished_at", "ascending")])
-        others = [c for c in wanted if c not in ROW_KEY]
-        newest = rows.group_by(list(ROW_KEY), use_threads=False).aggregate([(c, "last") for c in others])
-        return newest.rename_columns([*ROW_KEY, *others]).select(wanted)
-
-
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
