@@ -208,6 +208,19 @@ def _start_prefect_api() -> threading.Thread | None:
     return thread
 
 
+def _refuse_if_busy(store: RunStore) -> None:
+    holder = store.holder()
+    if holder:
+        raise RunFolderBusy(f"{store.root} is in use by another run ({holder})")
+
+
+def _abandon(warming: threading.Thread | None) -> None:
+    """A refused run does not wait for the API server to finish starting: it leaves at once, and
+    Prefect's exit handler (registered as soon as the server process exists) stops it."""
+    if warming is not None:
+        warming.join(timeout=1.0)
+
+
 def _progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -243,21 +256,21 @@ def run(
     _prefect_environment()
     warming = None
     try:
+        if out is not None:
+            _refuse_if_busy(RunStore(out))  # at once, before anything starts
+        warming = _start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
         overrides, origins = _settings(set_, **named)
         cfg = load_config(config, overrides, origins)
         folder = out if out is not None else default_out(catalog, cfg)
         store = RunStore(folder)
-        holder = store.holder()
-        if holder:
-            raise RunFolderBusy(f"{folder} is in use by another run ({holder})")
-        warming = _start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
+        _refuse_if_busy(store)
         prepare(catalog, cfg, folder, Selection(limit, sample))  # remembered: the flow reuses it
         check_folder_catalog(store, catalog, new_catalog)
     except REFUSALS as exc:
+        _abandon(warming)
         _fail(exc)
-    finally:
-        if warming is not None:
-            warming.join()
+    if warming is not None:
+        warming.join()
     from flows.run import catalogen_run
 
     _log_above(err)

@@ -17,9 +17,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 
 class DeviceError(RuntimeError):
@@ -36,6 +38,8 @@ class Device:
 
 
 def _cuda_device(index: int) -> Device:
+    import torch
+
     props = torch.cuda.get_device_properties(index)
     uuid = getattr(props, "uuid", None)
     return Device(f"cuda:{index}", f"gpu-{uuid}" if uuid else f"gpu-{index}")
@@ -43,6 +47,8 @@ def _cuda_device(index: int) -> Device:
 
 def visible_devices(requested: str = "auto") -> list[Device]:
     """The devices a run may lease: every visible GPU for "auto", else what was asked for."""
+    import torch  # here, not at import: the CLI answers (and refuses) before torch has loaded
+
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return [Device("cpu", "cpu")]
     if not torch.cuda.is_available():
@@ -55,9 +61,11 @@ def visible_devices(requested: str = "auto") -> list[Device]:
     return [_cuda_device(index)]
 
 
-def default_dtype(device: Device, requested: str = "auto") -> torch.dtype:
+def default_dtype(device: Device, requested: str = "auto") -> "torch.dtype":
     """float32 on the CPU; float16 on CUDA, as Stable Diffusion is usually run (diffusers upcasts
     the SDXL VAE itself where float16 would overflow)."""
+    import torch
+
     if requested != "auto":
         return getattr(torch, requested)
     return torch.float32 if device.name == "cpu" else torch.float16

@@ -23,11 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import torch
-
 from catalogen.config import ModelSpec, RunConfig
 from catalogen.hashing import sha256_file, stable_hash
-from catalogen.tiny import ensure_tiny
+from catalogen.tiny import ensure_tiny, tiny_root
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +116,11 @@ def _download(spec: ModelSpec, offline: bool) -> Path:
 def resolve_model(spec: ModelSpec, cfg: RunConfig) -> ModelIdentity:
     """Find (or, when allowed, download) a model's files and pin its exact revision."""
     if spec.repo.startswith(TINY_PREFIX):
-        with quiet_loading():
-            folder = ensure_tiny(spec.repo[len(TINY_PREFIX):], cfg.resolved_cache_dir())
+        name, cache = spec.repo[len(TINY_PREFIX):], cfg.resolved_cache_dir()
+        folder = tiny_root(cache) / name
+        if not folder.is_dir():  # build it (once per machine); importing the libraries only then
+            with quiet_loading():
+                folder = ensure_tiny(name, cache)
         return ModelIdentity(spec.repo, _folder_hash(str(folder)), str(folder), spec.kind)
     if spec.kind == "rembg":  # a named rembg model: one ONNX file in <cache_dir>/rembg
         from catalogen.rembg_models import resolve_rembg
@@ -247,6 +248,8 @@ def clear_cache() -> None:
 
 def nbytes(value: Any) -> int:
     """Memory held by a loaded model: its tensors, found through pipelines, tuples and modules."""
+    import torch
+
     if isinstance(value, torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in [*value.parameters(), *value.buffers()])
     if isinstance(value, (tuple, list)):
@@ -262,6 +265,8 @@ def nbytes(value: Any) -> int:
 def default_budget(device: str) -> int:
     """80% of a GPU's memory; 50% of the machine's RAM for the CPU."""
     if device.startswith("cuda"):
+        import torch
+
         return int(0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
     import psutil
 
@@ -279,6 +284,8 @@ def _evict_for(device: str, needed: int, budget: int) -> None:
                  key[1], device, entry.nbytes / 2**20, budget / 2**30)
         _loads.append({"event": "release", "what": key[0], "repo": key[1], "device": device, "bytes": entry.nbytes})
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.empty_cache()
 
 

@@ -22,10 +22,9 @@ Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 import pyarrow as pa
-import torch
 from pydantic import BaseModel
 
 from catalogen.catalog import Rule
@@ -33,6 +32,9 @@ from catalogen.config import ModelSpec, RunConfig
 from catalogen.devices import Device
 from catalogen.models import ModelIdentity
 from catalogen.store import RunStore
+
+if TYPE_CHECKING:
+    import torch
 
 SHARED_COLUMNS = [
     pa.field("id", pa.string()),
@@ -71,7 +73,7 @@ class StageContext:
     store: RunStore
     models: dict[str, ModelIdentity]  # by role, as the stage's `models(cfg)` named them
     device: Device
-    dtype: torch.dtype
+    dtype: "torch.dtype"
     progress: Callable[[int], None] = _ignore  # rows finished so far in this table
 
     @property

@@ -12,14 +12,11 @@ row gives the same image everywhere.
 from __future__ import annotations
 
 import os
+import importlib
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
-
-from catalogen import tiny_adapters
-from catalogen.tiny_llm import build_llm
-from catalogen.tiny_vision import build_blip2, build_clip, build_rembg
 
 # Bump when the architecture or weights below change: it is part of the cache path, so an old build
 # is never mistaken for the new one.
@@ -194,24 +191,30 @@ def build_sdxl(folder: Path, cache_dir: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-# name -> builder(folder, cache_dir); a builder may call `ensure_tiny` for the models it derives from.
-_BUILDERS: dict[str, Callable[[Path, Path], None]] = {
-    "sd15": build_sd15,
-    "sdxl": build_sdxl,
-    "rembg": build_rembg,
-    "blip2": build_blip2,
-    "clip": build_clip,
-    "llm": build_llm,
-    "controlnet-sd15": tiny_adapters.build_controlnet_sd15,
-    "controlnet-sdxl": tiny_adapters.build_controlnet_sdxl,
-    "ip-adapter": tiny_adapters.build_ip_adapter,
-    "lora-sd15": tiny_adapters.build_lora_sd15,
-    "lora-sdxl": tiny_adapters.build_lora_sdxl,
-    "ti-sd15": tiny_adapters.build_ti_sd15,
-    "ti-sdxl": tiny_adapters.build_ti_sdxl,
-    "single-file": tiny_adapters.build_single_file,
+# name -> builder(folder, cache_dir), as "module:function" so that naming a tiny model imports none of
+# the libraries its builder needs; a builder may call `ensure_tiny` for the models it derives from.
+_BUILDERS: dict[str, str] = {
+    "sd15": "catalogen.tiny:build_sd15",
+    "sdxl": "catalogen.tiny:build_sdxl",
+    "rembg": "catalogen.tiny_vision:build_rembg",
+    "blip2": "catalogen.tiny_vision:build_blip2",
+    "clip": "catalogen.tiny_vision:build_clip",
+    "llm": "catalogen.tiny_llm:build_llm",
+    "controlnet-sd15": "catalogen.tiny_adapters:build_controlnet_sd15",
+    "controlnet-sdxl": "catalogen.tiny_adapters:build_controlnet_sdxl",
+    "ip-adapter": "catalogen.tiny_adapters:build_ip_adapter",
+    "lora-sd15": "catalogen.tiny_adapters:build_lora_sd15",
+    "lora-sdxl": "catalogen.tiny_adapters:build_lora_sdxl",
+    "ti-sd15": "catalogen.tiny_adapters:build_ti_sd15",
+    "ti-sdxl": "catalogen.tiny_adapters:build_ti_sdxl",
+    "single-file": "catalogen.tiny_adapters:build_single_file",
 }
 TINY_MODELS = tuple(_BUILDERS)
+
+
+def _builder(name: str) -> Callable[[Path, Path], None]:
+    module, function = _BUILDERS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def tiny_root(cache_dir: Path) -> Path:
@@ -232,7 +235,7 @@ def ensure_tiny(name: str, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _BUILDERS[name](tmp, cache_dir)
+        _builder(name)(tmp, cache_dir)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; theirs is identical
