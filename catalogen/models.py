@@ -113,14 +113,41 @@ def _download(spec: ModelSpec, offline: bool) -> Path:
     return Path(snapshot_download(spec.repo, revision=spec.revision, allow_patterns=patterns, local_files_only=offline))
 
 
+def _build_tiny(name: str, cache: Path) -> Path:
+    with quiet_loading():
+        return ensure_tiny(name, cache)
+
+
+def _in_a_thread_of_its_own(function: Callable[..., Any], *args: Any) -> Any:
+    """Run `function` in a short-lived thread and return its result (or raise its error).
+
+    Torch kernels run once on a process's main thread make later torch work in its other threads
+    (where the flow's tasks run) measurably slower (benchmarks/threads.py). Building the tiny
+    models is the only torch work the CLI would do on its main thread, so it happens here.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"catalogen-{getattr(function, '__name__', 'work')}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def resolve_model(spec: ModelSpec, cfg: RunConfig) -> ModelIdentity:
     """Find (or, when allowed, download) a model's files and pin its exact revision."""
     if spec.repo.startswith(TINY_PREFIX):
         name, cache = spec.repo[len(TINY_PREFIX):], cfg.resolved_cache_dir()
         folder = tiny_root(cache) / name
         if not folder.is_dir():  # build it (once per machine); importing the libraries only then
-            with quiet_loading():
-                folder = ensure_tiny(name, cache)
+            folder = _in_a_thread_of_its_own(_build_tiny, name, cache)
         return ModelIdentity(spec.repo, _folder_hash(str(folder)), str(folder), spec.kind)
     if spec.kind == "rembg":  # a named rembg model: one ONNX file in <cache_dir>/rembg
         from catalogen.rembg_models import resolve_rembg
