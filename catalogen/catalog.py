@@ -134,25 +134,28 @@ def _rows(labels: "RowLabels", mask: np.ndarray) -> tuple[str, ...]:
 
 
 def _parse_numbers(column: pa.ChunkedArray, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
-    """Text cells (CSV, JSON) that hold numbers -> float64; cells that do not are faults."""
+    """Text cells (CSV, JSON) that hold numbers -> float64; cells that do not are faults.
+
+    "NaN", like a blank cell, means "not given" (it is how some tools write a missing number).
+    """
     text = pc.utf8_trim_whitespace(column)
     parsed: dict[str, float | None] = {}
+    unparsable: list[str] = []
     for value in pc.unique(text).to_pylist():
-        if value is None or value == "":
-            parsed[value] = None
-            continue
         try:
-            parsed[value] = float(value)
+            number = float(value) if value else None
         except ValueError:
-            parsed[value] = math.nan  # marked, reported below
+            unparsable.append(value)
+            number = None
+        parsed[value] = None if number is None or math.isnan(number) else number
     keys = pa.array(list(parsed), pa.string())
     numbers = pa.array(list(parsed.values()), pa.float64()).take(pc.index_in(text, keys))
-    bad = pc.fill_null(pc.is_nan(numbers), False).to_numpy(zero_copy_only=False)
-    faults = []
-    if bad.any():
-        faults.append(Fault(f"must hold {_WANTED[rule.kind]}; some cells are not numbers", name, _rows(labels, bad)))
-        numbers = pc.if_else(pa.array(bad), pa.scalar(None, pa.float64()), numbers)
-    return numbers, faults
+    if not unparsable:
+        return numbers, []
+    bad = pc.fill_null(pc.is_in(text, pa.array(unparsable, pa.string())), False).to_numpy(zero_copy_only=False)
+    examples = ", ".join(repr(v) for v in unparsable[:3])
+    return numbers, [Fault(f"must hold {_WANTED[rule.kind]}; some cells are not numbers (e.g. {examples})", name,
+                           _rows(labels, bad))]
 
 
 def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:

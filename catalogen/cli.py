@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -184,41 +186,60 @@ def _prefect_environment() -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # catalogen also logs outside runs
 
 
-def _start_prefect_api() -> threading.Thread | None:
-    """Start Prefect's ephemeral API server in the background (none when PREFECT_API_URL names one).
+@dataclass
+class _PrefectAPI:
+    """A Prefect API server of this invocation's own, started in the background.
 
-    It takes seconds to come up; started here, it does so while the catalog is being checked and
-    planned. The flow then finds it running (it is one server per process).
+    Prefect's ephemeral API takes seconds to come up; started at once, it does so while the catalog
+    is checked and planned, and the flow is then pointed at it. It is a server instance of its own,
+    not Prefect's per-process one, so a refused invocation need not wait for it: it is stopped when
+    the process exits, and nothing else in the process ever talks to a half-started server.
     """
+
+    thread: threading.Thread | None = None
+    url: str | None = None
+
+    def ready(self) -> str | None:
+        """Wait for it; its API URL, or None if it did not start (the flow then starts its own)."""
+        if self.thread is not None:
+            self.thread.join()
+        return self.url
+
+    def abandon(self) -> None:
+        """A refused run leaves at once; Prefect's exit handler stops the server once it exists."""
+        if self.thread is not None:
+            self.thread.join(timeout=1.0)
+
+
+def _start_prefect_api() -> _PrefectAPI:
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        return None
+    api = _PrefectAPI()
+    if PREFECT_API_URL.value():  # a server the user runs
+        return api
 
     def start() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = SubprocessASGIServer(port=port)
         try:
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 - the flow starts it again, and reports the error
+            server.start()
+        except Exception:  # noqa: BLE001 - the flow starts Prefect's own, and reports any error
             return
+        api.url = server.api_url
 
-    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
-    thread.start()
-    return thread
+    api.thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    api.thread.start()
+    return api
 
 
 def _refuse_if_busy(store: RunStore) -> None:
     holder = store.holder()
     if holder:
         raise RunFolderBusy(f"{store.root} is in use by another run ({holder})")
-
-
-def _abandon(warming: threading.Thread | None) -> None:
-    """A refused run does not wait for the API server to finish starting: it leaves at once, and
-    Prefect's exit handler (registered as soon as the server process exists) stops it."""
-    if warming is not None:
-        warming.join(timeout=1.0)
 
 
 def _progress_bar() -> Progress:
@@ -254,11 +275,11 @@ def run(
         "stages": ([s.strip() for s in stages.split(",") if s.strip()] if stages else None, "--stages"),
     }
     _prefect_environment()
-    warming = None
+    api = _PrefectAPI()
     try:
         if out is not None:
             _refuse_if_busy(RunStore(out))  # at once, before anything starts
-        warming = _start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
+        api = _start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
         overrides, origins = _settings(set_, **named)
         cfg = load_config(config, overrides, origins)
         folder = out if out is not None else default_out(catalog, cfg)
@@ -267,17 +288,17 @@ def run(
         prepare(catalog, cfg, folder, Selection(limit, sample))  # remembered: the flow reuses it
         check_folder_catalog(store, catalog, new_catalog)
     except REFUSALS as exc:
-        _abandon(warming)
+        api.abandon()
         _fail(exc)
-    if warming is not None:
-        warming.join()
+    url = api.ready()
     from flows.run import catalogen_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     _log_above(err)
     progress = _progress_bar()
     set_reporter(_RichReporter(progress))
     try:
-        with store.exclusive(), progress:
+        with store.exclusive(), progress, temporary_settings({PREFECT_API_URL: url} if url else {}):
             state = catalogen_run(
                 catalog=str(catalog), out=str(folder), config=str(config) if config else None,
                 overrides=overrides, origins=origins, retry_failed=retry_failed, new_catalog=new_catalog,
