@@ -188,19 +188,19 @@ def _prefect_environment() -> None:
 
 @dataclass
 class _PrefectAPI:
-    """A Prefect API server of this invocation's own, started in the background.
+    """A Prefect API server of this process's own, started in the background.
 
     Prefect's ephemeral API takes seconds to come up; started at once, it does so while the catalog
-    is checked and planned, and the flow is then pointed at it. It is a server instance of its own,
-    not Prefect's per-process one, so a refused invocation need not wait for it: it is stopped when
-    the process exits, and nothing else in the process ever talks to a half-started server.
+    is checked and planned, and the flow is then pointed at it. Its URL is published only once it
+    answers, so a refused invocation need not wait for it and nothing ever talks to a half-started
+    server; later invocations in the same process reuse it. It stops when the process exits.
     """
 
     thread: threading.Thread | None = None
     url: str | None = None
 
     def ready(self) -> str | None:
-        """Wait for it; its API URL, or None if it did not start (the flow then starts its own)."""
+        """Wait for it; its API URL, or None if it did not start (the flow then starts Prefect's own)."""
         if self.thread is not None:
             self.thread.join()
         return self.url
@@ -211,29 +211,37 @@ class _PrefectAPI:
             self.thread.join(timeout=1.0)
 
 
+_api: _PrefectAPI | None = None
+_api_lock = threading.Lock()
+
+
 def _start_prefect_api() -> _PrefectAPI:
+    global _api
     from prefect.settings import PREFECT_API_URL
 
-    api = _PrefectAPI()
     if PREFECT_API_URL.value():  # a server the user runs
-        return api
+        return _PrefectAPI()
+    with _api_lock:
+        failed = _api is not None and _api.thread is not None and not _api.thread.is_alive() and _api.url is None
+        if _api is None or failed:
+            _api = _PrefectAPI()
+            _api.thread = threading.Thread(target=_serve, args=(_api,), name="prefect-api-start", daemon=True)
+            _api.thread.start()
+        return _api
 
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = SubprocessASGIServer(port=port)
-        try:
-            server.start()
-        except Exception:  # noqa: BLE001 - the flow starts Prefect's own, and reports any error
-            return
-        api.url = server.api_url
+def _serve(api: _PrefectAPI) -> None:
+    from prefect.server.api.server import SubprocessASGIServer
 
-    api.thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
-    api.thread.start()
-    return api
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = SubprocessASGIServer(port=port)
+    try:
+        server.start()
+    except Exception:  # noqa: BLE001 - the flow starts Prefect's own, and reports any error
+        return
+    api.url = server.api_url
 
 
 def _refuse_if_busy(store: RunStore) -> None:

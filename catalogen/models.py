@@ -258,7 +258,7 @@ _loads: list[dict[str, Any]] = []
 
 def load_count() -> int:
     """How many models this process has loaded from disk (a cache miss each)."""
-    return len(_loads)
+    return sum(1 for event in _loads if event["event"] == "load")
 
 
 def load_events() -> list[dict[str, Any]]:

@@ -344,3 +344,27 @@ def test_non_finite_pixels_fail_the_row_instead_of_shipping_garbage(tmp_path: Pa
     table = run_stage(pa.table(as_columns([TARGET, {**TARGET, "id": "other"}])), fast_config(**{"generate.model": model}), tmp_path / "out")
     for row in table.to_pylist():
         assert row["status"] == "failed" and "NaN or infinite" in row["error"] and row["image_path"] is None
+        assert "try dtype float32" not in row["error"]  # it ran in float32 already
+
+
+def test_a_model_with_pickle_weights_is_refused_before_anything_is_written(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from catalogen.cli import app
+
+    source = Path(resolve_model(generate.model_spec(fast_config()), fast_config()).path)
+    folder = tmp_path / "pickled"
+    shutil.copytree(source, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))  # as a pickle-only release ships it (never loaded here)
+    catalog = tmp_path / "c.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["a red door"]}), catalog)
+    out = tmp_path / "out"
+    model = f"{{repo: {folder}, kind: sd15, default_size: 64, min_size: 16, max_size: 512}}"
+    result = CliRunner().invoke(app, ["run", str(catalog), "--out", str(out), "--set", f"generate.model={model}"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "(unet): only pickle weights (diffusion_pytorch_model.bin)" in text and "safetensors only" in text
+    assert not out.exists()

@@ -270,3 +270,29 @@ def test_a1111_emphasis_parses(text, expected):
     from catalogen.prompts import parse_weights
 
     assert parse_weights(text) == expected
+
+
+# --- the model cache --------------------------------------------------------------------------------
+
+
+def test_models_past_the_budget_release_the_least_recently_used():
+    from catalogen import models
+
+    models.clear_cache()
+    made = []
+
+    def build(name):
+        def make():
+            made.append(name)
+            return torch.nn.Linear(256, 256)  # 257 KB of float32 parameters
+        return make
+
+    budget_gb = 0.6 / 1024  # room for two such models, not three
+    for name in ("a", "b", "a", "c", "a", "b"):
+        models.cached(("test", name, "rev", "cpu", "float32"), "cpu", build(name), budget_gb)
+    # a, b loaded; a reused; c evicts b (least recently used); a reused; b loaded again, evicting c.
+    assert made == ["a", "b", "c", "b"]
+    events = [(e["event"], e["repo"]) for e in models.load_events()]
+    assert events == [("load", "a"), ("load", "b"), ("release", "b"), ("load", "c"), ("release", "c"), ("load", "b")]
+    assert models.load_count() == 4
+    models.clear_cache()
