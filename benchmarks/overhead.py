@@ -29,8 +29,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
 
 from catalogen.catalog import shard  # noqa: E402
 from catalogen.config import load_config  # noqa: E402

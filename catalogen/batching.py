@@ -10,8 +10,10 @@ pad every call to that size: see tasks/generate.py for why an image must not see
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, TypeVar
+from datetime import datetime, timezone
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -62,3 +64,34 @@ class AdaptiveBatcher(Generic[T, R]):
             except Exception as exc:  # noqa: BLE001
                 outcomes.append(Outcome(item, self.size, error=exc))
         return outcomes
+
+
+def record_batches(
+    groups: Iterable[list[T]],
+    batcher: AdaptiveBatcher,
+    records: Callable[[list[Outcome]], list[dict[str, Any]]],
+    results: list[dict[str, Any] | None],
+    common: dict[str, Any],
+    progress: Callable[[int], None],
+) -> None:
+    """Run each group of jobs through `batcher` and put one result row per job into `results`.
+
+    A job has `position` (its index in `results`) and `row` (its planned values). `records` turns a
+    batch's outcomes into their rows' outcome columns (status, error, image, ...); the batch's time
+    is shared by its rows, and the batch size each ran at is recorded.
+    """
+    done = sum(result is not None for result in results)
+    for jobs in groups:
+        started = time.perf_counter()
+        for outcomes in batcher.run(jobs):
+            found = records(outcomes)
+            seconds = (time.perf_counter() - started) / len(outcomes)
+            finished = datetime.now(timezone.utc)
+            for outcome, record in zip(outcomes, found):
+                results[outcome.item.position] = {
+                    **outcome.item.row, **common, **record,
+                    "seconds": seconds, "batch_size": outcome.batch_size, "finished_at": finished,
+                }
+            done += len(outcomes)
+            progress(done)
+            started = time.perf_counter()

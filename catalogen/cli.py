@@ -18,17 +18,36 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 import catalogen
 from catalogen.catalog import CatalogError
-from catalogen.config import PROFILES, ConfigError, RunConfig, load_config, parse_override
+from catalogen.config import (
+    PROFILES,
+    ConfigError,
+    RunConfig,
+    load_config,
+    parse_override,
+)
 from catalogen.devices import DeviceError
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
-from catalogen.runplan import CatalogChanged, Selection, check_folder_catalog, default_out, prepare
+from catalogen.runplan import (
+    CatalogChanged,
+    Selection,
+    check_folder_catalog,
+    default_out,
+    prepare,
+)
 from catalogen.store import RunFolderBusy, RunStateError, RunStore
 
 EXIT_CODES = (
@@ -299,8 +318,9 @@ def run(
         api.abandon()
         _fail(exc)
     url = api.ready()
-    from flows.run import catalogen_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.run import catalogen_run
 
     _log_above(err)
     progress = _progress_bar()

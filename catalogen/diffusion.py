@@ -200,3 +200,17 @@ def load_pipeline(
     if adapters:
         key += (("adapters", adapters.identity()),)
     return cached(key, device, build, budget_gb)
+
+
+def finite(images, dtype: torch.dtype):
+    """A pipeline's output images, if every pixel is a finite number (float16 can overflow to NaN).
+
+    Raised for the whole batch, the batch's rows are then retried one by one, and only the rows
+    whose images are still not finite fail.
+    """
+    import numpy as np
+
+    if not all(np.isfinite(image).all() for image in images):
+        hint = "" if dtype == torch.float32 else "; try dtype float32"
+        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({dtype}){hint}")
+    return images

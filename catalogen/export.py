@@ -62,7 +62,13 @@ import pyarrow.parquet as pq
 
 import catalogen
 from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
-from catalogen.store import _fsync_dir, id_hash, safe_name, write_atomic, write_parquet_atomic
+from catalogen.store import (
+    _fsync_dir,
+    id_hash,
+    safe_name,
+    write_atomic,
+    write_parquet_atomic,
+)
 
 EXPORT_VERSION = 1  # part of the fingerprint: bump when the same options would write other files
 MANIFEST = "manifest.json"

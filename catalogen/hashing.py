@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.compute as pc
 

@@ -35,7 +35,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -427,6 +427,16 @@ def load_image(
     """
     data = read_source(source_image, source_bytes, run_root, settings)
     return decode_image(data, settings, source_image or "the catalog's bytes")
+
+
+def open_input(row: Mapping[str, Any], run_root: Path, settings: ImageSettings) -> Image.Image:
+    """An image stage's input for a planned row (`source_image`, else `source_bytes`), fully loaded,
+    as RGB, or RGBA when it has transparency (a cut-out keeps its alpha). Raises ImageLoadError."""
+    image = load_image(row.get("source_image"), row.get("source_bytes"), run_root, settings)
+    if image.mode in ("RGB", "RGBA"):
+        return image
+    has_alpha = image.mode in ("LA", "PA", "RGBa", "La") or "transparency" in image.info
+    return image.convert("RGBA" if has_alpha else "RGB")
 
 
 def read_planned(

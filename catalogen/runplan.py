@@ -25,21 +25,36 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 import catalogen
-from catalogen.catalog import CatalogError, Rule, expand, expand_rows, read_catalog, select_rows, string_ids, validate_catalog
+from catalogen.catalog import (
+    CatalogError,
+    Rule,
+    expand,
+    expand_rows,
+    read_catalog,
+    select_rows,
+    string_ids,
+    validate_catalog,
+)
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
-from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS, check_images, check_paths
-from catalogen.models import ModelIdentity, check_loadable, resolve_model, MissingModelsError
+from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS
+from catalogen.images import check_images, check_paths
+from catalogen.models import (
+    MissingModelsError,
+    ModelIdentity,
+    check_loadable,
+    resolve_model,
+)
 from catalogen.stage import SKIP_COLUMN, Stage
-from catalogen.store import ROW_KEY, STATUSES, SUCCEEDED, RunStateError, RunStore
+from catalogen.store import ROW_KEY, RunStore
 
 # Catalog columns every run understands, whatever its stages (a null means "the run's setting").
 CORE_RULES = {

@@ -12,7 +12,9 @@ All of these are accepted, case-insensitively, and the canonical name is what a 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 # canonical name -> (diffusers class, overrides applied on top of the model's config)
 _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
@@ -60,6 +62,18 @@ _LOOKUP = {_fold(name): name for name in SCHEDULERS} | {_fold(alias): name for a
 def canonical_scheduler(name: str) -> str | None:
     """The canonical name of a scheduler spelled any known way, or None if it is unknown."""
     return _LOOKUP.get(_fold(name))
+
+
+def _validated(name: str) -> str:
+    canonical = canonical_scheduler(name)
+    if canonical is None:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return canonical
+
+
+# A setting holding a scheduler name: any known spelling in, the canonical name kept.
+SchedulerName = Annotated[str, AfterValidator(_validated)]
+SCHEDULER_HELP = f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling"
 
 
 def make_scheduler(name: str, model_config: Any):

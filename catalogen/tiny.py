@@ -11,8 +11,8 @@ row gives the same image everywhere.
 
 from __future__ import annotations
 
-import os
 import importlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,7 +100,9 @@ _SCHEDULER_CONFIG = dict(
 def _safety_checker():
     """A tiny CLIP safety checker with thresholds that flag nothing, plus its image processor."""
     import torch
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
     from transformers import CLIPConfig, CLIPImageProcessor
 
     config = CLIPConfig(

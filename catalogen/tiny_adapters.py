@@ -100,7 +100,11 @@ def _image_encoder():
     32x32 inputs, like the SD1.5 folder's feature extractor: the SD1.5 pipeline preprocesses IP-Adapter
     images with that extractor, the SDXL one with a processor sized from this encoder's config.
     """
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     config = CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,

@@ -55,7 +55,15 @@ def _train_tokenizer():
     The normalizer and pre-tokenizer are Qwen2's own, because `AutoTokenizer` loads this folder as a
     `Qwen2Tokenizer` (the config says qwen2), which installs them over whatever the file holds.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tokenizer = Tokenizer(models.BPE())

@@ -265,7 +265,11 @@ def _blip2_config(tokenizer, image_token_id: int):
 
 def build_blip2(folder: Path, cache_dir: Path) -> None:
     """A tiny BLIP-2 (ViT, Q-Former, OPT) and its processor, as `Salesforce/blip2-opt-*` are laid out."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil
+    from transformers import (
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessorPil,
+    )
 
     tokenizer = _opt_tokenizer()
     image_processor = BlipImageProcessorPil(size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE})
@@ -286,7 +290,9 @@ def build_clip(folder: Path, cache_dir: Path) -> None:
     """A tiny `CLIPModel` and `CLIPProcessor`, sharing the character-level tokenizer of the SD pipelines."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-    from catalogen.tiny import _clip_tokenizer  # here, not at the top: catalogen.tiny imports this module
+    from catalogen.tiny import (
+        _clip_tokenizer,  # here, not at the top: catalogen.tiny imports this module
+    )
 
     tokenizer = _clip_tokenizer()
     small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)

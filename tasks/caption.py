@@ -27,10 +27,8 @@ row's caption depends on that row alone, not on the batch it lands in.
 from __future__ import annotations
 
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -40,11 +38,16 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
-from catalogen.batching import AdaptiveBatcher, Outcome
+from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.images import ImageLoadError, ImageSettings, image_identities, read_planned
+from catalogen.images import (
+    ImageLoadError,
+    ImageSettings,
+    image_identities,
+    read_planned,
+)
 from catalogen.models import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
 
@@ -477,20 +480,10 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
 
     # 3. Run the batches; record every row with the shared columns.
     common = _common(ctx)
+    def records(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+        return [_failed(outcome) if outcome.error is not None else outcome.result for outcome in outcomes]
+
     results: list[dict[str, Any] | None] = [None] * len(rows)
     batcher = AdaptiveBatcher(_batch_runner(tools), s.batch_size)
-    started = time.perf_counter()
-    done = 0
-    for outcomes in batcher.run(jobs):
-        seconds = (time.perf_counter() - started) / len(outcomes)  # batch time, shared by its rows
-        finished = datetime.now(timezone.utc)
-        for outcome in outcomes:
-            record = _failed(outcome) if outcome.error is not None else outcome.result
-            results[outcome.item.position] = {
-                **outcome.item.row, **common, **record,
-                "seconds": seconds, "batch_size": outcome.batch_size, "finished_at": finished,
-            }
-        done += len(outcomes)
-        ctx.progress(done)
-        started = time.perf_counter()
+    record_batches([jobs], batcher, records, results, common, ctx.progress)
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)

@@ -27,7 +27,6 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from pydantic import Field
 
 from catalogen.batching import AdaptiveBatcher
@@ -36,9 +35,17 @@ from catalogen.hashing import column_keys, sha256_bytes
 from catalogen.models import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
 from catalogen.store import now_utc
-from tasks.llm import DEFAULT_MODEL, DEFAULT_REVISION, AnswerCache, LLMSettings, LocalBackend, OpenAIBackend, Request
+from tasks.llm import (
+    DEFAULT_MODEL,
+    DEFAULT_REVISION,
+    AnswerCache,
+    LLMSettings,
+    LocalBackend,
+    OpenAIBackend,
+    Request,
+    system_prompt,
+)
 from tasks.llm import enhance as ask
-from tasks.llm import system_prompt
 
 NAME = "enhance"
 VERSION = 1

@@ -27,9 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -38,20 +36,41 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import catalogen
-from catalogen.batching import AdaptiveBatcher, Outcome
+from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule, column_or_nulls
+from catalogen.conditioning import prompt_arguments
 from catalogen.config import DiffusionSpec, ModelSpec, RunConfig, Strict, field_bounds
-from catalogen.diffusion import SAFETENSORS, Adapters, Embedding, Lora, SingleFile, file_digests, load_pipeline
+from catalogen.diffusion import (
+    SAFETENSORS,
+    Adapters,
+    Embedding,
+    Lora,
+    SingleFile,
+    file_digests,
+    finite,
+    load_pipeline,
+)
 from catalogen.hashing import canonical_json, column_keys, sha256_file, stable_hash
 from catalogen.models import (
-    PICKLE_SUFFIXES, TINY_PREFIX, MissingModelsError, ModelError, ModelIdentity, cached,
+    PICKLE_SUFFIXES,
+    TINY_PREFIX,
+    MissingModelsError,
+    ModelError,
+    ModelIdentity,
+    cached,
 )
 from catalogen.pngmeta import encode_png, format_parameters
-from catalogen.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
-from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
+from catalogen.prompts import encoding_chunks
+from catalogen.schedulers import (
+    SCHEDULER_HELP,
+    SCHEDULERS,
+    SchedulerName,
+    canonical_scheduler,
+    make_scheduler,
+)
 from catalogen.stage import SKIP_COLUMN, StageContext, output_schema
 from catalogen.tiny import TINY_MODELS, ensure_tiny
 
@@ -137,7 +156,7 @@ class Settings(Strict):
     model: ModelSettings | None = Field(None, description="overrides the profile's model")
     loras: tuple[LoraSpec, ...] = Field((), description="LoRA adapters, applied together at their weights")
     embeddings: tuple[EmbeddingSpec, ...] = Field((), description="textual-inversion embeddings, by token")
-    scheduler: str = Field("euler", description=f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling")
+    scheduler: SchedulerName = Field("euler", description=SCHEDULER_HELP)
     steps: int = Field(25, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0, le=30)
     width: int | None = Field(None, description="defaults to the model's native size")
@@ -153,14 +172,6 @@ class Settings(Strict):
         description="off: don't run it; flag: record its verdict and keep the image; withhold: "
         "record it and write no image. Default: flag when the model has one, else off.",
     )
-
-    @field_validator("scheduler")
-    @classmethod
-    def _canonical(cls, value: str) -> str:
-        canonical = canonical_scheduler(value)
-        if canonical is None:
-            raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(SCHEDULERS)}")
-        return canonical
 
 
 PLAN_FIELDS = [
@@ -649,38 +660,20 @@ def _with_scheduler(pipe, scheduler):
     return view
 
 
-def _encode_sdxl_all(pipe, texts: list[str], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL embeddings and pooled embeddings of several prompts, stacked along the batch."""
-    embeds, pooled = [], []
-    for text in texts:
-        e, p = encode_sdxl(pipe, text, chunks)
-        embeds.append(e)
-        pooled.append(p)
-    return torch.cat(embeds), torch.cat(pooled)
-
-
 def _conditioning(pipe, jobs: list[_Job]) -> dict[str, Any]:
-    """The pipeline's prompt arguments for a batch whose rows share one encoding plan."""
+    """The pipeline's prompt arguments for a batch whose rows share one encoding plan.
+
+    Prompts the pipeline encodes itself go as written; those catalogen encodes (long or weighted)
+    go with their embeddings' multi-vector tokens spelled out (`job.texts`).
+    """
     chunks = jobs[0].chunks
-    has_negative = bool(jobs[0].row["negative_prompt"])  # part of the batch signature: all or none have one
     if chunks == 0:
         positive = [job.row["prompt"] for job in jobs]
         negative = [job.row["negative_prompt"] for job in jobs]
-        # None, not "", so SDXL zeroes the unconditional embedding exactly as a plain call does.
-        return {"prompt": [plain_text(p) for p in positive],
-                "negative_prompt": [plain_text(n) for n in negative] if has_negative else None}
-    positive = [job.texts[0] for job in jobs]
-    negative = [job.texts[1] for job in jobs]
-    if "text_encoder_2" not in pipe.components:
-        return {"prompt_embeds": torch.cat([encode_sd(pipe, p, chunks) for p in positive]),
-                "negative_prompt_embeds": torch.cat([encode_sd(pipe, n, chunks) for n in negative])}
-    embeds, pooled = _encode_sdxl_all(pipe, positive, chunks)
-    if has_negative or not pipe.config.force_zeros_for_empty_prompt:
-        negative_embeds, negative_pooled = _encode_sdxl_all(pipe, negative, chunks)
     else:
-        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-            "negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+        positive = [job.texts[0] for job in jobs]
+        negative = [job.texts[1] for job in jobs]
+    return prompt_arguments(pipe, positive, negative, chunks)
 
 
 def _generate(pipe, jobs: list[_Job], size: int) -> list[Image.Image]:
@@ -706,11 +699,7 @@ def _generate(pipe, jobs: list[_Job], size: int) -> list[Image.Image]:
             generator=generators,
             output_type="np",
         )
-    arrays = out.images[:real]
-    if not all(np.isfinite(a).all() for a in arrays):
-        # Raised for the whole batch, the rows are retried one by one and only the bad one fails.
-        hint = "" if pipe.dtype == torch.float32 else "; try dtype float32"
-        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}){hint}")
+    arrays = finite(out.images[:real], pipe.dtype)
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]  # as diffusers' "pil" output
 
 
@@ -718,7 +707,9 @@ def load_safety_checker(identity: ModelIdentity, device: str, dtype: torch.dtype
     """The Stable Diffusion safety checker and its image processor from the model's folder (safetensors only)."""
 
     def build():
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from diffusers.pipelines.stable_diffusion.safety_checker import (
+            StableDiffusionSafetyChecker,
+        )
         from transformers import CLIPImageProcessor
 
         folder = identity.path
@@ -919,24 +910,13 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     identity = ctx.models["pipeline"]
     common = {"device": ctx.device.name, "dtype": ctx.dtype_name, "model": identity.repo,
               "model_revision": identity.revision}
+    def records(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+        found = _records(outcomes, run)
+        return [{**record, "notes": notes[o.item.position]} for o, record in zip(outcomes, found)]
+
     results: list[dict[str, Any] | None] = [None] * len(rows)
     batcher = AdaptiveBatcher(_batch_runner(pipe), ctx.config.generate.batch_size)
-    done = 0
-    for jobs in groups.values():
-        started = time.perf_counter()
-        for outcomes in batcher.run(jobs):
-            records = _records(outcomes, run)
-            seconds = (time.perf_counter() - started) / len(outcomes)  # batch time, shared by its rows
-            finished = datetime.now(timezone.utc)
-            for outcome, record in zip(outcomes, records):
-                position = outcome.item.position
-                results[position] = {
-                    **outcome.item.row, **common, **record, "notes": notes[position],
-                    "seconds": seconds, "batch_size": outcome.batch_size, "finished_at": finished,
-                }
-            done += len(outcomes)
-            ctx.progress(done)
-            started = time.perf_counter()
+    record_batches(groups.values(), batcher, records, results, common, ctx.progress)
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)
 
 

@@ -39,8 +39,16 @@ from catalogen.catalog import Rule, column_or_nulls
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.hashing import column_keys, sha256_bytes
 from catalogen.images import ImageLoadError, image_identities, read_planned
-from catalogen.models import ModelIdentity, TINY_PREFIX, cached
-from catalogen.placement import alpha_box, canvas_size, coverage, fill_ratio, parse_aspect, parse_color, place
+from catalogen.models import TINY_PREFIX, ModelIdentity, cached
+from catalogen.placement import (
+    alpha_box,
+    canvas_size,
+    coverage,
+    fill_ratio,
+    parse_aspect,
+    parse_color,
+    place,
+)
 from catalogen.rembg_models import KIND, REMBG_MODELS, home_of
 from catalogen.stage import StageContext, output_schema
 

@@ -24,7 +24,6 @@ of a batch, diffusers #9813; see `_rowwise_ip_embeds`), and every call runs at t
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,19 +34,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import catalogen
-from catalogen.batching import AdaptiveBatcher, Outcome
+from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.diffusion import finite
 from catalogen.hashing import column_keys, sha256_bytes, sha256_file
+from catalogen.images import ImageLoadError, open_input
 from catalogen.models import ModelIdentity, cached
 from catalogen.placement import place
 from catalogen.pngmeta import encode_png, format_parameters
-from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
-from catalogen.source_image import SourceImageError, open_source
+from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
 from catalogen.tiny_adapters import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS
 from tasks import generate
@@ -89,19 +89,11 @@ class Settings(Strict):
     steps: int = Field(25, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0, le=30)
     strength: float = Field(1.0, gt=0, le=1, description="inpainting strength; 1.0 makes the whole background anew")
-    scheduler: str = Field("euler", description=f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling")
+    scheduler: SchedulerName = Field("euler", description=SCHEDULER_HELP)
     width: int | None = Field(None, description="canvas width; defaults to the model's native size")
     height: int | None = None
     fill: float = Field(0.8, gt=0, le=1, description="share of the canvas the product's longer side takes")
     batch_size: int = Field(4, ge=1, le=256, description="images per pipeline call, always run at this size")
-
-    @field_validator("scheduler")
-    @classmethod
-    def _canonical(cls, value: str) -> str:
-        canonical = canonical_scheduler(value)
-        if canonical is None:
-            raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(SCHEDULERS)}")
-        return canonical
 
 
 PLAN_FIELDS = [
@@ -311,7 +303,10 @@ def _rowwise_ip_embeds(ip_adapter_image, ip_adapter_image_embeds, device, num_im
 
 def _inpainting_view(pipe, scheduler):
     """An inpainting pipeline over `pipe`'s modules, with its own scheduler and row-wise IP-Adapter embeddings."""
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
 
     components = {**pipe.components, "scheduler": scheduler}
     if is_sdxl(pipe):
@@ -340,19 +335,19 @@ class _Job:
 def _style_image(row: dict[str, Any]) -> Image.Image:
     path = row["style_image"]
     if path is None:
-        raise SourceImageError("no style image: give the row a `style_image` or set style.style_image")
+        raise ImageLoadError("no style image: give the row a `style_image` or set style.style_image")
     if row["style_image_sha256"] is None:
-        raise SourceImageError(f"the style image {path} could not be read when the run was planned")
+        raise ImageLoadError(f"the style image {path} could not be read when the run was planned")
     data = Path(path).read_bytes()
     if sha256_bytes(data) != row["style_image_sha256"]:
-        raise SourceImageError(f"the style image {path} changed after the run was planned; run again")
+        raise ImageLoadError(f"the style image {path} changed after the run was planned; run again")
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
 
 
 def _prepare(position: int, row: dict[str, Any], pipe, ctx: StageContext) -> _Job:
-    """A row's inputs, read and placed; raises SourceImageError / OSError for inputs it cannot use."""
-    cutout = open_source(row, ctx.store.root)
+    """A row's inputs, read and placed; raises ImageLoadError / OSError for inputs it cannot use."""
+    cutout = open_input(row, ctx.store.root, ctx.config.images)
     placed, _ = place(cutout, (row["canvas_width"], row["canvas_height"]), row["fill"], color=None)
     chunks = prompt_chunks(pipe, row["prompt"], row["negative_prompt"])
     return _Job(position, row, chunks, placed, _style_image(row))
@@ -441,10 +436,7 @@ def _style_batch(pipe, jobs: list[_Job], size: int, known: dict[tuple, tuple]) -
             generator=generators,
             output_type="np",
         )
-    arrays = out.images[:real]
-    if not all(np.isfinite(a).all() for a in arrays):
-        hint = "" if pipe.dtype == torch.float32 else "; try dtype float32"
-        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}){hint}")
+    arrays = finite(out.images[:real], pipe.dtype)
     return [(a * 255).round().astype(np.uint8) for a in arrays]
 
 
@@ -532,31 +524,19 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     for position, row in enumerate(rows):
         try:
             job = _prepare(position, row, pipe, ctx)
-        except (SourceImageError, OSError, ValueError) as exc:
+        except (ImageLoadError, OSError, ValueError) as exc:
             results[position] = {**row, **common, "status": "failed", "error": str(exc), "seconds": 0.0,
                                  "finished_at": datetime.now(timezone.utc)}
             continue
         groups.setdefault(_batch_signature(job), []).append(job)
-    done = sum(r is not None for r in results)
-    ctx.progress(done)
+    ctx.progress(sum(r is not None for r in results))
 
     # 3. Inpaint each group through the batcher; composite, check and write each image.
-    known_embeddings: dict[tuple, tuple] = {}
-    batcher = AdaptiveBatcher(_batch_runner(pipe, known_embeddings), ctx.config.style.batch_size)
-    for jobs in groups.values():
-        started = time.perf_counter()
-        for outcomes in batcher.run(jobs):
-            records = [_record(outcome, ctx) for outcome in outcomes]
-            seconds = (time.perf_counter() - started) / len(outcomes)
-            finished = datetime.now(timezone.utc)
-            for outcome, record in zip(outcomes, records):
-                results[outcome.item.position] = {
-                    **outcome.item.row, **common, **record,
-                    "seconds": seconds, "batch_size": outcome.batch_size, "finished_at": finished,
-                }
-            done += len(outcomes)
-            ctx.progress(done)
-            started = time.perf_counter()
+    def records(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+        return [_record(outcome, ctx) for outcome in outcomes]
+
+    batcher = AdaptiveBatcher(_batch_runner(pipe, {}), ctx.config.style.batch_size)
+    record_batches(groups.values(), batcher, records, results, common, ctx.progress)
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)
 
 

@@ -33,19 +33,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import catalogen
 from catalogen.batching import AdaptiveBatcher, Outcome
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
-from catalogen.diffusion import load_pipeline
+from catalogen.diffusion import finite, load_pipeline
 from catalogen.hashing import MAX_SEED, column_keys, sha256_bytes, stable_hash
+from catalogen.images import ImageLoadError, open_input
 from catalogen.models import ModelIdentity, cached
 from catalogen.pngmeta import encode_png, format_parameters
-from catalogen.schedulers import SCHEDULERS, canonical_scheduler, make_scheduler
-from catalogen.source_image import SourceImageError, open_source
+from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
 from tasks import generate
 
@@ -83,21 +83,13 @@ class Settings(Strict):
     controlnet_conditioning_scale: float = Field(1.0, ge=0, le=2)
     steps: int = Field(20, ge=1, le=150)
     guidance_scale: float = Field(7.0, ge=0, le=30)
-    scheduler: str = Field("euler", description=f"{', '.join(SCHEDULERS)}, or an A1111 / ComfyUI spelling")
+    scheduler: SchedulerName = Field("euler", description=SCHEDULER_HELP)
     prompt: str = Field("", description="the prompt for rows that have none")
     negative_prompt: str = ""
     tile_size: int | None = Field(None, ge=16, le=4096, description="tile side in output pixels, a multiple of 8; "
                                   "default the model's native size")
     tile_overlap: int | None = Field(None, ge=0, description="overlap between tiles; default 1/8 of the tile")
     batch_size: int = Field(4, ge=1, le=256, description="tiles per pipeline call, always run at this size")
-
-    @field_validator("scheduler")
-    @classmethod
-    def _canonical(cls, value: str) -> str:
-        canonical = canonical_scheduler(value)
-        if canonical is None:
-            raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(SCHEDULERS)}")
-        return canonical
 
 
 PLAN_FIELDS = [
@@ -373,7 +365,10 @@ def _tiling_vae(vae):
 
 def _controlnet_view(pipe, controlnet, scheduler):
     """A ControlNet img2img pipeline over the plain pipeline's modules and the ControlNet."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline
+    from diffusers import (
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionXLControlNetImg2ImgPipeline,
+    )
 
     components = {**pipe.components, "scheduler": scheduler, "controlnet": controlnet, "vae": _tiling_vae(pipe.vae)}
     if is_sdxl(pipe):
@@ -428,8 +423,8 @@ class _Tile:
 
 
 def _prepare(position: int, row: dict[str, Any], pipe, ctx: StageContext) -> _Work:
-    """A row's input, read, and its tile grid; raises SourceImageError for an input it cannot use."""
-    source = open_source(row, ctx.store.root)
+    """A row's input, read, and its tile grid; raises ImageLoadError for an input it cannot use."""
+    source = open_input(row, ctx.store.root, ctx.config.images)
     factor = row["factor"]
     grid = tile_grid(source.width * factor, source.height * factor, row["tile_size"], row["tile_overlap"])
     chunks = prompt_chunks(pipe, row["prompt"], row["negative_prompt"])
@@ -462,10 +457,7 @@ def _upscale_batch(pipe, controlnet, tiles: list[_Tile], size: int) -> list[np.n
             generator=generators,
             output_type="np",
         )
-    arrays = list(out.images[:real])
-    if not all(np.isfinite(a).all() for a in arrays):
-        hint = "" if pipe.dtype == torch.float32 else "; try dtype float32"
-        raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({pipe.dtype}){hint}")
+    arrays = list(finite(out.images[:real], pipe.dtype))
     return arrays
 
 
@@ -561,7 +553,7 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     for position, row in enumerate(rows):
         try:
             work = _prepare(position, row, pipe, ctx)
-        except SourceImageError as exc:
+        except ImageLoadError as exc:
             results[position] = {**row, **common, "status": "failed", "error": str(exc), "seconds": 0.0,
                                  "finished_at": datetime.now(timezone.utc)}
             continue

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import fast_config, plan_table, prompts, run_stage, write_catalog
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,7 +27,6 @@ from catalogen.hashing import sha256_file
 from catalogen.models import ModelError
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.tiny import ensure_tiny
-from conftest import fast_config, plan_table, prompts, run_stage, write_catalog
 from tasks import generate
 
 TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}

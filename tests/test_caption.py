@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, context, fast_config, plan_table, write_catalog
 from PIL import Image
 
 from catalogen import models as model_cache
@@ -22,11 +23,9 @@ from catalogen.hashing import sha256_bytes
 from catalogen.runplan import resolve_stage_models
 from catalogen.stage import StageContext
 from catalogen.store import SUCCEEDED, RunStore
-from conftest import REPO, context, fast_config, plan_table, write_catalog
 from flows.run import catalogen_run
 from tasks import caption
 from tasks.caption import degenerate_reason
-
 
 # --- degenerate captions (a pure function) ---------------------------------------------------------
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import fast_config
 from typer.testing import CliRunner
 
 from catalogen.catalog import CatalogError, expand_rows, read_catalog
 from catalogen.cli import app
 from catalogen.hashing import derive_seed
 from catalogen.runplan import load_checked_catalog, validate_for_run
-from conftest import fast_config
 
 GOOD = {"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}
 

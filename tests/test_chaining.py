@@ -19,10 +19,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import BIN, FAST, REPO, cli_env, write_catalog
 
 from catalogen import models
 from catalogen.pngmeta import read_png_text
-from conftest import BIN, FAST, REPO, cli_env, write_catalog
 from flows.run import catalogen_run
 
 PRODUCTS = {

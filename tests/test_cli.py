@@ -14,11 +14,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import BIN, REPO, cli_env, prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
 from catalogen.store import RunStore
-from conftest import BIN, REPO, cli_env, prompts, write_catalog
 
 FAST_ARGS = ["--set", "generate.width=32", "--set", "generate.height=32"]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 from PIL import Image
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from conftest import REPO
 
 FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "upscale.steps=2"]
 

@@ -20,13 +20,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_catalog
 from PIL import Image
 
 from catalogen.config import load_config
-from catalogen.export import ExportError, ExportOptions, export_run, parse_split, text_column
+from catalogen.export import (
+    ExportError,
+    ExportOptions,
+    export_run,
+    parse_split,
+    text_column,
+)
 from catalogen.hashing import sha256_file
 from catalogen.runplan import prepare
-from conftest import write_catalog
 from flows.run import catalogen_run
 
 OVERRIDES = {"generate.steps": 2, "generate.width": 32, "generate.height": 32}

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import FAST, prompts, write_catalog
 
 from catalogen import models
-from catalogen.store import RunStore
-from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.hashing import sha256_file
-from conftest import FAST, prompts, write_catalog
+from catalogen.pngmeta import parse_parameters, read_png_text
+from catalogen.store import RunStore
 from flows.run import catalogen_run
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import context, fast_config, plan_table, run_stage
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -28,7 +29,6 @@ from catalogen.hashing import sha256_file
 from catalogen.models import resolve_model
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.schedulers import SCHEDULERS
-from conftest import context, fast_config, plan_table, run_stage
 from tasks import generate
 
 TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}
@@ -209,7 +209,9 @@ def test_a_failing_row_fails_alone(tmp_path: Path):
 @pytest.fixture(scope="module")
 def flag_everything_model(tmp_path_factory) -> dict:
     """A copy of the tiny SD1.5 model whose safety checker flags every image."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
 
     source = Path(resolve_model(generate.model_spec(fast_config()), fast_config()).path)
     folder = tmp_path_factory.mktemp("strict") / "sd15"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import fast_config, run_stage
 from PIL import Image
 
 from catalogen.catalog import CatalogError
@@ -24,8 +25,12 @@ from catalogen.images import (
     load_image,
 )
 from catalogen.models import ModelIdentity
-from catalogen.runplan import load_checked_catalog, plan_rows, plan_stages, validate_for_run
-from conftest import fast_config, run_stage
+from catalogen.runplan import (
+    load_checked_catalog,
+    plan_rows,
+    plan_stages,
+    validate_for_run,
+)
 
 STAGES = ["remove_bg"]  # the first image reader takes the catalog's images
 

@@ -164,7 +164,7 @@ MUG = "a sand stoneware coffee mug, product photograph, soft light"
         (f"Positive Prompt: {MUG} Negative Prompt: blurry", MUG, "blurry"),
         (f"Positive Prompt: {MUG}", MUG, None),
         (f"Positive Prompt: {MUG}\nNegative Prompt:", MUG, None),
-        (f"Positive Prompt: a sand\x00 stoneware\x1b coffee mug\x07, product photograph, soft light\r\n", MUG, None),
+        ("Positive Prompt: a sand\x00 stoneware\x1b coffee mug\x07, product photograph, soft light\r\n", MUG, None),
         (f"  `Positive Prompt: “{MUG}”`  ", MUG, None),
     ],
 )

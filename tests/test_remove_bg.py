@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from conftest import context, fast_config, plan_table, run_stage, write_catalog
 from PIL import Image
 
 from catalogen.devices import Device
@@ -22,7 +23,6 @@ from catalogen.pngmeta import read_png_text
 from catalogen.stage import StageContext
 from catalogen.tiny import ensure_tiny
 from catalogen.tiny_vision import REMBG_MODEL_FILE
-from conftest import context, fast_config, plan_table, run_stage, write_catalog
 from tasks import remove_bg
 
 HEIGHT, WIDTH = 80, 96

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import FAST, prompts, write_catalog
 from PIL import Image
 
 from catalogen.config import load_config
@@ -22,7 +23,6 @@ from catalogen.hashing import sha256_file
 from catalogen.pngmeta import read_png_text
 from catalogen.report import THUMB_DIR, error_reason, write_report
 from catalogen.runplan import prepare
-from conftest import FAST, prompts, write_catalog
 from flows.run import artifact_key, catalogen_run
 
 CHROMIUM = os.environ.get("CATALOGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

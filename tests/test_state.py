@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
 from catalogen.hashing import sha256_file
-from conftest import prompts, write_catalog
 
 SMALL = ["--set", "generate.width=32", "--set", "generate.height=32", "--set", "generate.steps=2", "--rows-per-shard", "2"]
 

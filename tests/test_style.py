@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import REPO, context, fast_config, plan_table
 from PIL import Image
 
 from catalogen import models
@@ -23,7 +24,6 @@ from catalogen.models import resolve_model
 from catalogen.placement import place
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.runplan import Selection, prepare
-from conftest import REPO, context, fast_config, plan_table
 from tasks import style
 
 CANVAS = 32

@@ -151,7 +151,12 @@ def test_blip2_captions_a_batch(blip2, prompts):
 
 
 def test_blip2_loads_through_auto_classes(cache):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+    )
 
     folder = ensure_tiny("blip2", cache)
     processor = AutoProcessor.from_pretrained(folder)

@@ -9,7 +9,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionControlNetImg2ImgPipeline
+from conftest import FAST, REPO, context, fast_config, plan_table, write_catalog
+from diffusers import (
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+)
 from PIL import Image
 
 from catalogen import models
@@ -17,7 +22,6 @@ from catalogen.config import ConfigError, load_config
 from catalogen.hashing import sha256_file
 from catalogen.models import resolve_model
 from catalogen.pngmeta import parse_parameters, read_png_text
-from conftest import FAST, REPO, context, fast_config, plan_table, write_catalog
 from flows.run import catalogen_run
 from tasks import upscale
 from tasks.upscale import Blend, axis_starts, tile_grid, tile_seed, upscaled_input
