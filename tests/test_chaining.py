@@ -191,3 +191,25 @@ def test_sigkill_of_a_two_stage_run_then_rerun_equals_an_uninterrupted_run(prefe
     for stage in ("enhance", "generate"):
         rows = pa.concat_tables([pq.read_table(p, columns=["id", "variant"]) for p in (out / "stages" / stage).glob("part-*.parquet")])
         assert rows.num_rows == 12 and len(set(zip(*(rows.column(c).to_pylist() for c in ("id", "variant"))))) == 12
+
+
+def test_the_enhance_key_holds_the_system_prompts_text(tmp_path: Path):
+    from catalogen.config import load_config
+    from catalogen.runplan import prepare
+    from tasks.llm import DEFAULT_SYSTEM_PROMPT_FILE
+
+    catalog = write_catalog(tmp_path / "products.parquet", PRODUCTS)
+    same = tmp_path / "same.txt"
+    same.write_text(DEFAULT_SYSTEM_PROMPT_FILE.read_text())
+    other = tmp_path / "other.txt"
+    other.write_text("Answer with a Positive Prompt: line and a Negative Prompt: line, in French.")
+
+    def keys(**settings) -> dict[str, list[str]]:
+        plan = prepare(catalog, load_config(None, {**CHAIN, **settings}), tmp_path / "out")
+        return {stage: plan.planned[stage].column("key").to_pylist() for stage in ("enhance", "generate")}
+
+    default = keys()
+    assert keys(**{"enhance.system_prompt_file": str(same)}) == default  # the text counts, not the file's path
+    changed = keys(**{"enhance.system_prompt_file": str(other)})
+    for stage in ("enhance", "generate"):  # every row, in enhance and (chained) in generate
+        assert all(a != b for a, b in zip(default[stage], changed[stage])), stage
