@@ -4,7 +4,8 @@
     python docs/stages_picture.py outputs/photos docs/product-stages.png
 
 Each row: the catalog's photo (or generate's image), remove_bg's cut-out (on a checkerboard, so
-its transparency shows), the marketplace image, the styled scene and the upscaled result.
+its transparency shows), the marketplace image, the styled scene and the upscaled result. On the
+tiny profile (random weights) every generated pixel is noise; the product's own pixels are not.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def cell(run: Path, value: str | None) -> Image.Image:
     path = Path(value) if Path(value).is_absolute() else run / value
     with Image.open(path) as image:
         image = image.convert("RGBA")
-        image.thumbnail((CELL, CELL), Image.Resampling.LANCZOS)
+        scale = CELL / max(image.size)  # small images are enlarged (nearest), so their pixels show
+        method = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+        image = image.resize((round(image.width * scale), round(image.height * scale)), method)
         tile.paste(image, ((CELL - image.width) // 2, (CELL - image.height) // 2), image)
     return tile
 
