@@ -279,8 +279,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PICKLE_WHY = (
     "{what}: {suffix} files are Python pickles, and loading a pickle can run any code it holds, so catalogen loads "
     ".safetensors files only. Use the model's .safetensors release, or convert the file once on a machine where you "
-    "trust it: `sd = torch.load(FILE, map_location='cpu', weights_only=True); "
-    "safetensors.torch.save_file(sd.get('state_dict', sd), 'NAME.safetensors')` (from {origin})"
+    "trust it: load its state dict with torch (map_location='cpu', weights_only=True) and write it with "
+    "`safetensors.torch.save_file(state_dict, 'NAME.safetensors')` (from {origin})"
 )
 
 

@@ -193,7 +193,7 @@ def test_writing_the_report_again_reuses_thumbnails(failed_run):
 
     out, _, _ = failed_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / THUMB_DIR).iterdir()}
-    result = CliRunner().invoke(app, ["report", str(out)])
+    result = CliRunner().invoke(app, ["report", str(out), "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(out / "report.html")
     assert {p.name: p.stat().st_mtime_ns for p in (out / THUMB_DIR).iterdir()} == before
