@@ -125,10 +125,6 @@ class RunConfig(Strict):
             raise ValueError(f"a stage is listed twice in {list(self.stages)}")
         return self
 
-    def section(self, stage: str) -> Any:
-        """A stage's settings (`cfg.generate` and `cfg.section("generate")` are the same)."""
-        return getattr(self, stage)
-
     def origin(self, dotted: str) -> str:
         """Where a setting's value came from: a file, a flag, or the defaults."""
         parts = dotted.split(".")

@@ -67,8 +67,6 @@ ROLE_COLUMNS = {
     "prompt": ("prompt", "each row needs a prompt, or configure a `template:` that makes one from its columns"),
     "image": ("image", "each row needs an image (a path or the image's bytes), or run a stage that makes one first"),
 }
-# Catalog columns of file paths besides `image`: checked like image paths and made absolute.
-PATH_COLUMNS = ("style_image",)
 SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
 
@@ -98,6 +96,12 @@ def catalog_rules(cfg: RunConfig) -> dict[str, Rule]:
     for module in stage_modules(cfg).values():
         rules.update(module.rules(cfg))
     return rules
+
+
+def path_columns(cfg: RunConfig) -> list[str]:
+    """Catalog columns of file paths besides `image` (a stage's `PATH_COLUMNS`, e.g. style's
+    `style_image`): checked like image paths, and made absolute, before planning."""
+    return [c for module in stage_modules(cfg).values() for c in getattr(module, "PATH_COLUMNS", ())]
 
 
 def required_columns(cfg: RunConfig) -> dict[str, str]:
@@ -178,7 +182,7 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", f
     needs_images = required.pop("image", None) is not None  # a path or bytes: check_images knows both
     folder = Path(source).parent if folder is None else folder
     table, image_faults = check_images(table, folder, cfg.images, needs_images)
-    for column in PATH_COLUMNS:
+    for column in path_columns(cfg):
         table, path_faults = check_paths(table, column, folder, cfg.images)
         image_faults += path_faults
     # A row that brings its own image skips generation: it needs no prompt (later stages fall back
@@ -537,10 +541,6 @@ def handoff_columns(plan: RunPlan, provider: str) -> list[str]:
             if roles.get(role) == provider and source not in wanted:
                 wanted.append(source)
     return wanted
-
-
-def providers(plan: RunPlan) -> list[str]:
-    return [p for roles in plan.upstream.values() for p in roles.values() if p is not None]
 
 
 @dataclass

@@ -15,6 +15,9 @@ to the provider's output columns. The pipeline extends each key with the keys of
 reads from upstream, fills those columns from the upstream results before `process`, and marks
 a row `skipped` when its upstream did not succeed.
 
+Optional: `PATH_COLUMNS` (catalog columns of file paths, checked and made absolute like catalog
+images) and `needs_device(cfg)` (False: the stage's shards take no device lease, e.g. a server).
+
 Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes images adds
 `IMAGE_COLUMNS` (use `output_schema`). The results and resume read nothing else.
 """

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -277,6 +276,3 @@ class RunStore:
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
-
-def mask_of(values: pa.Array, allowed: tuple[str, ...]) -> pa.Array:
-    return pc.fill_null(pc.is_in(values, pa.array(list(allowed), pa.string())), False)

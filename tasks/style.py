@@ -56,6 +56,7 @@ NAME = "style"
 VERSION = 1
 
 READS = ("image", "prompt")
+PATH_COLUMNS = ("style_image",)  # catalog paths, checked like catalog images (catalogen.images.check_paths)
 PROVIDES = ("image",)
 FROM_UPSTREAM = {
     "source_image": ("image", "image_path"),
