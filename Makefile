@@ -25,6 +25,7 @@ test: $(STAMP)
 ## Every benchmark (prints figures side by side; not tests).
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/threads.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scale.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/enhance.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
