@@ -463,7 +463,7 @@ def export(
         with _progress_bar() as progress:
             task = progress.add_task(f"export {format_}", total=None)
             manifest = export_run(run_dir, out, options, lambda done, total: progress.update(task, completed=done, total=total))
-    except ExportError as exc:
+    except (ExportError, RunFolderBusy) as exc:
         _fail(exc)
     splits = ", ".join(f"{name} {info['rows']} rows in {info['shards']} shard(s)" for name, info in manifest["splits"].items())
     left_out = ", ".join(f"{count} {reason}" for reason, count in manifest["excluded"].items() if count)

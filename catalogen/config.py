@@ -55,6 +55,10 @@ class ModelSpec(Strict):
     kind: str = Field(description="what loads it: sd15, sdxl, llm, …; decides the files a folder must hold")
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant such as 'fp16'")
+    files: list[str] | None = Field(
+        None, description="glob patterns of the files to fetch from the Hub (huggingface_hub's allow_patterns); "
+        "default: what the stage loads, else every safetensors, JSON and tokenizer file",
+    )
 
 
 class DiffusionSpec(ModelSpec):

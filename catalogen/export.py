@@ -26,7 +26,8 @@ Each shard's files (an imagefolder shard: its whole folder) are written under a 
 first) lists what the export will own, and `manifest.json` (written last) marks it done.
 Re-running the same export on an interrupted folder resumes it (finished shards are kept); any
 other non-empty folder is refused unless `overwrite`, which removes only what an earlier export
-listed as its own.
+listed as its own. While it writes, an export holds `<out>/.export.lock`, so a second export
+into the folder at the same time is refused.
 
 The writers share one interface, as img2dataset's do: `Writer(layout, shard)`, `write(sample)`,
 `close()`, and the static `files(shard)` (the files it writes, done when all exist) and
@@ -64,6 +65,7 @@ import catalogen
 from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
 from catalogen.store import (
     _fsync_dir,
+    hold_folder,
     id_hash,
     safe_name,
     write_atomic,
@@ -74,6 +76,7 @@ EXPORT_VERSION = 1  # part of the fingerprint: bump when the same options would 
 MANIFEST = "manifest.json"
 PENDING = "export.pending.json"
 TMP = ".tmp"
+LOCK = ".export.lock"  # held while an export writes; a second export into the folder is refused
 DEFAULT_TEXT_COLUMNS = ("caption_caption", "enhance_prompt", "generate_prompt", "prompt")
 RESERVED = ("key", "text", "image", "file_name")  # export columns a results column must not shadow
 OPERATORS = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": pc.not_equal,
@@ -698,7 +701,7 @@ def clear_previous(out: Path, records: list[dict[str, Any]]) -> None:
     for record in records:
         files.update(record["owned"].get("files", []))
         folders.update(record["owned"].get("folders", []))
-    foreign = [f for f in _all_files(out) if not _is_owned(f, files, folders)]
+    foreign = [f for f in _all_files(out) if f != LOCK and not _is_owned(f, files, folders)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ExportError(f"--overwrite: {out} holds {len(foreign)} file(s) that no earlier export wrote ({shown}); "
@@ -714,7 +717,7 @@ def claim_folder(out: Path, fingerprint: str, overwrite: bool) -> bool:
     """Make `out` ready for this export; True when it resumes an interrupted run of the same export."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
-    if not out.exists() or not [p for p in out.iterdir() if p.name != TMP]:
+    if not out.exists() or not [p for p in out.iterdir() if p.name not in (TMP, LOCK)]:
         return False  # absent, empty, or only the debris of an export killed before it began
     manifest = _read_record(out / MANIFEST)
     pending = _read_record(out / PENDING)
@@ -806,43 +809,44 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     if options.format == "hf":
         hf_features(layout.schema)  # the extra is installed and every column has a `datasets` type
 
-    # 2. Claim the output folder; say what this export will own before writing any of it.
-    results_sha256 = sha256_file(run_dir / "results.parquet")
-    fingerprint = fingerprint_of(options, results_sha256)
-    resume = claim_folder(out, fingerprint, options.overwrite)
-    owned = owned_paths(writer, shards)
-    shutil.rmtree(layout.tmp_dir, ignore_errors=True)  # debris of an interrupted export
-    _write_json(out / PENDING, {"fingerprint": fingerprint, "format": options.format, "owned": owned}, layout.tmp_dir)
+    with hold_folder(out / LOCK, "export"):
+        # 2. Claim the output folder; say what this export will own before writing any of it.
+        results_sha256 = sha256_file(run_dir / "results.parquet")
+        fingerprint = fingerprint_of(options, results_sha256)
+        resume = claim_folder(out, fingerprint, options.overwrite)
+        owned = owned_paths(writer, shards)
+        shutil.rmtree(layout.tmp_dir, ignore_errors=True)  # debris of an interrupted export
+        _write_json(out / PENDING, {"fingerprint": fingerprint, "format": options.format, "owned": owned}, layout.tmp_dir)
 
-    # 3. Write every shard not already done (a shard's files are renamed into place when complete).
-    total = selection.table.num_rows
-    done = 0
-    entries = []
-    for shard in shards:
-        rows = members[shard.split][shard.start:shard.start + shard.rows]
-        if resume and _is_done(out, writer, shard):
-            if progress is not None:
-                progress(done + shard.rows, total)
-        else:
-            _write_shard(writer(layout, shard), run_dir, selection, rows, done, total, progress)
-        done += shard.rows
-        files = [_file_entry(out, f, shard.rows) for f in writer.files(shard)]
-        entries.append({"split": shard.split, "index": shard.index, "rows": shard.rows, "files": files})
+        # 3. Write every shard not already done (a shard's files are renamed into place when complete).
+        total = selection.table.num_rows
+        done = 0
+        entries = []
+        for shard in shards:
+            rows = members[shard.split][shard.start:shard.start + shard.rows]
+            if resume and _is_done(out, writer, shard):
+                if progress is not None:
+                    progress(done + shard.rows, total)
+            else:
+                _write_shard(writer(layout, shard), run_dir, selection, rows, done, total, progress)
+            done += shard.rows
+            files = [_file_entry(out, f, shard.rows) for f in writer.files(shard)]
+            entries.append({"split": shard.split, "index": shard.index, "rows": shard.rows, "files": files})
 
-    # 4. The manifest, last: its presence says the export is complete.
-    manifest = {
-        "catalogen": catalogen.__version__, "export_version": EXPORT_VERSION, "format": options.format,
-        "created_at": datetime.now(timezone.utc).isoformat(), "run": str(run_dir.resolve()),
-        "results_sha256": results_sha256, "fingerprint": fingerprint,
-        "options": {"image_stage": options.image_stage, "text": options.text, "where": list(options.where),
-                    "split": fractions, "shard_size": options.shard_size},
-        "text_column": selection.text_column, "image_column": selection.image_column,
-        "rows": total, "splits": _split_counts(fractions, members, shards), "excluded": selection.excluded,
-        "shards": entries, "owned": owned,
-    }
-    _write_json(out / MANIFEST, manifest, layout.tmp_dir)
-    (out / PENDING).unlink(missing_ok=True)
-    shutil.rmtree(layout.tmp_dir, ignore_errors=True)
+        # 4. The manifest, last: its presence says the export is complete.
+        manifest = {
+            "catalogen": catalogen.__version__, "export_version": EXPORT_VERSION, "format": options.format,
+            "created_at": datetime.now(timezone.utc).isoformat(), "run": str(run_dir.resolve()),
+            "results_sha256": results_sha256, "fingerprint": fingerprint,
+            "options": {"image_stage": options.image_stage, "text": options.text, "where": list(options.where),
+                        "split": fractions, "shard_size": options.shard_size},
+            "text_column": selection.text_column, "image_column": selection.image_column,
+            "rows": total, "splits": _split_counts(fractions, members, shards), "excluded": selection.excluded,
+            "shards": entries, "owned": owned,
+        }
+        _write_json(out / MANIFEST, manifest, layout.tmp_dir)
+        (out / PENDING).unlink(missing_ok=True)
+        shutil.rmtree(layout.tmp_dir, ignore_errors=True)
     return manifest
 
 

@@ -99,8 +99,16 @@ def _folder_hash(path: str) -> str:
     return "sha256:" + stable_hash([(str(p.relative_to(root)), sha256_file(p)) for p in files])[:32]
 
 
+# What a Hub model's folder needs when its spec names no files: weights as safetensors, never pickles.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.onnx", "*.jinja"]
+
+
 def _download(spec: ModelSpec, offline: bool) -> Path:
-    """Fetch a Hub model's safetensors weights and configuration (never pickles)."""
+    """Fetch a Hub model's safetensors weights and configuration (never pickles).
+
+    A repository holding many models (h94/IP-Adapter: a dozen adapters and two image encoders,
+    tens of GB) is fetched only in the files its spec names; see `ModelSpec.files`.
+    """
     if spec.kind in DIFFUSION_KINDS:
         from diffusers import DiffusionPipeline
 
@@ -109,8 +117,8 @@ def _download(spec: ModelSpec, offline: bool) -> Path:
         ))
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.onnx", "*.jinja"]
-    return Path(snapshot_download(spec.repo, revision=spec.revision, allow_patterns=patterns, local_files_only=offline))
+    return Path(snapshot_download(spec.repo, revision=spec.revision, allow_patterns=spec.files or HUB_FILES,
+                                  local_files_only=offline))
 
 
 def _build_tiny(name: str, cache: Path) -> Path:

@@ -115,6 +115,62 @@ _held: dict[Path, int] = {}
 _held_lock = threading.Lock()
 
 
+@contextmanager
+def hold_folder(lock: Path, user: str) -> Iterator[None]:
+    """An exclusive `flock` on `lock` (a file in the folder it guards), refused at once when held.
+
+    Re-entrant within a process; the holder's pid, host and start time are written into the file
+    for `lock_holder`. The lock dies with its process, however that ends.
+    """
+    key = lock.resolve()
+    with _held_lock:
+        reentered = key in _held
+        if reentered:
+            _held[key] += 1
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusy(f"{lock.parent} is in use by another {user} ({lock_holder(lock) or 'unknown holder'})") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        with _held_lock:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held.pop(key, None)
+    finally:
+        os.close(fd)  # releases the lock, also when the process dies
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds `lock` now (None if nobody)."""
+    if not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunStore:
     """One run's output folder (layout in the module docstring)."""
 
@@ -156,54 +212,12 @@ class RunStore:
         Re-entrant within a process (the CLI takes the lock before Prefect starts, and the flow
         it runs takes it again); released when the process ends, however it ends.
         """
-        key = self.root.resolve()
-        with _held_lock:
-            if key in _held:
-                _held[key] += 1
-                reentered = True
-            else:
-                reentered = False
-        if reentered:
-            try:
-                yield
-            finally:
-                with _held_lock:
-                    _held[key] -= 1
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunFolderBusy(f"{self.root} is in use by another run ({self.holder() or 'unknown holder'})") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-            with _held_lock:
-                _held[key] = 1
-            try:
-                yield
-            finally:
-                with _held_lock:
-                    _held.pop(key, None)
-        finally:
-            os.close(fd)  # releases the lock, also when the process dies
+        with hold_folder(self.root / ".lock", "run"):
+            yield
 
     def holder(self) -> str | None:
         """Who holds the folder now (None if nobody)."""
-        lock = self.root / ".lock"
-        if not lock.exists():
-            return None
-        fd = os.open(lock, os.O_RDONLY)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+        return lock_holder(self.root / ".lock")
 
     def clear_leftovers(self) -> None:
         """Remove shard inputs and temporary files (what a killed invocation leaves behind).

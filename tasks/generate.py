@@ -224,11 +224,17 @@ def is_single_file(spec: DiffusionSpec) -> bool:
 def models(cfg: RunConfig) -> dict[str, ModelSpec]:
     """The pipeline, and every LoRA (`lora.<name>`) and embedding (`embedding.<n>`) file it loads."""
     found: dict[str, ModelSpec] = {"pipeline": model_spec(cfg)}
-    for lora in cfg.generate.loras:
-        found[f"lora.{lora.adapter_name()}"] = ModelSpec(repo=lora.path, kind="lora", revision=lora.revision)
+    for lora in cfg.generate.loras:  # from a Hub repo, only the named file
+        found[f"lora.{lora.adapter_name()}"] = ModelSpec(repo=lora.path, kind="lora", revision=lora.revision,
+                                                         files=_named(lora.weight_name))
     for index, embedding in enumerate(cfg.generate.embeddings):
-        found[f"embedding.{index}"] = ModelSpec(repo=embedding.path, kind="embedding", revision=embedding.revision)
+        found[f"embedding.{index}"] = ModelSpec(repo=embedding.path, kind="embedding", revision=embedding.revision,
+                                                files=_named(embedding.weight_name))
     return found
+
+
+def _named(weight_name: str | None) -> list[str] | None:
+    return None if weight_name is None else [weight_name]
 
 
 def safety_mode(cfg: RunConfig) -> str:

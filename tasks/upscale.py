@@ -130,7 +130,13 @@ RECORDED = tuple(f.name for f in PLAN_FIELDS)
 
 
 def controlnet_spec(cfg: RunConfig) -> ModelSpec:
-    return cfg.upscale.controlnet or PROFILES[cfg.profile]
+    """The tile ControlNet; from the Hub, only its configuration and the weights `load_controlnet`
+    reads (repositories often hold fp32 and fp16 copies side by side)."""
+    spec = cfg.upscale.controlnet or PROFILES[cfg.profile]
+    if spec.files is not None:
+        return spec
+    weights = "diffusion_pytorch_model" + (f".{spec.variant}" if spec.variant else "")
+    return spec.model_copy(update={"files": ["*.json", f"{weights}.safetensors", f"{weights}-*.safetensors"]})
 
 
 def models(cfg: RunConfig) -> dict[str, ModelSpec]:

@@ -315,3 +315,14 @@ def test_flow_records_adapters_in_results_and_run_json(tmp_path: Path):
     assert results[0]["generate_notes"] == "negative prompt names embedding 'easynegative' which is not loaded"
     roles = json.loads((out / "run.json").read_text())["models"]["generate"]
     assert set(roles) == {"pipeline", "lora.lora-sd15", "embedding.0"}
+
+
+def test_from_a_hub_repo_only_the_named_adapter_files_are_fetched():
+    cfg = config(**{"generate.loras": [{"path": "someone/loras", "weight_name": "style_v2.safetensors"},
+                                       {"path": "someone/one-lora"}],
+                    "generate.embeddings": [{"path": "someone/embeddings", "weight_name": "neg.safetensors",
+                                             "token": "<neg>"}]})
+    specs = generate.models(cfg)
+    assert specs["lora.style_v2"].files == ["style_v2.safetensors"]
+    assert specs["lora.one-lora"].files is None  # no name: the repo's safetensors (models.HUB_FILES)
+    assert specs["embedding.0"].files == ["neg.safetensors"]

@@ -14,17 +14,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from conftest import REPO, context, fast_config, plan_table
+from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from catalogen import models
 from catalogen.config import ConfigError, load_config
 from catalogen.hashing import sha256_file
-from catalogen.models import resolve_model
+from catalogen.models import ModelIdentity, resolve_model
 from catalogen.placement import place
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.runplan import Selection, prepare
-from tasks import style
+from tasks import generate, style
 
 CANVAS = 32
 FAST_STYLE = {"stages": ["generate", "style"], "style.steps": 2, "style.width": CANVAS, "style.height": CANVAS,
@@ -179,6 +181,12 @@ def test_key_follows_the_style_images_content_not_its_path(tmp_path: Path, style
     assert default[0]["key"] == keys[0]
     assert plan_rows([None], **{"style.scale": 0.5, "style.style_image": str(styles["red"])})[0]["key"] != keys[0]
 
+    # The scene's prompt: a row's own scene_prompt, else style.prompt; each is in the key.
+    red = {"style.style_image": str(styles["red"])}
+    scenes = [plan_rows([None], **red, **{"style.prompt": text})[0] for text in ("", "on marble", "on oak")]
+    assert [row["scene_prompt"] for row in scenes] == [None, "on marble", "on oak"]
+    assert scenes[0]["key"] == default[0]["key"] and len({row["key"] for row in scenes}) == 3
+
 
 def test_a_missing_style_image_is_refused_up_front_and_one_lost_later_fails_its_row(tmp_path: Path, styles):
     from catalogen.catalog import CatalogError
@@ -246,3 +254,41 @@ def test_committed_style_images_are_what_make_demo_draws():
         with Image.open(REPO / "catalogs" / "styles" / f"{name}.png") as committed:
             assert committed.size == (64, 64)
             assert np.array_equal(np.asarray(committed.convert("RGB")), np.asarray(image)), name
+
+
+# Part of h94/IP-Adapter as the Hub lists it: a dozen adapters (and pickles beside each) and two image encoders.
+H94_FILES = [
+    "README.md", "models/image_encoder/config.json", "models/image_encoder/model.safetensors",
+    "models/image_encoder/pytorch_model.bin", "models/ip-adapter_sd15.bin", "models/ip-adapter_sd15.safetensors",
+    "models/ip-adapter-plus_sd15.safetensors", "models/ip-adapter_sd15_light.safetensors",
+    "models/ip-adapter_sd15_vit-G.safetensors", "sdxl_models/image_encoder/config.json",
+    "sdxl_models/image_encoder/model.safetensors", "sdxl_models/ip-adapter_sdxl.safetensors",
+    "sdxl_models/ip-adapter_sdxl_vit-h.safetensors", "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+]
+ENCODER = {"models/image_encoder/config.json", "models/image_encoder/model.safetensors"}
+
+
+@pytest.mark.parametrize("profile, adapter", [("sd15", "models/ip-adapter_sd15.safetensors"),
+                                              ("sdxl", "sdxl_models/ip-adapter_sdxl_vit-h.safetensors")])
+def test_only_the_files_a_family_loads_are_fetched_from_the_hub(profile: str, adapter: str):
+    spec = style.ip_adapter_spec(load_config(None, {"profile": profile}))
+    assert set(filter_repo_objects(H94_FILES, allow_patterns=spec.files)) == ENCODER | {adapter}
+    named = load_config(None, {"profile": profile, "style.ip_adapter": {"repo": "me/adapters", "kind": "ip-adapter",
+                                                                        "files": ["x/*.safetensors"]}})
+    assert style.ip_adapter_spec(named).files == ["x/*.safetensors"]  # the user's choice stands
+
+
+@pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
+def test_the_files_fetched_are_enough_to_load_the_styled_pipeline(tmp_path: Path, profile: str):
+    cfg = fast_config(profile=profile, stages=["style"])
+    spec = style.ip_adapter_spec(cfg)
+    full = Path(resolve_model(spec, cfg).path)  # laid out like h94/IP-Adapter, both families
+    files = [str(p.relative_to(full)) for p in full.rglob("*") if p.is_file()]
+    kept = list(filter_repo_objects(files, allow_patterns=spec.files))
+    assert 0 < len(kept) < len(files)
+    for name in kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(full / name, tmp_path / name)
+    copy = ModelIdentity(f"fetched-{profile}", "copy", str(tmp_path), "ip-adapter")
+    pipe = style.load_styled_pipeline(resolve_model(generate.model_spec(cfg), cfg), copy, "cpu", torch.float32)
+    assert pipe.image_encoder is not None and pipe.unet.encoder_hid_proj is not None

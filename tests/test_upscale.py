@@ -15,6 +15,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionControlNetImg2ImgPipeline,
 )
+from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from catalogen import models
@@ -222,7 +223,8 @@ def results_sha(out: Path, ids) -> list[str]:
 
 
 def test_generate_style_and_upscale_chain_through_the_flow(tmp_path: Path):
-    catalog = write_catalog(tmp_path / "catalog.parquet", {"id": ["a", "b"], "prompt": ["a red mug", "a blue boat"]})
+    catalog = write_catalog(tmp_path / "catalog.parquet", {"id": ["a", "b"], "prompt": ["a red mug", "a blue boat"],
+                                                           "scene_prompt": [None, "on a beach at dawn"]})
     out = tmp_path / "out"
     overrides = {**FAST, **FAST_UPSCALE, "rows_per_shard": 1}
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True)
@@ -241,8 +243,10 @@ def test_generate_style_and_upscale_chain_through_the_flow(tmp_path: Path):
             assert generated.size == (32, 32)
 
     # The product chain (remove_bg aside): style paints a scene around generate's image, upscale takes style's.
+    # The scene's prompt is the row's scene_prompt, else style.prompt, not the product's own prompt.
     style_settings = {"style.style_image": str(REPO / "catalogs" / "styles" / "warm-gradient.png"), "style.steps": 2,
-                      "style.width": 32, "style.height": 32, "stages": ["generate", "style", "upscale"]}
+                      "style.width": 32, "style.height": 32, "stages": ["generate", "style", "upscale"],
+                      "style.prompt": "on a marble counter"}
     chained = tmp_path / "chained"
     state = catalogen_run(catalog=str(catalog), out=str(chained), overrides={**overrides, **style_settings},
                           return_state=True)
@@ -251,6 +255,31 @@ def test_generate_style_and_upscale_chain_through_the_flow(tmp_path: Path):
     df = pd.read_parquet(chained / "results.parquet")
     assert df.style_source_image.tolist() == df.generate_image_path.tolist()
     assert df.upscale_source_image.tolist() == df.style_image_path.tolist()
-    assert df.style_product_identical.all() and set(df.style_prompt) == {"a red mug", "a blue boat"}
+    assert df.style_product_identical.all() and df.generate_prompt.tolist() == ["a red mug", "a blue boat"]
+    assert df.style_prompt.tolist() == ["on a marble counter", "on a beach at dawn"]
+    assert parse_parameters(read_png_text(str(chained / df.style_image_path[1]))["parameters"])["prompt"] == \
+        "on a beach at dawn"
     assert df.generate_image_sha256.tolist() == results_sha(out, df.id)  # the same rows, the same generate images
     assert (df.image_width.tolist(), df.stage.tolist()) == ([64, 64], ["upscale", "upscale"])
+
+
+# lllyasviel/control_v11f1e_sd15_tile as the Hub lists it (fp32 and fp16, each as a pickle and as safetensors),
+# and a sharded repository's names.
+TILE_FILES = ["README.md", "config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+              "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.safetensors", "images/original.png"]
+SHARDED = ["config.json", "diffusion_pytorch_model.safetensors.index.json",
+           "diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors",
+           "diffusion_pytorch_model.fp16-00001-of-00001.safetensors"]
+
+
+def test_only_the_weights_the_controlnet_loads_are_fetched_from_the_hub():
+    def fetched(files: list[str], variant: str | None = None) -> set[str]:
+        controlnet = {"repo": "lllyasviel/control_v11f1e_sd15_tile", "kind": "controlnet", "variant": variant}
+        spec = upscale.controlnet_spec(load_config(None, {"profile": "sd15", "upscale.controlnet": controlnet}))
+        return set(filter_repo_objects(files, allow_patterns=spec.files))
+
+    assert fetched(TILE_FILES) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert fetched(TILE_FILES, "fp16") == {"config.json", "diffusion_pytorch_model.fp16.safetensors"}
+    assert fetched(SHARDED) == set(SHARDED[:4])
+    default = upscale.controlnet_spec(load_config(None, {"profile": "sdxl"}))
+    assert default.repo == "xinsir/controlnet-tile-sdxl-1.0" and "diffusion_pytorch_model.safetensors" in default.files
