@@ -29,6 +29,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scale.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/enhance.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/product.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export.py
 
 clean:
