@@ -45,7 +45,7 @@ from PIL import Image  # noqa: E402
 from catalogen.config import RunConfig, load_config  # noqa: E402
 from catalogen.devices import default_dtype, visible_devices  # noqa: E402
 from catalogen.placement import place  # noqa: E402
-from catalogen.runplan import prepare  # noqa: E402
+from catalogen.runplan import prepare, resolve_stage_models  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
 from catalogen.store import RunStore  # noqa: E402
 from tasks import STAGES  # noqa: E402
@@ -154,7 +154,7 @@ def bare_remove_bg(args: argparse.Namespace, cfg: RunConfig, work: Path, device,
 
     from tasks.remove_bg import load_session
 
-    session = load_session(_resolve(cfg, "remove_bg")["segmenter"], device.name)
+    session = load_session(resolve_stage_models(cfg)["remove_bg"]["segmenter"], device.name)
     paths, _, _ = _inputs(work)
 
     def run(batch: list[int], out: Path) -> None:
@@ -172,7 +172,7 @@ def bare_style(args: argparse.Namespace, cfg: RunConfig, work: Path, device, dty
 
     from catalogen.tiny_adapters import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS
 
-    models = _resolve(cfg, "style")
+    models = resolve_stage_models(cfg)["style"]
     pipeline, adapter = models["pipeline"], models["ip_adapter"]
     pipe = StableDiffusionInpaintPipeline.from_pretrained(pipeline.path, dtype=dtype, use_safetensors=True,
                                                           safety_checker=None, requires_safety_checker=False)
@@ -212,7 +212,7 @@ def bare_upscale(args: argparse.Namespace, cfg: RunConfig, work: Path, device, d
 
     from tasks.upscale import tile_seed  # the stage seeds each tile from the row's seed and the tile's index
 
-    models = _resolve(cfg, "upscale")
+    models = resolve_stage_models(cfg)["upscale"]
     controlnet = ControlNetModel.from_pretrained(models["controlnet"].path, dtype=dtype, use_safetensors=True)
     pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
         models["pipeline"].path, controlnet=controlnet, dtype=dtype, use_safetensors=True,
@@ -238,12 +238,6 @@ def bare_upscale(args: argparse.Namespace, cfg: RunConfig, work: Path, device, d
             image.save(out / f"{i:05d}.png")
 
     return run
-
-
-def _resolve(cfg: RunConfig, stage: str) -> dict:
-    from catalogen.runplan import resolve_stage_models
-
-    return resolve_stage_models(cfg)[stage]
 
 
 BARE = {"remove_bg": bare_remove_bg, "style": bare_style, "upscale": bare_upscale}
