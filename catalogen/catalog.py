@@ -190,10 +190,16 @@ def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: RowLabels) -
     return pc.cast(pc.if_else(pa.array(given), as_float, pa.scalar(None, pa.float64())), pa.int64()), faults
 
 
+def not_given(text: pa.Array) -> pa.BooleanArray:
+    """Which text cells hold no value: null, blank, or `NaN` / `nan` (what `astype(str)` and some
+    exports make of a missing value)."""
+    trimmed = pc.utf8_lower(pc.utf8_trim_whitespace(text))
+    return pc.fill_null(pc.or_(pc.equal(trimmed, ""), pc.equal(trimmed, "nan")), True)
+
+
 def _check_text(values: pa.Array, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
-    """Blank text is "not given"; a `canonical` rule rewrites each value to its canonical spelling."""
-    blank = pc.equal(pc.utf8_trim_whitespace(values), "")
-    values = pc.if_else(pc.fill_null(blank, False), pa.scalar(None, pa.string()), values)
+    """Missing text (`not_given`) becomes null; a `canonical` rule rewrites each value to its canonical spelling."""
+    values = pc.if_else(not_given(values), pa.scalar(None, pa.string()), values)
     if rule.canonical is None:
         return values, []
     distinct = [v for v in pc.unique(values).to_pylist() if v is not None]
@@ -304,10 +310,9 @@ def validate_catalog(
         if not _is_text(column.type):
             faults.append(Fault(f"must hold strings, found {column.type}", name))
             continue
-        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True).to_numpy(zero_copy_only=False)
-        blank &= ~excused
+        blank = not_given(column).to_numpy(zero_copy_only=False) & ~excused
         if blank.any():
-            faults.append(Fault("is null or blank", name, _rows(labels, blank)))
+            faults.append(Fault("is null, blank or NaN", name, _rows(labels, blank)))
     for name, rule in rules.items():
         if name in table.column_names and name not in required:
             values, found = check_column(table.column(name), name, rule, labels)

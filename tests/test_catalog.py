@@ -33,6 +33,7 @@ FAULTS = {
     "id of wrong type": ({"id": [1.5, 2.5], "prompt": ["x", "y"]}, "id", ["double"], ()),
     "missing prompt column": ({"id": ["a"]}, "prompt", ["missing", "template"], ()),
     "blank prompt": ({"id": ["a", "b"], "prompt": ["x", "  "]}, "prompt", ["blank"], ("b",)),
+    "NaN prompt": ({"id": ["a", "b", "c"], "prompt": ["nan bread", "nan", " NaN"]}, "prompt", ["NaN"], ("b", "c")),
     "prompt not text": ({"id": ["a"], "prompt": [3]}, "prompt", ["strings", "int64"], ()),
     "width not multiple of 8": ({**GOOD, "width": [32, 36, None]}, "width", ["multiple of 8"], ("b",)),
     "height outside model limits": ({**GOOD, "height": [32, 1024, 8]}, "height", ["between 16 and 512", "tiny:sd15"], ("b", "c")),

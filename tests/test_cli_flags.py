@@ -179,7 +179,7 @@ def test_nan_overrides_mean_the_runs_setting(tmp_path: Path, writer: str):
 def test_csv_catalogs_keep_text_as_written(tmp_path: Path):
     text = (
         "id,prompt,sku,ean,scheduler,negative_prompt,steps\n"
-        "0012,a red door,00123,0012345678905,,,\n"
+        "0012,a red door,00123,0012345678905,nan,NaN,\n"  # how astype(str) and some exports write a missing value
         "001,a blue boat,00124,0012345678912,Euler a,,3\n"
         "1,a green field,00125,,,blurry,\n"
     )
@@ -194,7 +194,7 @@ def test_csv_catalogs_keep_text_as_written(tmp_path: Path):
         df = results(out)
         assert df.id.tolist() == ["0012", "001", "1"]  # no type guessing: three distinct ids
         assert df.sku.tolist() == ["00123", "00124", "00125"] and df.ean.tolist()[:2] == ["0012345678905", "0012345678912"]
-        assert df.generate_scheduler.tolist() == ["euler", "euler_a", "euler"]  # blank: the run's setting
+        assert df.generate_scheduler.tolist() == ["euler", "euler_a", "euler"]  # blank or NaN: the run's setting
         assert df.generate_negative_prompt.tolist() == ["text, watermark", "text, watermark", "blurry"]
         assert df.generate_steps.tolist() == [2, 3, 2]
 
