@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from catalogen.catalog import Fault, RowLabels
+from catalogen.catalog import Fault, RowLabels, column_or_nulls
 from catalogen.hashing import sha256_bytes
 
 IMAGE = "image"  # the catalog column, normalised to an absolute path or URL (null for binary rows)
@@ -330,6 +330,15 @@ def image_identities(images: pa.Array, image_bytes: pa.Array) -> pa.Array:
     return pa.array(found, pa.string())
 
 
+def catalog_sources(rows: pa.Table) -> dict[str, pa.Array]:
+    """An image stage's plan columns for the catalog's own image of each row: `source_image` (a
+    path or URL), `source_bytes`, and `source_identity` (what the key holds; `read_planned` checks
+    it). The pipeline replaces `source_image` with an upstream stage's image where there is one."""
+    image = column_or_nulls(rows, "image", pa.string())
+    data = column_or_nulls(rows, "image_bytes", pa.large_binary())
+    return {"source_image": image, "source_bytes": data, "source_identity": image_identities(image, data)}
+
+
 def _iter_bytes(column: pa.Array) -> Iterator[bytes | None]:
     """The bytes of each row without copying the whole column into a Python list first."""
     for scalar in column:
@@ -430,9 +439,10 @@ def load_image(
 
 
 def open_input(row: Mapping[str, Any], run_root: Path, settings: ImageSettings) -> Image.Image:
-    """An image stage's input for a planned row (`source_image`, else `source_bytes`), fully loaded,
-    as RGB, or RGBA when it has transparency (a cut-out keeps its alpha). Raises ImageLoadError."""
-    image = load_image(row.get("source_image"), row.get("source_bytes"), run_root, settings)
+    """An image stage's input for a planned row (`source_image`, else `source_bytes`; see
+    `read_planned`), fully loaded, as RGB, or RGBA when it has transparency (a cut-out keeps its
+    alpha). Raises ImageLoadError."""
+    _, image = read_planned(row["source_image"], row["source_identity"], row["source_bytes"], run_root, settings)
     if image.mode in ("RGB", "RGBA"):
         return image
     has_alpha = image.mode in ("LA", "PA", "RGBa", "La") or "transparency" in image.info
@@ -447,9 +457,10 @@ def read_planned(
 
     `source_identity` is what the plan recorded (`image_identity`); a catalog file whose size or
     time changed since then raises ImageLoadError, so a result is never recorded under the key of
-    other content.
+    other content. An upstream stage's image (which replaced the catalog's at hand-off) is not the
+    file that identity describes; the upstream key stands for it.
     """
-    if source_image is not None and source_identity is not None and source_identity.startswith("file:"):
+    if source_image is not None and source_identity is not None and source_identity.startswith(f"file:{source_image}:"):
         try:
             now = file_identity(source_image)
         except OSError as exc:

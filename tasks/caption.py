@@ -39,13 +39,13 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
-from catalogen.catalog import Rule, column_or_nulls
+from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.hashing import column_keys, sha256_bytes
 from catalogen.images import (
     ImageLoadError,
     ImageSettings,
-    image_identities,
+    catalog_sources,
     read_planned,
 )
 from catalogen.models import ModelIdentity, cached
@@ -239,12 +239,8 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     c = cfg.caption
     captioner = models["captioner"]
     base_prompt = pc.cast(rows.column("prompt"), pa.string())
-    source_image = column_or_nulls(rows, "image", pa.string())
-    source_bytes = column_or_nulls(rows, "image_bytes", pa.large_binary())
     columns = {
-        "source_image": source_image,
-        "source_bytes": source_bytes,
-        "source_identity": image_identities(source_image, source_bytes),
+        **catalog_sources(rows),
         "source_prompt": base_prompt,
         "base_prompt": base_prompt,
     }

@@ -35,10 +35,10 @@ from PIL import Image, PngImagePlugin
 from pydantic import Field, field_validator, model_validator
 
 import catalogen
-from catalogen.catalog import Rule, column_or_nulls
+from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.images import ImageLoadError, image_identities, read_planned
+from catalogen.images import ImageLoadError, catalog_sources, read_planned
 from catalogen.models import TINY_PREFIX, ModelIdentity, cached
 from catalogen.placement import (
     alpha_box,
@@ -203,13 +203,12 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     whose image comes from upstream has no identity here: the pipeline chains the upstream key.
     """
     identity = models["segmenter"]
-    source_image = column_or_nulls(rows, "image", pa.string())
-    source_bytes = column_or_nulls(rows, "image_bytes", pa.large_binary())
-    identities = image_identities(source_image, source_bytes)
+    sources = catalog_sources(rows)
     fixed = [NAME, VERSION, identity.repo, identity.revision, output_settings(cfg.remove_bg)]
-    keys = pa.array(column_keys(fixed, [identities]), pa.string())
+    keys = pa.array(column_keys(fixed, [sources["source_identity"]]), pa.string())
     return pa.Table.from_arrays(
-        [rows.column("id"), rows.column("variant"), keys, source_image, source_bytes, identities], schema=PLAN_SCHEMA,
+        [rows.column("id"), rows.column("variant"), keys,
+         sources["source_image"], sources["source_bytes"], sources["source_identity"]], schema=PLAN_SCHEMA,
     )
 
 

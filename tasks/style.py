@@ -45,7 +45,7 @@ from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.diffusion import finite
 from catalogen.hashing import column_keys, sha256_bytes, sha256_file
-from catalogen.images import ImageLoadError, open_input
+from catalogen.images import ImageLoadError, catalog_sources, open_input
 from catalogen.models import ModelIdentity, cached
 from catalogen.placement import place
 from catalogen.pngmeta import encode_png, format_parameters
@@ -118,7 +118,8 @@ PLAN_FIELDS = [
 ]
 PLAN_SCHEMA = pa.schema([
     pa.field("id", pa.string()), pa.field("variant", pa.int32()), pa.field("key", pa.string()),
-    *PLAN_FIELDS, pa.field("source_bytes", pa.binary()),
+    *PLAN_FIELDS, pa.field("source_bytes", pa.large_binary()),
+    pa.field("source_identity", pa.string()),  # what the key holds of a catalog image (images.image_identity)
     pa.field("scene_prompt", pa.string()),  # wins over `prompt` (which an upstream stage may fill in)
 ])
 OUTPUT_SCHEMA = output_schema(
@@ -218,15 +219,6 @@ def _style_columns(rows: pa.Table, cfg: RunConfig, catalog_dir: Path | None) -> 
     return paths, _digests(paths)
 
 
-def _catalog_image(rows: pa.Table) -> tuple[pa.Array, pa.Array]:
-    """The catalog's own image (a path or bytes) for rows that bring one; the upstream image replaces it."""
-    return column_or_nulls(rows, "image", pa.string()), column_or_nulls(rows, "image_bytes", pa.binary())
-
-
-def _bytes_digests(data: pa.Array) -> pa.Array:
-    return pa.array([None if d is None else sha256_bytes(d) for d in data.to_pylist()], pa.string())
-
-
 def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity], *,
          catalog_dir: Path | None = None) -> pa.Table:
     """Each row's scene parameters and key; no model loads.
@@ -240,10 +232,10 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity], *,
     width, height = canvas_size(cfg)
     n = rows.num_rows
     style_path, style_digest = _style_columns(rows, cfg, catalog_dir)
-    source_image, source_bytes = _catalog_image(rows)
+    sources = catalog_sources(rows)
     scene = pc.coalesce(column_or_nulls(rows, "scene_prompt", pa.string()), pa.scalar(s.prompt or None, pa.string()))
     columns = {
-        "source_image": source_image,
+        "source_image": sources["source_image"],
         "prompt": pc.coalesce(pc.cast(rows.column("prompt"), pa.string()), pa.scalar(s.prompt, pa.string())),
         "negative_prompt": pc.fill_null(column_or_nulls(rows, "negative_prompt", pa.string()), s.negative_prompt),
         "seed": rows.column("seed"),
@@ -262,11 +254,11 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity], *,
     fixed = [NAME, VERSION, pipeline.repo, pipeline.revision, pipeline.variant, adapter.repo, adapter.revision,
              s.scale, s.steps, s.guidance_scale, s.strength, s.scheduler, width, height, s.fill]
     style_identity = pc.coalesce(style_digest, pc.binary_join_element_wise("missing:", style_path, ""))
-    per_row = [columns["prompt"], columns["negative_prompt"], columns["seed"], style_identity, source_image,
-               _bytes_digests(source_bytes), scene]
+    per_row = [columns["prompt"], columns["negative_prompt"], columns["seed"], style_identity,
+               sources["source_identity"], scene]
     keys = pa.array(column_keys(fixed, per_row), pa.string())
     data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": keys, **columns,
-            "source_bytes": source_bytes, "scene_prompt": scene}
+            "source_bytes": sources["source_bytes"], "source_identity": sources["source_identity"], "scene_prompt": scene}
     return pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
 
 

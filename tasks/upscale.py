@@ -41,8 +41,8 @@ from catalogen.catalog import Rule, column_or_nulls
 from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.diffusion import finite, load_pipeline
-from catalogen.hashing import MAX_SEED, column_keys, sha256_bytes, stable_hash
-from catalogen.images import ImageLoadError, open_input
+from catalogen.hashing import MAX_SEED, column_keys, stable_hash
+from catalogen.images import ImageLoadError, catalog_sources, open_input
 from catalogen.models import ModelIdentity, cached
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
@@ -108,7 +108,8 @@ PLAN_FIELDS = [
 ]
 PLAN_SCHEMA = pa.schema([
     pa.field("id", pa.string()), pa.field("variant", pa.int32()), pa.field("key", pa.string()),
-    *PLAN_FIELDS, pa.field("source_bytes", pa.binary()),
+    *PLAN_FIELDS, pa.field("source_bytes", pa.large_binary()),
+    pa.field("source_identity", pa.string()),  # what the key holds of a catalog image (images.image_identity)
 ])
 OUTPUT_SCHEMA = output_schema(
     [
@@ -177,25 +178,14 @@ def config_faults(cfg: RunConfig) -> list[str]:
 # --- plan -----------------------------------------------------------------------------------------
 
 
-def _catalog_image(rows: pa.Table) -> tuple[pa.Array, pa.Array]:
-    """The catalog's own image (a path or bytes) for rows that bring one; the upstream image replaces it."""
-    path = column_or_nulls(rows, "image", pa.string())
-    data = column_or_nulls(rows, "image_bytes", pa.binary())
-    return path, data
-
-
-def _bytes_digests(data: pa.Array) -> pa.Array:
-    return pa.array([None if d is None else sha256_bytes(d) for d in data.to_pylist()], pa.string())
-
-
 def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) -> pa.Table:
     """Each row's upscaling parameters and key; no model loads."""
     u = cfg.upscale
     n = rows.num_rows
     size, overlap = tile_size(cfg), tile_overlap(cfg)
-    source_image, source_bytes = _catalog_image(rows)
+    sources = catalog_sources(rows)
     columns = {
-        "source_image": source_image,
+        "source_image": sources["source_image"],
         "prompt": pc.coalesce(pc.cast(rows.column("prompt"), pa.string()), pa.scalar(u.prompt, pa.string())),
         "negative_prompt": pc.fill_null(column_or_nulls(rows, "negative_prompt", pa.string()), u.negative_prompt),
         "seed": rows.column("seed"),
@@ -212,11 +202,10 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     fixed = [NAME, VERSION, pipeline.repo, pipeline.revision, pipeline.variant, controlnet.repo, controlnet.revision,
              u.factor, u.strength, u.controlnet_conditioning_scale, u.steps, u.guidance_scale, u.scheduler,
              size, overlap]
-    per_row = [columns["prompt"], columns["negative_prompt"], columns["seed"], source_image,
-               _bytes_digests(source_bytes)]
+    per_row = [columns["prompt"], columns["negative_prompt"], columns["seed"], sources["source_identity"]]
     keys = pa.array(column_keys(fixed, per_row), pa.string())
     data = {"id": rows.column("id"), "variant": rows.column("variant"), "key": keys, **columns,
-            "source_bytes": source_bytes}
+            "source_bytes": sources["source_bytes"], "source_identity": sources["source_identity"]}
     return pa.Table.from_pydict(data, schema=PLAN_SCHEMA)
 
 

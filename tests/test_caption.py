@@ -379,3 +379,19 @@ def test_a_chained_run_captions_generated_images_and_recomputes_only_changed_row
     assert (second.caption_finished_at[~changed] == first.caption_finished_at[~changed]).all()
     assert second.loc["row-1", "caption_caption"] == fresh.caption.iloc[0]
     assert second.loc["row-1", "caption_source_image"] == second.loc["row-1", "generate_image_path"]
+
+
+def test_cut_outs_of_catalog_photos_are_captioned(tmp_path):
+    # The rows bring their own photo files; remove_bg hands its cut-out on, and caption reads that
+    # file of the run folder (not the catalog photo the plan's identity describes).
+    for i in range(2):
+        pixels = np.full((40, 48, 3), 240, np.uint8)
+        pixels[10:30, 12 + i:36] = (30 * i, 60, 200)
+        Image.fromarray(pixels).save(tmp_path / f"photo-{i}.png")
+    catalog = write_catalog(tmp_path / "catalog.parquet", {"id": ["a", "b"], "image": ["photo-0.png", "photo-1.png"]})
+    overrides = {"stages": ["remove_bg", "caption"], "caption.max_new_tokens": 8}
+    state = catalogen_run(catalog=str(catalog), out=str(tmp_path / "out"), overrides=overrides, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert set(df.remove_bg_status) == {"ok"} and set(df.caption_status) <= set(SUCCEEDED), df.caption_error.tolist()
+    assert df.caption_source_image.tolist() == df.remove_bg_image_path.tolist() and not state.is_failed(), summary

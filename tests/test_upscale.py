@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from catalogen.hashing import sha256_file
 from catalogen.models import resolve_model
 from catalogen.pngmeta import parse_parameters, read_png_text
 from flows.run import catalogen_run
-from tasks import upscale
+from tasks import STAGES, upscale
 from tasks.upscale import Blend, axis_starts, tile_grid, tile_seed, upscaled_input
 
 # No classifier-free guidance and one denoising step (2 x 0.8): the cheapest real calls.
@@ -283,3 +284,26 @@ def test_only_the_weights_the_controlnet_loads_are_fetched_from_the_hub():
     assert fetched(SHARDED) == set(SHARDED[:4])
     default = upscale.controlnet_spec(load_config(None, {"profile": "sdxl"}))
     assert default.repo == "xinsir/controlnet-tile-sdxl-1.0" and "diffusion_pytorch_model.safetensors" in default.files
+
+
+def test_a_catalog_photo_edited_in_place_is_recomputed_and_one_edited_mid_run_fails(tmp_path: Path):
+    # upscale (and style) may be the first image stage, reading the catalog's own file: its key must
+    # follow the file (size and time), as remove_bg's and caption's do, not only its path.
+    photo = tmp_path / "photo.png"
+    noise(12, 10, 1).save(photo)
+    table = pa.table({"id": ["p"], "prompt": ["a lamp"], "seed": [3], "image": ["photo.png"]})
+    settings = {"stages": ["upscale"], "upscale.steps": 2, "upscale.guidance_scale": 1.0, "upscale.tile_size": 64}
+    for stage_settings in ({}, {"stages": ["style"], "style.style_image": str(REPO / "catalogs/styles/sage-dots.png"),
+                                "style.steps": 2, "style.width": 32, "style.height": 32}):
+        cfg = fast_config(**{**settings, **stage_settings})
+        stage = cfg.stages[0]
+        noise(12, 10, 1).save(photo)
+        before = plan_table(table, cfg, tmp_path / f"{stage}-a").planned[stage]
+        noise(12, 10, 2).save(photo)  # the same path and size, other pixels, a later time
+        os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+        plan = plan_table(table, cfg, tmp_path / f"{stage}-b")
+        assert plan.planned[stage].column("key")[0] != before.column("key")[0], stage
+        noise(12, 10, 3).save(photo)  # changed again after planning: the row fails rather than lie
+        os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 2 * 10**9))
+        row = STAGES[stage].process(plan.planned[stage], context(plan, stage)).to_pylist()[0]
+        assert row["status"] == "failed" and "changed (size or time) since the run was planned" in row["error"], stage
