@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 import catalogen
 from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
 from catalogen.store import (
-    _fsync_dir,
+    fsync_path,
     hold_folder,
     id_hash,
     safe_name,
@@ -415,7 +415,7 @@ class AtomicFile:
         self.handle.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
 
 
 def _jsonable(value: Any) -> Any:
@@ -545,14 +545,6 @@ class WebDatasetWriter:
         self.file.commit()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     """Flush every file of a folder, then the folder itself, to disk.
 
@@ -560,8 +552,8 @@ def _fsync_tree(folder: Path) -> None:
     512 small files: 2.6 s one after another, 0.09-0.16 s from 8-32 threads.
     """
     with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
-        list(pool.map(_fsync_file, folder.iterdir()))
-    _fsync_dir(folder)
+        list(pool.map(fsync_path, folder.iterdir()))
+    fsync_path(folder)
 
 
 class ImageFolderWriter:
@@ -609,7 +601,7 @@ class ImageFolderWriter:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.final, ignore_errors=True)  # only there if its Parquet went missing: redone
         os.replace(self.dir, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_path(self.final.parent)
 
 
 class DummyWriter:

@@ -59,8 +59,9 @@ class RunFolderBusy(RuntimeError):
     """Another invocation is writing to the same run folder."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (so a rename into it survives a power cut), to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -86,7 +87,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

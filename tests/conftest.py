@@ -13,8 +13,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 _HOME = Path(tempfile.mkdtemp(prefix="catalogen-tests-"))
 os.environ.update(
@@ -60,6 +61,20 @@ def prefect_logging() -> None:
 
     if not PROCESS_LOGGING_CONFIG:
         setup_logging()
+
+
+@contextmanager
+def held_in_another_process(imports: str, lock: str) -> Iterator[None]:
+    """While the block runs, another process holds `with <lock>:` (after `<imports>`), as a second
+    invocation would; it is killed afterwards."""
+    code = f"import time\n{imports}\nwith {lock}:\n    print('held', flush=True); time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def fast_config(**overrides: Any) -> RunConfig:

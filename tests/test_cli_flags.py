@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import prompts, write_catalog
+from conftest import held_in_another_process, prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
@@ -275,22 +275,10 @@ def test_version_and_exit_codes_in_help():
 
 
 def test_a_busy_folder_is_refused_in_one_line_before_prefect_starts(tmp_path: Path):
-    import subprocess
-    import sys
-
     catalog = write_catalog(tmp_path / "c.parquet", prompts(1))
     out = tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from catalogen.store import RunStore\n"
-         f"with RunStore({str(out)!r}).exclusive():\n    print('held', flush=True); time.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
         result = cli("run", catalog, "--out", out, *SMALL)
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "in use by another run (pid" in lines[0]

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_catalog
+from conftest import held_in_another_process, write_catalog
 from PIL import Image
 
 from catalogen.config import load_config
@@ -400,21 +399,10 @@ def test_a_second_export_into_a_folder_in_use_is_refused(runs, tmp_path):
     from catalogen.cli import app
 
     out = tmp_path / "out"
-    holder = subprocess.Popen(  # another export, in its own process, holding the folder
-        [sys.executable, "-c", (
-            "import time; from pathlib import Path; from catalogen.export import LOCK; from catalogen.store import hold_folder\n"
-            f"with hold_folder(Path({str(out)!r}) / LOCK, 'export'):\n"
-            "    print('held', flush=True); time.sleep(120)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    imports = "from pathlib import Path; from catalogen.export import LOCK; from catalogen.store import hold_folder"
+    with held_in_another_process(imports, f"hold_folder(Path({str(out)!r}) / LOCK, 'export')"):  # another export
         result = CliRunner().invoke(app, ["export", str(runs.before), "--format", "hf", "--out", str(out)])
         assert result.exit_code == 1 and re.search(r"in use by another export \(pid \d+", result.output), result.output
         assert [p.name for p in out.iterdir()] == [".export.lock"]  # nothing written
-    finally:
-        holder.kill()
-        holder.wait()
     assert export(runs.before, out, "hf")["rows"] == 8  # free again; the lock file is no stranger's file
     assert export(runs.before, out, "webdataset", overwrite=True)["rows"] == 8

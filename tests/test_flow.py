@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, prompts, write_catalog
+from conftest import FAST, held_in_another_process, prompts, write_catalog
 
 from catalogen import models
 from catalogen.hashing import sha256_file
@@ -161,22 +159,10 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path, catalog: Pat
     from catalogen.store import RunFolderBusy
 
     out = tmp_path / "out"
-    holder = subprocess.Popen(  # another invocation, in its own process
-        [sys.executable, "-c", (
-            "import time; from catalogen.store import RunStore\n"
-            f"with RunStore({str(out)!r}).exclusive():\n"
-            "    print('held', flush=True); time.sleep(120)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
         with pytest.raises(RunFolderBusy, match=r"in use by another run \(pid \d+"):
             run(catalog, out)
         assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert run(catalog, out)["ok"] == 8  # free again once the holder is gone
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import held_in_another_process
 
 from catalogen.batching import AdaptiveBatcher
 from catalogen.config import ConfigError, load_config, parse_override
@@ -147,20 +148,12 @@ def test_waiting_for_a_lease_reports_its_holder_and_times_out():
 
 def test_a_lease_dies_with_its_process():
     device = Device("cuda:0", "test-gpu-killed")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time; from catalogen.devices import Device, lease\n"
-            f"with lease([Device('cuda:0', '{device.physical_id}')]):\n"
-            "    print('held', flush=True); time.sleep(60)\n"
-        )],
-        stdout=subprocess.PIPE, text=True, env=os.environ,
-    )
-    assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(TimeoutError):
-        with lease([device], timeout=0.2):
-            pass
-    holder.kill()  # SIGKILL: no cleanup code runs
-    holder.wait()
+    with held_in_another_process("from catalogen.devices import Device, lease",
+                                 f"lease([Device('cuda:0', '{device.physical_id}')])"):
+        with pytest.raises(TimeoutError):
+            with lease([device], timeout=0.2):
+                pass
+    # the holder was killed (SIGKILL: no cleanup code ran)
     with lease([device], timeout=5) as got:
         assert got == device
 
