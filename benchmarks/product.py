@@ -10,6 +10,11 @@ settings, device and batch size, the models loaded and warmed up before the cloc
   input Lanczos-resized as image and control image, seeded as the stage seeds a row's first tile).
   The inputs fit one tile, so both sides make the same call.
 
+- paste: upscale putting the product back from its cut-out (`upscale.paste_product: auto` on rows
+  whose product is a catalog photo) against today's upscale of the same rows (`never`), both the
+  stage: the extra seconds per row and the ratio, from the medians and the fastest of N repeats.
+  Each row is a scene with the product's box and a cut-out 4x the scene's side, as style hands them on.
+
 The stage side adds the plan (keys, identities), the checks, the provenance chunks and the result
 table. Every row of a benchmark uses one style image, so a plain batched call is correct there
 (rows with different style images need the stage's row-wise embeddings, diffusers #9813). Prints
@@ -17,7 +22,7 @@ rows per second of each side, their ratio, and how many output images are pixel-
 
 Each side runs in a fresh process, as benchmarks/overhead.py explains.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/product.py [--stages remove_bg style upscale] [--rows 32] [--repeats 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/product.py [--stages remove_bg style upscale paste] [--rows 32] [--repeats 3]
     # on a GPU, seconds per 2048x2048 upscale with the real models, tiled:
     .venv/bin/python benchmarks/product.py --profile sd15 --stages upscale --rows 8 --size 1024 --tile-size 512 --steps 20
 """
@@ -50,7 +55,8 @@ from catalogen.stage import StageContext  # noqa: E402
 from catalogen.store import RunStore  # noqa: E402
 from tasks import STAGES  # noqa: E402
 
-STAGE_NAMES = ("remove_bg", "style", "upscale")
+STAGE_NAMES = ("remove_bg", "style", "upscale", "paste")
+PASTE_MODES = ("never", "auto")  # today's upscale, then the paste-back of a catalog photo's product
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -81,9 +87,20 @@ def scene(size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def make_inputs(work: Path, stage: str, rows: int, size: int) -> None:
-    """`work/images/*.png`, a style image, and `work/catalog.parquet` naming them (relative paths)."""
+    """`work/images/*.png`, a style image, and `work/catalog.parquet` naming them (relative paths);
+    for paste also `work/cutouts/*.png` (4x the scene's side) and `work/products.json` (each row's
+    cut-out and the product's box on its scene)."""
     rng = np.random.default_rng(0)
-    draw = {"remove_bg": product_photo, "style": cut_out, "upscale": scene}[stage]
+    if stage == "paste":
+        (work / "cutouts").mkdir(parents=True, exist_ok=True)
+        products = []
+        for i in range(rows):
+            cutout = cut_out(size * 4, rng)
+            cutout.save(work / "cutouts" / f"{i:05d}.png")
+            _, box = place(cutout, (size, size), 0.8, color=None)
+            products.append({"product_source": str(work / "cutouts" / f"{i:05d}.png"), "input_product_bbox": list(box)})
+        (work / "products.json").write_text(json.dumps(products))
+    draw = {"remove_bg": product_photo, "style": cut_out, "upscale": scene, "paste": scene}[stage]
     (work / "images").mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(rows):
@@ -100,13 +117,16 @@ def make_inputs(work: Path, stage: str, rows: int, size: int) -> None:
 
 def config(args: argparse.Namespace, stage: str, work: Path) -> RunConfig:
     overrides = {"profile": args.profile, "stages": [stage]}
-    if stage != "remove_bg":  # rembg segments one image at a time
+    if stage not in ("remove_bg", "paste"):  # rembg segments one image at a time; paste is upscale's
         overrides[f"{stage}.batch_size"] = args.batch_size
     if stage == "style":
         overrides |= {"style.steps": args.steps, "style.width": args.canvas, "style.height": args.canvas,
                       "style.style_image": str(work / "style.png")}
-    if stage == "upscale":
-        overrides |= {"upscale.steps": args.steps, "upscale.tile_size": args.tile_size or args.size * 2}
+    if stage in ("upscale", "paste"):
+        overrides |= {"stages": ["upscale"], "upscale.batch_size": args.batch_size, "upscale.steps": args.steps,
+                      "upscale.tile_size": args.tile_size or args.size * 2}
+    if stage == "paste":
+        overrides["upscale.paste_product"] = args.side
     return load_config(None, overrides)
 
 
@@ -125,8 +145,14 @@ def stage_side(args: argparse.Namespace, stage: str, work: Path) -> dict:
     plan = prepare(work / "catalog.parquet", cfg, work / "stage-run")
     device = visible_devices(cfg.device)[0]
     dtype = default_dtype(device, cfg.dtype)
+    stage = "upscale" if stage == "paste" else stage  # paste times the upscale stage itself
     planned = plan.planned[stage]
     module = STAGES[stage]
+    if args.stage == "paste":  # as style hands a row on: the product's box on the scene and its cut-out
+        products = json.loads((work / "products.json").read_text())
+        for column in ("product_source", "input_product_bbox"):
+            values = pa.array([p[column] for p in products], planned.schema.field(column).type)
+            planned = planned.set_column(planned.schema.get_field_index(column), column, values)
 
     def ctx(folder: str) -> StageContext:
         return StageContext(cfg, RunStore(work / folder), plan.models[stage], device, dtype)
@@ -137,7 +163,8 @@ def stage_side(args: argparse.Namespace, stage: str, work: Path) -> dict:
     wall = time.perf_counter() - started
     statuses = out.column("status").to_pylist()
     pixels = [png_pixels(work / "stage-run" / p) if p else None for p in out.column("image_path").to_pylist()]
-    return {"wall": wall, "ok": statuses.count("ok"), "pixels": pixels, "device": device.name}
+    pasted = sum(bool(v) for v in out.column("product_pasted").to_pylist()) if args.stage == "paste" else None
+    return {"wall": wall, "ok": statuses.count("ok"), "pixels": pixels, "device": device.name, "pasted": pasted}
 
 
 # --- the bare sides -------------------------------------------------------------------------------
@@ -278,7 +305,7 @@ def main() -> None:
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads per side (default: torch's choice)")
-    parser.add_argument("--side", choices=["stage", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["stage", "bare", *PASTE_MODES], help=argparse.SUPPRESS)
     parser.add_argument("--stage", choices=STAGE_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,7 +314,7 @@ def main() -> None:
     if args.side:
         if args.threads:
             torch.set_num_threads(args.threads)
-        side = stage_side if args.side == "stage" else bare_side
+        side = bare_side if args.side == "bare" else stage_side
         print(json.dumps(side(args, args.stage, args.work)))
         return
 
@@ -296,9 +323,10 @@ def main() -> None:
     for stage in args.stages:
         work = Path(tempfile.mkdtemp(prefix=f"catalogen-{stage}-bench-"))
         make_inputs(work, stage, args.rows, args.size * 8 if stage == "remove_bg" else args.size)
-        runs: dict[str, list[dict]] = {"stage": [], "bare": []}
+        sides = PASTE_MODES if stage == "paste" else ("bare", "stage")
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit both sides alike
-            for side in ("bare", "stage"):
+            for side in sides:
                 child = subprocess.run(
                     [sys.executable, __file__, *sys.argv[1:], "--side", side, "--stage", stage, "--work", str(work)],
                     capture_output=True, text=True,
@@ -306,6 +334,9 @@ def main() -> None:
                 if child.returncode:
                     sys.exit(f"{stage} {side} side failed:\n{child.stderr[-4000:]}")
                 runs[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
+        if stage == "paste":
+            report_paste(args, runs)
+            continue
         walls = {side: statistics.median(r["wall"] for r in found) for side, found in runs.items()}
         same = sum(a == b for a, b in zip(runs["stage"][0]["pixels"], runs["bare"][0]["pixels"]))
         print(f"\n{stage} on {runs['stage'][0]['device']}: {runs['stage'][0]['ok']}/{args.rows} rows ok in the stage")
@@ -317,6 +348,17 @@ def main() -> None:
         print(f"  throughput ratio stage/bare: {walls['bare'] / walls['stage']:.3f} (medians), "
               f"{fastest['bare'] / fastest['stage']:.3f} (fastest runs, less touched by other load)")
         print(f"  pixel-equal images on both sides: {same}/{args.rows}")
+
+
+def report_paste(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
+    """The paste-back's extra seconds per row and its time ratio to today's upscale (never)."""
+    today, pasting = runs["never"], runs["auto"]
+    print(f"\npaste-back on {today[0]['device']}: {pasting[0]['pasted']}/{args.rows} rows pasted, "
+          f"{pasting[0]['ok']}/{args.rows} ok; {args.repeats} repeats of each side, interleaved")
+    for label, pick in (("medians", statistics.median), ("fastest", min)):
+        never, auto = pick(r["wall"] for r in today), pick(r["wall"] for r in pasting)
+        print(f"  {label:8}: upscale {never / args.rows:7.3f} s/row, with paste-back {auto / args.rows:7.3f} s/row, "
+              f"extra {(auto - never) / args.rows * 1000:+8.1f} ms/row, ratio {auto / never:.3f}")
 
 
 if __name__ == "__main__":

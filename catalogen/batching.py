@@ -17,6 +17,8 @@ from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import torch
 
+from catalogen import stopping
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -42,9 +44,12 @@ class AdaptiveBatcher(Generic[T, R]):
         """Yield the outcomes batch by batch, in the items' order."""
         start = 0
         while start < len(items):
+            stopping.check()
             batch = items[start:start + self.size]
             try:
                 results = self.fn(batch, self.size)
+            except stopping.Abandoned:
+                raise
             except Exception as exc:  # noqa: BLE001 - every failure is recorded per item
                 if is_out_of_memory(exc) and self.size > 1:
                     if torch.cuda.is_available():
@@ -61,6 +66,8 @@ class AdaptiveBatcher(Generic[T, R]):
         for item in batch:
             try:
                 outcomes.append(Outcome(item, self.size, self.fn([item], self.size)[0]))
+            except stopping.Abandoned:
+                raise
             except Exception as exc:  # noqa: BLE001
                 outcomes.append(Outcome(item, self.size, error=exc))
         return outcomes

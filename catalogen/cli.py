@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
-import threading
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -39,14 +37,19 @@ from catalogen.config import (
     parse_override,
 )
 from catalogen.devices import DeviceError
+from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
+from catalogen import stopping
+from catalogen.prefect_api import PrefectAPI, prefect_environment, start_prefect_api
 from catalogen.runplan import (
     CatalogChanged,
     Selection,
     check_folder_catalog,
-    default_out,
     prepare,
+    rerun_command,
+    run_settings,
+    
 )
 from catalogen.store import RunFolderBusy, RunStateError, RunStore
 
@@ -106,8 +109,14 @@ def _settings(items: list[str] | None, **named: tuple[Any, str]) -> tuple[dict[s
     for key, (value, flag) in named.items():
         if value is not None:
             values[key] = value
-            origins[key] = f"{flag} {value}"
+            origins[key] = f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
     return values, origins
+
+
+def _require_run(run_dir: Path) -> None:
+    """Refuse a folder that `catalogen run` did not make, before anything (a lock file) is created in it."""
+    if not RunStore(run_dir).is_run():
+        _fail(f"{run_dir} is not a catalogen run folder (no run.json)")
 
 
 def _config(config: Optional[Path], items: list[str] | None, **named: tuple[Any, str]) -> RunConfig:
@@ -197,72 +206,6 @@ class _RichReporter:
         self.progress.refresh()
 
 
-def _prefect_environment() -> None:
-    """Settings Prefect reads when it is imported; any the user has set win."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no usage reporting from batch jobs
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catalogen")  # model loads etc. in Prefect's logs
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # catalogen also logs outside runs
-
-
-@dataclass
-class _PrefectAPI:
-    """A Prefect API server of this process's own, started in the background.
-
-    Prefect's ephemeral API takes seconds to come up; started at once, it does so while the catalog
-    is checked and planned, and the flow is then pointed at it. Its URL is published only once it
-    answers, so a refused invocation need not wait for it and nothing ever talks to a half-started
-    server; later invocations in the same process reuse it. It stops when the process exits.
-    """
-
-    thread: threading.Thread | None = None
-    url: str | None = None
-
-    def ready(self) -> str | None:
-        """Wait for it; its API URL, or None if it did not start (the flow then starts Prefect's own)."""
-        if self.thread is not None:
-            self.thread.join()
-        return self.url
-
-    def abandon(self) -> None:
-        """A refused run leaves at once; Prefect's exit handler stops the server once it exists."""
-        if self.thread is not None:
-            self.thread.join(timeout=1.0)
-
-
-_api: _PrefectAPI | None = None
-_api_lock = threading.Lock()
-
-
-def _start_prefect_api() -> _PrefectAPI:
-    global _api
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():  # a server the user runs
-        return _PrefectAPI()
-    with _api_lock:
-        failed = _api is not None and _api.thread is not None and not _api.thread.is_alive() and _api.url is None
-        if _api is None or failed:
-            _api = _PrefectAPI()
-            _api.thread = threading.Thread(target=_serve, args=(_api,), name="prefect-api-start", daemon=True)
-            _api.thread.start()
-        return _api
-
-
-def _serve(api: _PrefectAPI) -> None:
-    from prefect.server.api.server import SubprocessASGIServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = SubprocessASGIServer(port=port)
-    try:
-        server.start()
-    except Exception:  # noqa: BLE001 - the flow starts Prefect's own, and reports any error
-        return
-    api.url = server.api_url
-
-
 def _refuse_if_busy(store: RunStore) -> None:
     holder = store.holder()
     if holder:
@@ -279,12 +222,12 @@ def _progress_bar() -> Progress:
 @app.command(epilog=EXIT_CODES)
 def run(
     catalog: Path = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz)."),
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", dir_okay=False, help="YAML run configuration (default: the settings the output folder was last run with, else the defaults)."),
     profile: Optional[str] = ProfileOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default outputs/<catalog>-<path hash>-<profile>)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute rows whose last attempt failed."),
     new_catalog: bool = typer.Option(False, "--new-catalog", help="Run a catalog other than the one the output folder was made from (its results are replaced)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial run: only the catalog's first N rows."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial run: only the catalog's first N rows (rows done earlier stay in the results)."),
     sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Trial run: N rows picked by a seeded hash of their ids (the same N rows every time)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages to run, in order (setting `stages`)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed; rows without a seed column derive theirs from it."),
@@ -294,95 +237,133 @@ def run(
     offline: bool = typer.Option(False, "--offline", help="Never contact the Hub; fail fast if a model is missing."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Run every stage over each pending row of CATALOG; re-running the same command resumes."""
+    """Run every stage over each pending row of CATALOG; re-running the same command resumes.
+
+    Ctrl-C or SIGTERM stops it: no new shard starts, shards in flight get `stop_grace_s` to
+    finish, results and the report are written for what is done (exit 130 / 143).
+    """
     named = {
         "profile": (profile, "--profile"), "seed": (seed, "--seed"), "rows_per_shard": (rows_per_shard, "--rows-per-shard"),
         "device": (device, "--device"), "offline": (offline or None, "--offline"),
         "generate.batch_size": (batch_size, "--batch-size"),
         "stages": ([s.strip() for s in stages.split(",") if s.strip()] if stages else None, "--stages"),
     }
-    _prefect_environment()
-    api = _PrefectAPI()
+    if limit is not None and sample is not None:
+        raise typer.BadParameter("give --limit or --sample, not both", param_hint="--limit / --sample")
+    try:
+        _run(catalog.absolute(), config.absolute() if config else None, out.absolute() if out else None,
+             Selection(limit, sample), retry_failed, new_catalog, named, set_)
+    except KeyboardInterrupt:  # Ctrl-C while checking and planning, before any row started
+        err.print("stopped before any row started; run the same command again to start")
+        raise typer.Exit(130) from None
+
+
+def _run(catalog: Path, config: Path | None, out: Path | None, selection: Selection, retry_failed: bool,
+         new_catalog: bool, named: dict[str, tuple[Any, str]], set_: list[str] | None) -> None:
+    prefect_environment()
+    api = PrefectAPI()
     try:
         if out is not None:
             _refuse_if_busy(RunStore(out))  # at once, before anything starts
-        api = _start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
+        api = start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
         overrides, origins = _settings(set_, **named)
-        cfg = load_config(config, overrides, origins)
-        folder = out if out is not None else default_out(catalog, cfg)
-        store = RunStore(folder)
+        cfg, store, _ = run_settings(catalog, out, config, overrides, origins)
         _refuse_if_busy(store)
-        prepare(catalog, cfg, folder, Selection(limit, sample))  # remembered: the flow reuses it
+        prepare(catalog, cfg, store.root, selection)  # remembered: the flow reuses it
         check_folder_catalog(store, catalog, new_catalog)
     except REFUSALS as exc:
         api.abandon()
         _fail(exc)
     url = api.ready()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     from flows.run import catalogen_run
 
     _log_above(err)
-    progress = _progress_bar()
-    set_reporter(_RichReporter(progress))
+    # No "View at" link to a temporary server that is gone when the command ends.
+    settings = {PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}
+    progress = _progress_bar() if err.is_terminal else None
+    set_reporter(_RichReporter(progress) if progress else None)
+    stopping.reset()
     try:
-        with store.exclusive(), progress, temporary_settings({PREFECT_API_URL: url} if url else {}):
+        with stopping.on_signals(), store.exclusive(), progress or nullcontext(), temporary_settings(settings):
             state = catalogen_run(
-                catalog=str(catalog), out=str(folder), config=str(config) if config else None,
+                catalog=str(catalog), out=str(store.root), config=str(config) if config else None,
                 overrides=overrides, origins=origins, retry_failed=retry_failed, new_catalog=new_catalog,
-                limit=limit, sample=sample, return_state=True,
+                limit=selection.limit, sample=selection.sample, return_state=True,
             )
     except RunFolderBusy as exc:
         _fail(exc)
     finally:
         set_reporter(None)
+    api.stop()  # before the last lines, which name the results and the report
+    _finish(state, store)
+
+
+def _finish(state: Any, store: RunStore) -> None:
+    """Print the outcome, the report last; exit with the code the README gives for it."""
     summary = state.result(raise_on_failure=False)
-    if isinstance(summary, BaseException):
+    if isinstance(summary, BaseException) and not state.is_cancelled():
         _fail(summary)
-    typer.echo(
-        f"{summary['rows']} rows: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped\n"
-        f"results: {Path(summary['out']) / 'results.parquet'}"
-    )
+    if not isinstance(summary, dict):  # cancelled before it ran: another run holds the folder
+        _fail(state.message or "the run was cancelled")
+    from flows.run import outcome_line
+
+    typer.echo(f"{outcome_line(summary)}\nresults: {Path(summary['out']) / 'results.parquet'}")
+    code = 0
+    if summary.get("stopped"):
+        err.print(state.message, soft_wrap=True, highlight=False)
+        code = stopping.exit_code()
+    elif summary["failed"]:
+        err.print(f"[yellow]some rows failed; see the error column, and redo them with:[/] "
+                  f"{rerun_command(store, '--retry-failed')}", soft_wrap=True, highlight=False)
+        code = 3
     if summary.get("report"):
         typer.echo(f"report: {summary['report']}")
-    if summary["failed"]:
-        err.print("[yellow]some rows failed; see the error column, and re-run with --retry-failed[/]")
-        raise typer.Exit(3)
+    raise typer.Exit(code)
 
 
 @app.command()
 def status(run_dir: Path = RunArg) -> None:
     """Done, failed and pending rows per stage, from the run folder alone (no model, no Prefect)."""
+    _require_run(run_dir)
     from catalogen.inspect import folder_status
 
     try:
         report = folder_status(RunStore(run_dir))
     except RunStateError as exc:
         _fail(exc)
-    table = Table(title=f"{run_dir} ({report['rows']} rows, catalog {report['catalog']})")
+    trial = report["trial"]
+    scope = f"trial subset ({trial['selection']}): {trial['rows']} of {report['rows']} rows" if trial else f"{report['rows']} rows"
+    table = Table(title=f"{run_dir} ({scope}, catalog {report['catalog']})")
     for column in ("stage", "ok", "fallback", "degenerate", "failed", "skipped", "pending"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, counts in report["stages"].items():
         table.add_row(stage, *(str(counts.get(c, 0)) for c in ("ok", "fallback", "degenerate", "failed", "skipped", "pending")))
     Console().print(table)
     typer.echo(f"running now: {report['running']}" if report["running"] else "not running")
+    store = RunStore(run_dir)
+    if any(counts.get("failed") for counts in report["stages"].values()):
+        typer.echo(f"redo the failed rows: {rerun_command(store, '--retry-failed')}")
+    elif any(counts.get("pending") for counts in report["stages"].values()) and not report["running"]:
+        typer.echo(f"make the pending rows: {rerun_command(store)}")
 
 
 @app.command()
 def verify(run_dir: Path = RunArg) -> None:
     """Re-hash every image; mark missing or changed ones failed, so `run --retry-failed` redoes them."""
+    _require_run(run_dir)
     from catalogen.inspect import verify_images
 
     store = RunStore(run_dir)
     try:
-        with store.exclusive(), _progress_bar() as progress:
-            task = progress.add_task("verify", total=None)
-            bad, still_marked = verify_images(store, lambda done, total: progress.update(task, completed=done, total=total))
+        with store.exclusive(), _LateBar("verify") as bar:
+            bad, still_marked = verify_images(store, bar)
     except (RunStateError, RunFolderBusy) as exc:
         _fail(exc)
     for row in bad[:20]:
         typer.echo(f"{row['stage']}: {row['id']} v{row['variant']}: {row['error']}")
-    redo = f"redo them with `catalogen run CATALOG --out {run_dir} --retry-failed`"
+    redo = f"redo them with: {rerun_command(store, '--retry-failed')}"
     if bad:
         typer.echo(f"{len(bad)} image(s) missing or changed, now marked failed; {redo}")
     if still_marked:
@@ -398,6 +379,7 @@ def clean(
     yes: bool = typer.Option(False, "--yes", help="Remove the files listed (default: only list them)."),
 ) -> None:
     """List (and with --yes remove) images that no row of results.parquet points at."""
+    _require_run(run_dir)
     from catalogen.inspect import orphan_images
 
     store = RunStore(run_dir)
@@ -427,6 +409,7 @@ def report(
     Open it from the folder or from object storage: it is static, with relative links only.
     Thumbnails go to thumbs/, made once per image.
     """
+    _require_run(run_dir)
     from catalogen.report import write_report
 
     store = RunStore(run_dir)
@@ -438,15 +421,78 @@ def report(
     typer.echo(str(path))
 
 
-@app.command("export")
+EXPORT_EXIT_CODES = (
+    "Exit codes: 0 done; 1 refused, nothing created: the run folder, an option that does not fit the run "
+    "(a column it lacks), or --out (the filesystem root, the run folder or a folder inside it, a file, a path "
+    "under a file, a folder that cannot be made, not empty, in use); 2 usage error: an unknown --format, a "
+    "malformed --where or --split, an empty --out."
+)
+
+
+def _usage(check: Callable[[Any], Any], value: Any) -> Any:
+    """Run an option's syntax check; its refusal becomes a usage error (exit 2), as typer's own are."""
+    try:
+        check(value)
+    except ExportError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _export_format(value: str) -> str:
+    if value not in FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(FORMATS)}")
+    return value
+
+
+def _export_folder(value: str) -> str:
+    if not value.strip():
+        raise typer.BadParameter("is empty: name the export folder")
+    return value
+
+
+def _split_spec(value: str) -> str:
+    return _usage(parse_split, value)
+
+
+def _where_clauses(values: list[str] | None) -> list[str] | None:
+    for clause in values or []:
+        _usage(parse_where, clause)
+    return values
+
+
+class _LateBar:
+    """A progress bar that appears with the first progress report, so a refusal prints none."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            self.progress = _progress_bar()
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __enter__(self) -> "_LateBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command("export", epilog=EXPORT_EXIT_CODES)
 def export(
     run_dir: Path = RunArg,
-    format_: str = typer.Option(..., "--format", "-f", help="hf (Parquet shards for `datasets`), webdataset (tar shards) or imagefolder (images + .txt captions + metadata.jsonl)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Export folder: absent or empty (an interrupted export of the same options resumes)."),
-    image_stage: Optional[str] = typer.Option(None, "--image-stage", help="Export this stage's image (default: the final image, column image_path)."),
+    format_: str = typer.Option(..., "--format", "-f", callback=_export_format, help="hf (Parquet shards for `datasets`), webdataset (tar shards) or imagefolder (images + .txt captions + metadata.jsonl)."),
+    out: str = typer.Option(..., "--out", "-o", callback=_export_folder, help="Export folder, outside the run folder: absent or empty (an interrupted export of the same options resumes)."),
+    image_stage: Optional[str] = typer.Option(None, "--image-stage", help="Export this image instead of the final one (column image_path): a stage's own (e.g. generate), or remove_bg.canvas for remove_bg's marketplace main image."),
     text: Optional[str] = typer.Option(None, "--text", help="Results column that becomes the text (default: caption_caption, else enhance_prompt, else generate_prompt, else prompt)."),
-    where: Optional[list[str]] = typer.Option(None, "--where", "-w", metavar="COLUMN<op>VALUE", help="Keep rows where a results column compares true: >=, <=, >, <, ==, != on numbers, text, true/false or ISO times, e.g. caption_clip_score>=25 (repeatable; all must hold; a null never does)."),
-    split: str = typer.Option("train=1", "--split", help="Named fractions, e.g. train=0.9,val=0.1: a row's split is fixed by a hash of its id."),
+    include_degenerate: bool = typer.Option(False, "--include-degenerate", help="Keep rows whose text its stage marked degenerate (a caption flagged as useless); left out by default."),
+    where: Optional[list[str]] = typer.Option(None, "--where", "-w", metavar="COLUMN<op>VALUE", callback=_where_clauses, help="Keep rows where a results column compares true: >=, <=, >, <, ==, != on numbers, text, true/false or ISO times, e.g. caption_clip_score>=25 (repeatable; all must hold; a null never does)."),
+    split: str = typer.Option("train=1", "--split", callback=_split_spec, help="Named fractions, e.g. train=0.9,val=0.1: a row's split is fixed by a hash of its id."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Rows per shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out (only files it wrote; anything else there is refused)."),
 ) -> None:
@@ -455,14 +501,12 @@ def export(
     Writes shards (each renamed into place when complete) and, last, manifest.json: rows per split,
     sha256 and rows per file. The hf format needs the optional `datasets` package (the `export` extra).
     """
-    from catalogen.export import ExportError, ExportOptions, export_run
-
     options = ExportOptions(format=format_, image_stage=image_stage, text=text, where=tuple(where or ()),
-                            split=split, shard_size=shard_size, overwrite=overwrite)
+                            split=split, shard_size=shard_size, overwrite=overwrite,
+                            include_degenerate=include_degenerate)
     try:
-        with _progress_bar() as progress:
-            task = progress.add_task(f"export {format_}", total=None)
-            manifest = export_run(run_dir, out, options, lambda done, total: progress.update(task, completed=done, total=total))
+        with _LateBar(f"export {format_}") as bar:
+            manifest = export_run(run_dir, Path(out), options, bar)
     except (ExportError, RunFolderBusy) as exc:
         _fail(exc)
     splits = ", ".join(f"{name} {info['rows']} rows in {info['shards']} shard(s)" for name, info in manifest["splits"].items())
@@ -471,7 +515,7 @@ def export(
                f"image from {manifest['image_column']}")
     if left_out:
         typer.echo(f"left out: {left_out}")
-    typer.echo(f"manifest: {out / 'manifest.json'}")
+    typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ one to fix.
 
 from __future__ import annotations
 
+import copy
+
 import difflib
 import math
 import os
@@ -92,6 +94,11 @@ class RunConfig(Strict):
     lease_timeout_s: float = Field(
         3600, gt=0, description="how long a shard waits for a free device before it fails (the holder is logged)"
     )
+    stop_grace_s: float = Field(
+        25, ge=0, le=3600,
+        description="on SIGINT / SIGTERM (a Prefect cancel), how long shards in flight may finish before they are "
+        "abandoned (their rows stay pending). A Prefect worker sends SIGKILL 30 s after its SIGTERM",
+    )
     model_memory_gb: float | None = Field(
         None, gt=0,
         description="models kept loaded per device and process; past it the least recently used is released. "
@@ -118,16 +125,19 @@ class RunConfig(Strict):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
 
-    @model_validator(mode="after")
-    def _known_stages(self) -> "RunConfig":
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: tuple[str, ...]) -> tuple[str, ...]:
+        # A field validator, not a model one: its error then sits at `stages`, whose origin
+        # (`--stages`, `--set stages=…`, the file) the message names.
         from tasks import STAGES
 
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-        if len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"a stage is listed twice in {list(self.stages)}")
-        return self
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"a stage is listed twice in {list(stages)}")
+        return stages
 
     def origin(self, dotted: str) -> str:
         """Where a setting's value came from: a file, a flag, or the defaults."""
@@ -241,11 +251,14 @@ def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     origins: Mapping[str, str] | None = None,
+    base: tuple[Mapping[str, Any], str] | None = None,
 ) -> RunConfig:
     """Read the YAML file (if any), apply dotted overrides, validate once.
 
     `origins` names where each override came from (e.g. "--profile"); by default "--set KEY".
     A None override means "not given" and leaves the file's or the default value alone.
+    `base` is (settings, where they came from) to start from instead of the defaults when no file
+    is given: a run folder's recorded settings.
     """
     model = config_model()
     data: dict[str, Any] = {}
@@ -253,6 +266,9 @@ def load_config(
     if path is not None:
         data = _read_yaml(Path(path))
         seen[""] = str(path)
+    elif base is not None:
+        data = copy.deepcopy(dict(base[0]))
+        seen[""] = base[1]
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from catalogen import stopping
+
 if TYPE_CHECKING:
     import torch
 
@@ -131,6 +133,8 @@ def lease(
                 finally:
                     os.close(fd)  # closing the file releases the lock
                 return
+        if stopping.STOPPING.is_set():  # a stopping run starts no new work
+            raise stopping.Abandoned("the run is stopping; this shard did not start")
         now = time.monotonic()
         if timeout is not None and now - started > timeout:
             held = "; ".join(f"{d} held by {holder(d)}" for d in devices)

@@ -14,14 +14,16 @@ code when it is loaded.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from catalogen import stopping
+from catalogen.hashing import file_fingerprint
 from catalogen.models import ModelIdentity, cached
 
 SAFETENSORS = ".safetensors"
@@ -85,7 +87,7 @@ NO_ADAPTERS = Adapters()
 
 
 @lru_cache(maxsize=256)
-def _digests(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
+def _digests(path: str, fingerprint: tuple[int, ...]) -> tuple[str, str]:
     whole = hashlib.sha256()
     tensors = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -103,11 +105,10 @@ def file_digests(path: str | Path) -> tuple[str, str]:
     """(sha256 of the file, sha256 of its tensor data after the safetensors header), read in one pass.
 
     The second is the hash A1111 and Civitai show for a LoRA (kohya's "addnet" hash); it stays the
-    same when only the file's metadata header is edited. Remembered per file, size and mtime, so a
-    process hashes a large checkpoint once.
+    same when only the file's metadata header is edited. Remembered while the file's
+    `file_fingerprint` holds, so a process hashes a large checkpoint once.
     """
-    stat = os.stat(path)
-    return _digests(str(path), stat.st_size, stat.st_mtime_ns)
+    return _digests(str(path), file_fingerprint(path))
 
 
 def _require_safetensors(path: str) -> None:
@@ -214,3 +215,9 @@ def finite(images, dtype: torch.dtype):
         hint = "" if dtype == torch.float32 else "; try dtype float32"
         raise FloatingPointError(f"the pipeline produced NaN or infinite pixels ({dtype}){hint}")
     return images
+
+
+def stop_between_steps(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A `callback_on_step_end` that ends a denoising loop once a stop's grace period is over."""
+    stopping.check()
+    return callback_kwargs

@@ -13,7 +13,10 @@ manifest.json                                      written last: rows per split,
 ```
 
 Which rows: summary `status` ok, every `--where` filter true, an image at the chosen stage and a
-non-blank text. Which split: a stable hash of the id (`split_fraction`), so a row keeps its split
+non-blank text that its stage did not mark `degenerate` (a caption flagged as useless is no training
+label; `include_degenerate` keeps it). The image is the final one, a stage's own (`generate`), or
+another image a stage wrote (`remove_bg.canvas`, the marketplace main image; see
+`results.recorded_images`). Which split: a stable hash of the id (`split_fraction`), so a row keeps its split
 across exports and when rows are added, and every variant of an id shares it. The sample key
 (`sample_key`) is unique per (id, variant) and holds no dot (WebDataset splits names on the first).
 
@@ -32,7 +35,10 @@ into the folder at the same time is refused.
 The writers share one interface, as img2dataset's do: `Writer(layout, shard)`, `write(sample)`,
 `close()`, and the static `files(shard)` (the files it writes, done when all exist) and
 `folder(shard)` (a folder it owns whole, or None). `WRITERS` names them; `dummy` writes nothing
-(benchmarks).
+(benchmarks only: the command line offers `FORMATS`).
+
+The export folder is checked before anything is created in it: never the filesystem root, the run
+folder or a folder inside it, a file, or a path under a file.
 
     >>> manifest = export_run("outputs/demo", "exports/demo-hf", ExportOptions(format="hf", split="train=0.9,val=0.1"))
     >>> datasets.load_dataset("parquet", data_files={"train": "exports/demo-hf/data/train-*.parquet"})
@@ -50,7 +56,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
@@ -63,16 +68,21 @@ import pyarrow.parquet as pq
 
 import catalogen
 from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
+from catalogen.results import image_prefix, recorded_images
 from catalogen.store import (
     fsync_path,
+    RunFolderBusy,
     hold_folder,
     id_hash,
+    lock_holder,
     safe_name,
+    temp_file,
+    temp_folder,
     write_atomic,
     write_parquet_atomic,
 )
 
-EXPORT_VERSION = 1  # part of the fingerprint: bump when the same options would write other files
+EXPORT_VERSION = 2  # part of the fingerprint: bump when the same options would write other files
 MANIFEST = "manifest.json"
 PENDING = "export.pending.json"
 TMP = ".tmp"
@@ -97,8 +107,9 @@ class ExportOptions:
     """What to export (every field is a `catalogen export` option of the same name)."""
 
     format: str = "hf"  # a key of WRITERS
-    image_stage: str | None = None  # None: the final image (summary `image_path`)
+    image_stage: str | None = None  # None: the final image (summary `image_path`); `remove_bg.canvas`: that image
     text: str | None = None  # None: the first of DEFAULT_TEXT_COLUMNS in the results
+    include_degenerate: bool = False  # keep rows whose text its stage marked degenerate
     where: tuple[str, ...] = ()  # "COLUMN>=VALUE" filters, all must hold
     split: str = "train=1"  # "train=0.9,val=0.1"
     shard_size: int = 1000  # rows per shard
@@ -237,13 +248,19 @@ def _where_value(text: str, column: str, typ: pa.DataType, clause: str) -> pa.Sc
     raise ExportError(f"--where {clause!r}: column {column} holds {typ}, which filters cannot compare")
 
 
-def where_mask(table: pa.Table, clause: str, source: str = "results.parquet") -> pa.Array:
-    """The rows for which one `COLUMN<op>VALUE` filter holds (a null never does)."""
+def parse_where(clause: str) -> tuple[str, str, str]:
+    """`caption_clip_score>=25` -> ("caption_clip_score", ">=", "25"); the syntax alone, no column check."""
     match = WHERE_PATTERN.match(clause)
     if not match:
         raise ExportError(f"--where {clause!r} is not COLUMN<op>VALUE with <op> one of {', '.join(OPERATORS)}, "
                           "e.g. caption_clip_score>=25")
     column, op, text = match.groups()
+    return column, op, text
+
+
+def where_mask(table: pa.Table, clause: str, source: str = "results.parquet") -> pa.Array:
+    """The rows for which one `COLUMN<op>VALUE` filter holds (a null never does)."""
+    column, op, text = parse_where(clause)
     if column not in table.column_names:
         raise ExportError(f"--where {clause!r}: {source} has no column {column!r}; its columns: "
                           f"{', '.join(table.column_names)}")
@@ -270,17 +287,24 @@ def load_results(run_dir: Path) -> pa.Table:
         raise ExportError(f"{path} cannot be read ({exc})") from None
 
 
-def image_columns(table: pa.Table, stage: str | None, run_dir: Path) -> tuple[str, str]:
-    """The (path, sha256) columns of the chosen image: the summary's, or a stage's own."""
-    if stage is None:
+def image_columns(table: pa.Table, image: str | None, run_dir: Path) -> tuple[str, str]:
+    """The (path, sha256) columns of the chosen image: the summary's, a stage's own (`generate`), or
+    another image a stage wrote (`remove_bg.canvas`)."""
+    if image is None:
         return "image_path", "image_sha256"
-    path, digest = f"{stage}_image_path", f"{stage}_image_sha256"
-    if path not in table.column_names:
-        makers = sorted(c.removesuffix("_image_path") for c in table.column_names
-                        if c.endswith("_image_path") and c != "image_path")
-        raise ExportError(f"--image-stage {stage}: no stage {stage!r} made images in {run_dir} "
-                          f"(stages with images: {', '.join(makers) or 'none'})")
-    return path, digest
+    recorded = recorded_images(table)
+    if image not in recorded:
+        raise ExportError(f"--image-stage {image}: no stage {image!r} made images in {run_dir} "
+                          f"(stages with images: {', '.join(recorded) or 'none'})")
+    prefix = image_prefix(image)
+    return f"{prefix}_path", f"{prefix}_sha256"
+
+
+def text_status_column(table: pa.Table, text_col: str) -> str | None:
+    """The status column of the stage that wrote a text column (`caption_caption` -> `caption_status`)."""
+    stages = [c.removesuffix("_status") for c in table.column_names if c.endswith("_status") and c != "status"]
+    owners = [s for s in stages if text_col.startswith(f"{s}_")]
+    return f"{max(owners, key=len)}_status" if owners else None
 
 
 def text_column(table: pa.Table, chosen: str | None, run_dir: Path) -> str:
@@ -366,6 +390,12 @@ def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Sel
     has_text = pc.fill_null(pc.greater(pc.utf8_length(stripped), 0), False)
     excluded["no_text"] = table.num_rows - _count(has_text)
     table = table.filter(has_text)
+    status_col = text_status_column(table, text_col)
+    excluded["degenerate_text"] = 0
+    if status_col is not None and not options.include_degenerate:
+        usable = pc.fill_null(pc.not_equal(table.column(status_col), "degenerate"), True)
+        excluded["degenerate_text"] = table.num_rows - _count(usable)
+        table = table.filter(usable)
 
     # 3. Key, text and provenance; the split of each row from its id.
     ids = pc.cast(table.column("id"), pa.string()).to_pylist()
@@ -406,7 +436,7 @@ class AtomicFile:
     def __init__(self, path: Path, tmp_dir: Path) -> None:
         self.path = path
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
+        fd, self.tmp = temp_file(tmp_dir, path.name)
         self.handle: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
@@ -570,7 +600,7 @@ class ImageFolderWriter:
         self.final = layout.out / self.folder(shard)
         self.meta_path = layout.out / self.files(shard)[1]
         layout.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{shard.split}-{shard.name}.", dir=layout.tmp_dir))
+        self.dir = temp_folder(layout.tmp_dir, f"{shard.split}-{shard.name}")
         self.columns = ("key", "text", *layout.complete)
         self.rows: list[tuple[str, dict[str, Any]]] = []  # (file name, metadata)
 
@@ -625,6 +655,7 @@ class DummyWriter:
         return None
 
 
+FORMATS = ("hf", "webdataset", "imagefolder")  # what users choose from; `dummy` is for benchmarks
 WRITERS: dict[str, Any] = {
     "hf": HFParquetWriter,
     "webdataset": WebDatasetWriter,
@@ -635,7 +666,7 @@ WRITERS: dict[str, Any] = {
 
 def writer_for(fmt: str) -> Any:
     if fmt not in WRITERS:
-        raise ExportError(f"--format {fmt!r} is not one of {', '.join(WRITERS)}")
+        raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     return WRITERS[fmt]
 
 
@@ -686,18 +717,19 @@ def _depth(entry: tuple[str, list[str], list[str]]) -> int:
     return len(Path(entry[0]).parts)
 
 
-def clear_previous(out: Path, records: list[dict[str, Any]]) -> None:
-    """Remove what earlier exports listed as their own; refuse if anything else is in the folder."""
+def _owned_by(records: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
+    """The files and folders that earlier exports (their manifest or pending record) wrote."""
     files = {MANIFEST, PENDING}
     folders = {TMP}
     for record in records:
         files.update(record["owned"].get("files", []))
         folders.update(record["owned"].get("folders", []))
-    foreign = [f for f in _all_files(out) if f != LOCK and not _is_owned(f, files, folders)]
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ExportError(f"--overwrite: {out} holds {len(foreign)} file(s) that no earlier export wrote ({shown}); "
-                          "remove them yourself or choose an empty folder")
+    return files, folders
+
+
+def clear_previous(out: Path, records: list[dict[str, Any]]) -> None:
+    """Remove what earlier exports listed as their own (`check_folder` refused anything else)."""
+    files, folders = _owned_by(records)
     for folder in folders:
         shutil.rmtree(out / folder, ignore_errors=True)
     for name in files:
@@ -705,16 +737,30 @@ def clear_previous(out: Path, records: list[dict[str, Any]]) -> None:
     _remove_empty_folders(out)
 
 
-def claim_folder(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Make `out` ready for this export; True when it resumes an interrupted run of the same export."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder")
+def check_out(out: Path, run_dir: Path) -> None:
+    """Refuse a path that cannot be an export folder before anything is created there: the
+    filesystem root, the run folder or a folder inside it (its files would mix with the run's), a
+    file, or a path under a file."""
+    target, run = out.resolve(), run_dir.resolve()
+    if target == Path(target.anchor):
+        raise ExportError(f"--out {out} is the filesystem root; name a folder for the export")
+    if target == run or run in target.parents:
+        raise ExportError(f"--out {out} is inside the run folder {run_dir}; choose a folder outside it")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == target else f"is under {existing}, a file"
+        raise ExportError(f"--out {out} {where}, not a folder")
+
+
+def check_folder(out: Path, fingerprint: str, overwrite: bool) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether `out` can take this export, changing nothing: (True when it resumes an interrupted
+    run of the same export, the records of earlier exports that `overwrite` replaces)."""
     if not out.exists() or not [p for p in out.iterdir() if p.name not in (TMP, LOCK)]:
-        return False  # absent, empty, or only the debris of an export killed before it began
+        return False, []  # absent, empty, or only the debris of an export killed before it began
     manifest = _read_record(out / MANIFEST)
     pending = _read_record(out / PENDING)
     if manifest is None and pending is not None and pending.get("fingerprint") == fingerprint and not overwrite:
-        return True
+        return True, []
     if not overwrite:
         if manifest is not None:
             what = f"a finished {manifest.get('format')} export (manifest.json)"
@@ -724,8 +770,29 @@ def claim_folder(out: Path, fingerprint: str, overwrite: bool) -> bool:
             what = "files that no catalogen export wrote"
         raise ExportError(f"--out {out} is not empty: it holds {what}. Choose an empty folder, or pass --overwrite "
                           "to replace what an earlier export wrote there")
-    clear_previous(out, [r for r in (manifest, pending) if r is not None])
-    return False
+    records = [r for r in (manifest, pending) if r is not None]
+    files, folders = _owned_by(records)
+    foreign = [f for f in _all_files(out) if f != LOCK and not _is_owned(f, files, folders)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"--overwrite: {out} holds {len(foreign)} file(s) that no earlier export wrote ({shown}); "
+                          "remove them yourself or choose an empty folder")
+    return False, records
+
+
+def _refuse_if_busy(out: Path) -> None:
+    holder = lock_holder(out / LOCK) if out.is_dir() else None
+    if holder:
+        raise RunFolderBusy(f"{out} is in use by another export ({holder})")
+
+
+def _create(out: Path) -> None:
+    """The export folder and its lock file, or one line saying why they cannot be made (/proc/x)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LOCK).touch()
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
 
 
 # --- the export ------------------------------------------------------------------------------
@@ -757,7 +824,7 @@ def _extension(relative: str) -> str:
 def fingerprint_of(options: ExportOptions, results_sha256: str) -> str:
     """What decides the files an export writes: the same fingerprint may resume the same folder."""
     return stable_hash("export", EXPORT_VERSION, options.format, results_sha256, options.image_stage, options.text,
-                       list(options.where), parse_split(options.split), options.shard_size)
+                       list(options.where), parse_split(options.split), options.shard_size, options.include_degenerate)
 
 
 def _file_entry(out: Path, relative: str, rows: int) -> dict[str, Any]:
@@ -800,12 +867,19 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     layout = Layout(out, selection.table.schema, complete_columns(selection.table.drop_columns(["key", "text"])))
     if options.format == "hf":
         hf_features(layout.schema)  # the extra is installed and every column has a `datasets` type
+    results_sha256 = sha256_file(run_dir / "results.parquet")
+    fingerprint = fingerprint_of(options, results_sha256)
 
+    # 2. Claim the output folder, refused before anything is created; say what this export will own
+    # before writing any of it.
+    check_out(out, run_dir)
+    _refuse_if_busy(out)
+    check_folder(out, fingerprint, options.overwrite)
+    _create(out)
     with hold_folder(out / LOCK, "export"):
-        # 2. Claim the output folder; say what this export will own before writing any of it.
-        results_sha256 = sha256_file(run_dir / "results.parquet")
-        fingerprint = fingerprint_of(options, results_sha256)
-        resume = claim_folder(out, fingerprint, options.overwrite)
+        resume, records = check_folder(out, fingerprint, options.overwrite)  # again: it may have changed meanwhile
+        if records:
+            clear_previous(out, records)
         owned = owned_paths(writer, shards)
         shutil.rmtree(layout.tmp_dir, ignore_errors=True)  # debris of an interrupted export
         _write_json(out / PENDING, {"fingerprint": fingerprint, "format": options.format, "owned": owned}, layout.tmp_dir)
@@ -831,6 +905,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
             "created_at": datetime.now(timezone.utc).isoformat(), "run": str(run_dir.resolve()),
             "results_sha256": results_sha256, "fingerprint": fingerprint,
             "options": {"image_stage": options.image_stage, "text": options.text, "where": list(options.where),
+                        "include_degenerate": options.include_degenerate,
                         "split": fractions, "shard_size": options.shard_size},
             "text_column": selection.text_column, "image_column": selection.image_column,
             "rows": total, "splits": _split_counts(fractions, members, shards), "excluded": selection.excluded,

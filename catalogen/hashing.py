@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -150,3 +152,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> tuple[int, ...]:
+    """What changes whenever a file's content may have: device, inode, size, mtime and ctime (ns).
+
+    Size and mtime alone miss an in-place edit of the same length whose mtime is set back
+    (`os.utime`, `touch -r`, `rsync -t`); ctime cannot be set back, and every write or utime moves it.
+    """
+    info = os.stat(path)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+@lru_cache(maxsize=4096)
+def _remembered_sha256(path: str, fingerprint: tuple[int, ...]) -> str:
+    return sha256_file(Path(path))
+
+
+def sha256_file_remembered(path: str | Path) -> str:
+    """`sha256_file`, hashed once per process while the file's `file_fingerprint` stays the same:
+    a multi-GB model file is read once, not at every run's planning, and an edit is never missed."""
+    return _remembered_sha256(str(path), file_fingerprint(path))

@@ -33,6 +33,7 @@ import io
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from catalogen import stopping
 from catalogen.catalog import Fault, RowLabels, column_or_nulls
 from catalogen.hashing import sha256_bytes
 
@@ -72,6 +74,12 @@ class ImageSettings(BaseModel):
     )
     max_pixels: int = Field(
         40_000_000, ge=1, description="width x height above which an image is refused before it is decoded",
+    )
+    fetch_timeout_s: float = Field(
+        60, gt=0, description="a URL's whole download, however slowly the server sends; past it the row fails",
+    )
+    max_fetch_bytes: int = Field(
+        256 * 2**20, ge=1, description="bytes a URL may send before the download is refused (the row fails)",
     )
 
     @field_validator("roots")
@@ -148,19 +156,20 @@ class _Places:
     folder: str
     lexical: list[str]
     real: list[str]
+    name: str = "the catalog's folder"  # what `folder` is, in messages
 
     @classmethod
-    def of(cls, folder: Path, settings: ImageSettings) -> "_Places":
+    def of(cls, folder: Path, settings: ImageSettings, name: str = "the catalog's folder") -> "_Places":
         base = os.path.abspath(folder)
         folders = [base, *(os.path.normpath(os.path.join(base, root)) for root in settings.roots)]
-        return cls(base, folders, [os.path.realpath(f) for f in folders])
+        return cls(base, folders, [os.path.realpath(f) for f in folders], name)
 
 
 def _resolve(value: str, places: _Places, parents: dict[str, str]) -> tuple[str | None, str | None]:
     """(absolute resolved path, None) for a usable file, else (None, the fault's message)."""
     lexical = os.path.normpath(os.path.join(places.folder, value))
     if not _within(lexical, places.lexical) and not _within(lexical, places.real):
-        return None, "points outside the catalog's folder and images.roots"
+        return None, f"points outside {places.name} and images.roots"
     parent, name = os.path.split(lexical)
     if parent not in parents:
         parents[parent] = os.path.realpath(parent)
@@ -175,7 +184,7 @@ def _resolve(value: str, places: _Places, parents: dict[str, str]) -> tuple[str 
     except PermissionError:
         return None, "cannot be read (permission denied)"
     if not _within(path, places.real):
-        return None, "leads through a symbolic link outside the catalog's folder and images.roots"
+        return None, f"leads through a symbolic link outside {places.name} and images.roots"
     if not stat.S_ISREG(info.st_mode):
         return None, "is not a file"
     if info.st_size == 0:
@@ -288,6 +297,25 @@ def check_paths(table: pa.Table, column: str, folder: Path, settings: ImageSetti
     return table.set_column(table.schema.get_field_index(column), column, paths), faults
 
 
+def image_file_fault(value: str, folder: Path, settings: ImageSettings, folder_name: str) -> str | None:
+    """Why one image path of the run's settings (e.g. `style.style_image`) cannot be used, or None.
+
+    The rules of a catalog's paths, with `folder` (called `folder_name` in messages) in place of the
+    catalog's folder; a URL is refused (such settings are read as files), and the file must decode
+    as an image within `max_pixels`: one bad setting refuses the run instead of failing every row.
+    """
+    if _URL.match(value):
+        return "is a URL; give a file path"
+    path, message = _resolve(value, _Places.of(folder, settings, folder_name), {})
+    if message is not None:
+        return message
+    try:
+        decode_image(_read_file(Path(path)), settings, path)
+    except ImageLoadError as exc:
+        return str(exc)
+    return None
+
+
 def catalog_as_given(catalog: pa.Table) -> pa.Table:
     """A checked catalog with its `image` column as the user gave it (for results.parquet)."""
     if IMAGE_GIVEN not in catalog.column_names:
@@ -354,9 +382,20 @@ def _read_url(url: str, settings: ImageSettings) -> bytes:
         raise ImageLoadError(f"{url}: the {scheme}:// scheme is not in images.url_schemes")
     import fsspec
 
-    try:
+    def fetch(cancelled: threading.Event) -> bytes:
+        chunks, size = [], 0
         with fsspec.open(url, "rb") as handle:
-            return handle.read()
+            while not cancelled.is_set() and (chunk := handle.read(1 << 16)):
+                size += len(chunk)
+                if size > settings.max_fetch_bytes:
+                    raise ImageLoadError(f"{url} is larger than images.max_fetch_bytes={settings.max_fetch_bytes}")
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return stopping.bounded(fetch, settings.fetch_timeout_s, f"fetching {url}")
+    except (ImageLoadError, stopping.Abandoned):
+        raise
     except Exception as exc:  # noqa: BLE001 - every fsspec backend raises its own kinds
         raise ImageLoadError(f"could not fetch {url}: {type(exc).__name__}: {exc}") from exc
 
@@ -406,7 +445,8 @@ def read_source(
 def decode_image(data: bytes, settings: ImageSettings, where: str = "the image") -> Image.Image:
     """Decode image bytes, refusing more than `max_pixels` from the header, before the pixels are read.
 
-    EXIF orientation is applied (what a viewer shows). Truncated or corrupt files, files that are
+    EXIF orientation is applied (what a viewer shows) and the pixels come back in `stage_mode`
+    (8-bit RGB or RGBA, 16-bit and float images scaled, not clipped). Truncated or corrupt files, files that are
     not images and decompression bombs raise ImageLoadError. PIL's own bomb limit
     (`Image.MAX_IMAGE_PIXELS`, twice it raises) applies as well, whatever `max_pixels` says.
     """
@@ -422,9 +462,62 @@ def decode_image(data: bytes, settings: ImageSettings, where: str = "the image")
                              f"{settings.max_pixels}")
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
+        return stage_mode(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's plugins raise these for broken files
         raise ImageLoadError(f"{where} is truncated or corrupt ({exc})") from None
+
+
+def _scale_of(pixels: np.ndarray, mode: str) -> float:
+    """The value that stands for white in a wide grey image (see `stage_mode`)."""
+    if mode != "F":
+        return 65535.0
+    top = float(np.nanmax(pixels, initial=0.0))
+    return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+
+
+def _wide_grey(image: Image.Image) -> Image.Image:
+    """An I;16*, I or F image scaled into 8-bit grey (Pillow's own conversion clips at 255: white)."""
+    pixels = np.asarray(image)
+    scale = _scale_of(pixels, image.mode)
+    grey = np.nan_to_num(pixels.astype(np.float32) * np.float32(255.0 / scale))  # float32: exact for 16 bits
+    grey = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if not isinstance(key, (int, float)):
+        return grey.convert("RGB")
+    alpha = Image.fromarray(np.where(pixels == key, 0, 255).astype(np.uint8), "L")
+    return Image.merge("RGBA", (grey, grey, grey, alpha))
+
+
+def _cmyk(image: Image.Image) -> Image.Image:
+    """CMYK to RGB through the file's own ICC profile where it has one (else Pillow's plain formula)."""
+    profile = image.info.get("icc_profile")
+    if profile:
+        from PIL import ImageCms
+
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken profile: the plain formula below
+    return image.convert("RGB")
+
+
+def stage_mode(image: Image.Image) -> Image.Image:
+    """`image` as every stage reads it: 8-bit RGB, or RGBA where it has transparency.
+
+    16-bit grey (I;16, I;16B, and I as Pillow's decoders fill it) is scaled from 0..65535; float
+    grey (F) from 0..1 when no value exceeds 1, else 0..255 when none exceeds 255, else 0..65535
+    (the range picked from the image's largest value; NaN is black). A transparency key (tRNS)
+    becomes alpha; CMYK goes through its ICC profile when it brings one.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        return _wide_grey(image)
+    if mode == "CMYK":
+        return _cmyk(image)
+    has_alpha = mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in image.info
+    target = "RGBA" if has_alpha else "RGB"
+    return image if mode == target else image.convert(target)
 
 
 def load_image(
@@ -443,10 +536,7 @@ def open_input(row: Mapping[str, Any], run_root: Path, settings: ImageSettings) 
     `read_planned`), fully loaded, as RGB, or RGBA when it has transparency (a cut-out keeps its
     alpha). Raises ImageLoadError."""
     _, image = read_planned(row["source_image"], row["source_identity"], row["source_bytes"], run_root, settings)
-    if image.mode in ("RGB", "RGBA"):
-        return image
-    has_alpha = image.mode in ("LA", "PA", "RGBa", "La") or "transparency" in image.info
-    return image.convert("RGBA" if has_alpha else "RGB")
+    return image
 
 
 def read_planned(

@@ -16,20 +16,18 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from catalogen.hashing import sha256_file
-from catalogen.stage import IMAGE_COLUMNS, SHARED_COLUMNS
+from catalogen.stage import SHARED_COLUMNS
 from catalogen.store import STATUSES, SUCCEEDED, RunStateError, RunStore, now_utc
 
 _RECORD = pa.schema(SHARED_COLUMNS)
-_WITH_IMAGES = pa.schema([*SHARED_COLUMNS, *IMAGE_COLUMNS])
 
 
 def _stages(info: dict[str, Any]) -> list[str]:
     return list(info.get("config", {}).get("stages", []))
 
 
-def _parts(store: RunStore, stage: str, schema: pa.Schema, newer_than: float | None = None) -> pa.Table:
-    files = [p for p in store.part_files(stage) if newer_than is None or p.stat().st_mtime > newer_than]
-    return ds.dataset([str(p) for p in files], format="parquet", schema=schema).to_table()
+def _parts(store: RunStore, stage: str, schema: pa.Schema) -> pa.Table:
+    return ds.dataset([str(p) for p in store.part_files(stage)], format="parquet", schema=schema).to_table()
 
 
 def _newest(rows: pa.Table, by: list[str]) -> pa.Table:
@@ -58,64 +56,82 @@ def folder_status(store: RunStore) -> dict[str, Any]:
         counts = {s: counts.get(s, 0) for s in STATUSES}
         counts["pending"] = max(0, rows - newest.num_rows)
         stages[stage] = counts
-    return {"rows": rows, "catalog": info.get("catalog", {}).get("path"), "stages": stages, "running": store.holder()}
+    return {"rows": rows, "catalog": info.get("catalog", {}).get("path"), "stages": stages, "running": store.holder(),
+            "trial": info.get("trial")}
 
 
 VERIFY_PREFIX = "verify: "
 
 
+def image_columns(columns: list[str], stage: str) -> list[str]:
+    """A stage's file columns in results.parquet: `<stage>_<x>_path` with its `<stage>_<x>_sha256`
+    (the stage's image, remove_bg's canvas, …)."""
+    return [c for c in columns if c.startswith(f"{stage}_") and c.endswith("_path")
+            and f"{c[:-len('_path')]}_sha256" in columns]
+
+
 def verify_images(
     store: RunStore, progress: Callable[[int, int], None] | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """Re-hash every image a result row points at; record missing or changed ones as failed.
+    """Re-hash every file the current results point at, in every stage; mark missing or changed ones failed.
 
-    The failures go into a new part per stage (the newest result wins, so `run --retry-failed`
-    redoes those rows, and the stages after them), and into results.parquet. Returns the new
-    failures, and how many rows an earlier verify marked that no run has redone yet.
+    Only what results.parquet points at is checked: images of superseded settings are `clean`'s
+    business. The failures go into a new part per stage under the row's current key (the newest
+    result wins, so `run --retry-failed` redoes those rows and the stages after them), and into
+    results.parquet. Returns the new failures, and how many rows an earlier verify marked that no
+    run has redone yet.
     """
-    info = store.read_run_json()
+    if not store.results_path.exists():
+        raise RunStateError(f"{store.results_path} does not exist yet: finish a run before verifying")
+    results = pq.read_table(store.results_path)
+    ids = pc.cast(results.column("id"), pa.string()).to_pylist()
+    variants = results.column("variant").to_pylist()
     checks = []
     still_marked = 0
-    for stage in _stages(info):
-        found = _newest(_parts(store, stage, _WITH_IMAGES), ["id", "variant", "key"])
-        if found.num_rows == 0:
+    for stage in _stages(store.read_run_json()):
+        if f"{stage}_status" not in results.column_names:
             continue
-        marked = pc.starts_with(pc.fill_null(found.column("error"), ""), VERIFY_PREFIX)
-        still_marked += pc.sum(pc.and_(marked, pc.equal(found.column("status"), "failed"))).as_py() or 0
-        ok = pc.and_(pc.is_in(found.column("status"), pa.array(list(SUCCEEDED))), found.column("image_path").is_valid())
-        for row in found.filter(ok).select(["id", "variant", "key", "image_path", "image_sha256"]).to_pylist():
-            checks.append((stage, row))
+        status = results.column(f"{stage}_status").to_pylist()
+        errors = results.column(f"{stage}_error").to_pylist()
+        keys = results.column(f"{stage}_key").to_pylist()
+        still_marked += sum(s == "failed" and (e or "").startswith(VERIFY_PREFIX) for s, e in zip(status, errors))
+        for column in image_columns(results.column_names, stage):
+            paths = results.column(column).to_pylist()
+            hashes = results.column(f"{column[:-len('_path')]}_sha256").to_pylist()
+            for row, path in enumerate(paths):
+                if path and status[row] in SUCCEEDED:
+                    checks.append({"stage": stage, "id": ids[row], "variant": variants[row], "key": keys[row],
+                                   "column": column, "image_path": path, "image_sha256": hashes[row]})
     bad = []
-    for done, (stage, row) in enumerate(checks, start=1):
-        path = store.root / row["image_path"]
+    for done, check in enumerate(checks, start=1):
+        path = store.root / check["image_path"]
         if not path.is_file():
-            bad.append({"stage": stage, **row, "error": f"{VERIFY_PREFIX}image missing: {row['image_path']}"})
-        elif sha256_file(path) != row["image_sha256"]:
-            bad.append({"stage": stage, **row, "error": f"{VERIFY_PREFIX}image changed since it was written: {row['image_path']}"})
+            bad.append({**check, "error": f"{VERIFY_PREFIX}image missing: {check['image_path']}"})
+        elif sha256_file(path) != check["image_sha256"]:
+            bad.append({**check, "error": f"{VERIFY_PREFIX}image changed since it was written: {check['image_path']}"})
         if progress is not None and (done % 100 == 0 or done == len(checks)):
             progress(done, len(checks))
-    for stage in {b["stage"] for b in bad}:
-        mine = [b for b in bad if b["stage"] == stage]
+    for stage in dict.fromkeys(b["stage"] for b in bad):
         finished = now_utc()
-        records = [{"id": b["id"], "variant": b["variant"], "key": b["key"], "status": "failed", "error": b["error"],
-                    "seconds": 0.0, "device": "verify", "finished_at": finished} for b in mine]
-        store.write_part(stage, f"verify-{time.strftime('%Y%m%dT%H%M%S')}", pa.Table.from_pylist(records, schema=_RECORD))
-    if bad and store.results_path.exists():
-        _mark_results(store, bad)
+        records = {}
+        for b in (b for b in bad if b["stage"] == stage):  # one record per row, whichever of its files failed
+            records.setdefault((b["id"], b["variant"]), {
+                "id": b["id"], "variant": b["variant"], "key": b["key"], "status": "failed", "error": b["error"],
+                "seconds": 0.0, "device": "verify", "finished_at": finished})
+        store.write_part(stage, f"verify-{time.strftime('%Y%m%dT%H%M%S')}",
+                         pa.Table.from_pylist(list(records.values()), schema=_RECORD))
+    if bad:
+        _mark_results(store, results, bad)
     return bad, still_marked
 
 
-def _mark_results(store: RunStore, bad: list[dict[str, Any]]) -> None:
-    """Mark the rows whose image is bad as failed in results.parquet too."""
-    results = pq.read_table(store.results_path)
-    for stage in {b["stage"] for b in bad}:
-        column = f"{stage}_image_path"
-        if column not in results.column_names:
-            continue
-        reasons = {b["image_path"]: b["error"] for b in bad if b["stage"] == stage}
-        paths = results.column(column)
-        hit = pc.fill_null(pc.is_in(paths, pa.array(list(reasons))), False)
-        errors = pa.array([reasons.get(p) for p in paths.to_pylist()], pa.string())
+def _mark_results(store: RunStore, results: pa.Table, bad: list[dict[str, Any]]) -> None:
+    """Mark the rows whose file is bad as failed in results.parquet too."""
+    for stage in dict.fromkeys(b["stage"] for b in bad):
+        reasons = {(b["id"], b["variant"]): b["error"] for b in bad if b["stage"] == stage}
+        rows = zip(pc.cast(results.column("id"), pa.string()).to_pylist(), results.column("variant").to_pylist())
+        errors = pa.array([reasons.get(row) for row in rows], pa.string())
+        hit = errors.is_valid()
         updates = {
             f"{stage}_status": pc.if_else(hit, "failed", results.column(f"{stage}_status")),
             f"{stage}_error": pc.if_else(hit, errors, results.column(f"{stage}_error")),
@@ -129,18 +145,22 @@ def _mark_results(store: RunStore, bad: list[dict[str, Any]]) -> None:
 
 
 def orphan_images(store: RunStore) -> list[Path]:
-    """Image files no current row points at: not in results.parquet, nor in a part written since."""
+    """Files under images/ that no current row points at: not in results.parquet (any stage's file
+    column), nor in a part written since."""
     if not store.results_path.exists():
         raise RunStateError(f"{store.results_path} does not exist yet: finish a run before cleaning")
     results = pq.read_table(store.results_path)
     referenced = set()
     for name in results.column_names:
-        if name.endswith("image_path"):
-            referenced.update(p for p in results.column(name).to_pylist() if p)
+        if name.endswith("_path"):
+            referenced.update(p for p in results.column(name).to_pylist() if isinstance(p, str))
     written = store.results_path.stat().st_mtime
     for stage in _stages(store.read_run_json()):
-        recent = _parts(store, stage, _WITH_IMAGES, newer_than=written)
-        referenced.update(p for p in recent.column("image_path").to_pylist() if p)
+        for part in store.part_files(stage):
+            if part.stat().st_mtime > written:
+                table = pq.read_table(part)
+                for name in (c for c in table.column_names if c.endswith("_path")):
+                    referenced.update(p for p in table.column(name).to_pylist() if isinstance(p, str))
     images = store.root / "images"
     files = sorted(p for p in images.rglob("*") if p.is_file()) if images.is_dir() else []
     return [p for p in files if str(p.relative_to(store.root)) not in referenced]

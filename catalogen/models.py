@@ -19,12 +19,11 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.hashing import sha256_file, stable_hash
+from catalogen.hashing import sha256_file_remembered, stable_hash
 from catalogen.tiny import ensure_tiny, tiny_root
 
 log = logging.getLogger(__name__)
@@ -89,14 +88,17 @@ def quiet_loading() -> Iterator[None]:
             lib.enable_progress_bar()
 
 
-@lru_cache(maxsize=None)
 def _folder_hash(path: str) -> str:
-    """Content hash of a local model folder (or single file), so edited weights never reuse old results."""
+    """Content hash of a local model folder (or single file), so edited weights never reuse old results.
+
+    Every file's SHA-256, remembered per process only while its stat fingerprint (ctime included)
+    is unchanged: an edit that keeps the size and sets the mtime back is still seen.
+    """
     root = Path(path)
     if root.is_file():
-        return "sha256:" + sha256_file(root)[:32]
+        return "sha256:" + sha256_file_remembered(root)[:32]
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return "sha256:" + stable_hash([(str(p.relative_to(root)), sha256_file(p)) for p in files])[:32]
+    return "sha256:" + stable_hash([(str(p.relative_to(root)), sha256_file_remembered(p)) for p in files])[:32]
 
 
 # What a Hub model's folder needs when its spec names no files: weights as safetensors, never pickles.

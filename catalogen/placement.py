@@ -7,6 +7,11 @@ canvas that is the product's longer side; on another shape it is whichever side 
 frame first, so a product never leaves the canvas. Marketplaces ask for this (e.g. a product
 filling 85% of a white 1:1 main image); the style stage places products by the same rules.
 
+Stages that keep a product's own pixels share the rest: `product_layer` resizes a cut-out's product
+once into a given box (style places it there, upscale puts it back there at the output size),
+`composite` lays that layer over a generated scene in exact integer arithmetic, and
+`product_pixels_equal` checks a written file against the layer.
+
     >>> canvas, box = place(cutout, canvas_size(1024, "1:1"), fill=0.85, color=(255, 255, 255))
     >>> round(fill_ratio(box, canvas.size), 2)  # to the pixel
     0.85
@@ -14,6 +19,7 @@ filling 85% of a white 1:1 main image); the style stage places products by the s
 
 from __future__ import annotations
 
+import io
 import re
 
 import numpy as np
@@ -94,15 +100,63 @@ def place(
     box = box or alpha_box(np.asarray(cutout.getchannel("A")))
     if box is None:
         raise ValueError("nothing to place: no pixel of the cut-out is more than half opaque")
-    product = cutout.crop(box)
-    scale = fill * min(size[0] / product.width, size[1] / product.height)
-    width = max(1, min(size[0], round(product.width * scale)))
-    height = max(1, min(size[1], round(product.height * scale)))
-    product = product.resize((width, height), Image.Resampling.LANCZOS)  # PIL resizes RGBA premultiplied
+    product_width, product_height = box[2] - box[0], box[3] - box[1]
+    scale = fill * min(size[0] / product_width, size[1] / product_height)
+    width = max(1, min(size[0], round(product_width * scale)))
+    height = max(1, min(size[1], round(product_height * scale)))
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    placed = (left, top, left + width, top + height)
     background = (0, 0, 0, 0) if color is None else (*color, 255)
-    canvas = Image.new("RGBA", size, background)
-    canvas.alpha_composite(product, (left, top))
+    canvas = product_layer(cutout, size, placed, box, background)
     if color is not None:
         canvas = canvas.convert("RGB")
-    return canvas, (left, top, left + width, top + height)
+    return canvas, placed
+
+
+def product_layer(
+    cutout: Image.Image,
+    size: tuple[int, int],
+    target: Box,
+    box: Box | None = None,
+    background: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> Image.Image:
+    """An RGBA canvas of `size` (transparent by default) holding the product of `cutout` resized once
+    (Lanczos) into `target`.
+
+    Resizing from the cut-out itself, never from an earlier stage's smaller copy, is what keeps a
+    catalog photo's detail at any output size. `box` is the product's box in `cutout` (default its
+    `alpha_box`).
+    """
+    cutout = cutout.convert("RGBA")
+    box = box or alpha_box(np.asarray(cutout.getchannel("A")))
+    if box is None:
+        raise ValueError("nothing to place: no pixel of the cut-out is more than half opaque")
+    width, height = target[2] - target[0], target[3] - target[1]
+    product = cutout.crop(box).resize((width, height), Image.Resampling.LANCZOS)  # PIL resizes RGBA premultiplied
+    layer = Image.new("RGBA", size, background)
+    layer.alpha_composite(product, (target[0], target[1]))
+    return layer
+
+
+def scale_box(box: Box, factor: int) -> Box:
+    """A box in an image enlarged `factor` times: the same place, in the larger image's pixels."""
+    x0, y0, x1, y1 = box
+    return x0 * factor, y0 * factor, x1 * factor, y1 * factor
+
+
+def composite(layer: Image.Image, scene: np.ndarray) -> np.ndarray:
+    """The product layer (RGBA) over a generated scene (RGB uint8), weighted by its alpha, in exact
+    integer arithmetic: where alpha is 255 the result is the layer's own pixel, bit for bit."""
+    rgba = np.asarray(layer).astype(np.uint32)
+    alpha = rgba[..., 3:4]
+    blended = (rgba[..., :3] * alpha + scene.astype(np.uint32) * (255 - alpha) + 127) // 255
+    return blended.astype(np.uint8)
+
+
+def product_pixels_equal(png: bytes, layer: Image.Image) -> bool:
+    """Whether the written file holds the product layer's own pixels wherever it is opaque."""
+    with Image.open(io.BytesIO(png)) as image:
+        written = np.asarray(image.convert("RGB"))
+    rgba = np.asarray(layer)
+    opaque = rgba[..., 3] == 255
+    return bool(np.array_equal(written[opaque], rgba[..., :3][opaque]))

@@ -12,12 +12,10 @@ tiny model.
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 from pathlib import Path
 
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.hashing import sha256_file
+from catalogen.hashing import sha256_file_remembered
 from catalogen.models import MissingModelsError, ModelIdentity
 from catalogen.tiny_vision import u2net_home
 
@@ -66,15 +64,9 @@ def home_of(path: Path, name: str) -> Path:
     return path.parent
 
 
-@lru_cache(maxsize=None)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return "sha256:" + sha256_file(Path(path))
-
-
 def file_revision(path: Path) -> str:
     """SHA-256 of a model file, computed once per process while the file is unchanged."""
-    info = os.stat(path)
-    return _file_hash(str(path), info.st_size, info.st_mtime_ns)
+    return "sha256:" + sha256_file_remembered(path)
 
 
 def _download(name: str, home: Path) -> Path:

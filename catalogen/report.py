@@ -21,11 +21,11 @@ Thumbnails are named by content, so writing the report again makes only those of
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,14 +34,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jinja2
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 import catalogen
+from catalogen.placement import alpha_box
 from catalogen.pngmeta import A1111_SAMPLERS, format_parameters
-from catalogen.store import STATUSES, RunStateError
+from catalogen.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
+from catalogen.store import STATUSES, RunStateError, temp_file
 
 REPORT_FILE = "report.html"
 DATA_DIR = "report-data"
@@ -62,9 +65,6 @@ AFTER_COLUMNS = ("generate_prompt", "enhance_prompt")
 CAPTION_COLUMN = "caption_caption"
 PARAMETER_COLUMNS = ("prompt", "negative_prompt", "steps", "scheduler", "guidance_scale", "seed", "width", "height",
                      "model", "model_revision")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_PATH = re.compile(r"(?<![\w.])/[^\s,;:)]+")
-_LONG_NUMBER = re.compile(r"\b[0-9a-f]{8,}\b|\b\d{5,}\b")
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # a thumbnail's file name: nothing else reaches the file system
 
 
@@ -98,8 +98,59 @@ def run_stages(results: pa.Table, info: dict[str, Any]) -> list[str]:
 
 
 def image_stages(results: pa.Table, stages: list[str]) -> list[str]:
-    """Stages that made images: those with a `<stage>_image_path` column."""
-    return [s for s in stages if f"{s}_image_path" in results.column_names]
+    """The images the gallery shows (see `results.recorded_images`): each stage's own, and others a
+    stage wrote, such as remove_bg's marketplace canvas (`remove_bg.canvas`)."""
+    return [name for name in recorded_images(results) if name.split(".")[0] in stages]
+
+
+# --- the product, final against photo -------------------------------------------------------------
+
+PRODUCT_DIR = f"{DATA_DIR}/products"
+
+
+def _crop_png(image: Image.Image, folder: Path) -> tuple[str, str, int, int]:
+    """Write a crop once, named by its content: (relative path, sha256, width, height)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+    path = folder / PRODUCT_DIR / f"{sha}.png"
+    if not path.exists():
+        replace_file(path, buffer.getvalue())
+    return f"{PRODUCT_DIR}/{sha}.png", sha, image.width, image.height
+
+
+def _product_crops(root: Path, final: str, box: list[int], source: str) -> list[tuple[str, str, int, int]]:
+    """The product's crop of the final image, and the same product in its photo (the cut-out's own
+    pixels at their own resolution, cropped at the product's box there)."""
+    with Image.open(root / final) as image:
+        final_crop = image.convert("RGB").crop(tuple(box))
+    with Image.open(Path(source) if os.path.isabs(source) else root / source) as cutout:
+        cutout = cutout.convert("RGBA")
+    photo_box = alpha_box(np.asarray(cutout.getchannel("A")))
+    return [_crop_png(final_crop, root), _crop_png(cutout.convert("RGB").crop(photo_box), root)]
+
+
+def with_product_crops(results: pa.Table, root: Path, stages: list[str]) -> tuple[pa.Table, list[str]]:
+    """Per row, the product crop of the final image beside the same crop of the original photo, as
+    two more images (`<stage>.product`, `<stage>.photo`) of the last stage that records a product's
+    box and source; the results are unchanged when none does or a row's files cannot be read."""
+    found = [s for s in stages if {f"{s}_product_bbox", f"{s}_product_source", f"{s}_image_path"} <= set(results.column_names)]
+    if not found:
+        return results, []
+    stage = found[-1]
+    rows = zip(*(results.column(f"{stage}_{c}").to_pylist() for c in ("image_path", "product_bbox", "product_source")))
+    columns: dict[str, list] = {f"{stage}_{n}_{c}": [] for n in ("product", "photo") for c in ("path", "sha256", "width", "height")}
+    for final, box, source in rows:
+        try:
+            crops = _product_crops(root, final, box, source) if final and box and source else [(None,) * 4] * 2
+        except (OSError, UnidentifiedImageError, ValueError, TypeError):
+            crops = [(None,) * 4] * 2
+        for name, crop in zip(("product", "photo"), crops):
+            for column, value in zip(("path", "sha256", "width", "height"), crop):
+                columns[f"{stage}_{name}_{column}"].append(value)
+    for name, values in columns.items():
+        results = results.append_column(name, pa.array(values, pa.int32() if name.endswith(("width", "height")) else pa.string()))
+    return results, [f"{stage}.product", f"{stage}.photo"]
 
 
 # --- summary --------------------------------------------------------------------------------------
@@ -154,16 +205,6 @@ def config_highlights(info: dict[str, Any], stages: list[str]) -> dict[str, dict
     return highlights
 
 
-def error_reason(error: str) -> str:
-    """An error message without what differs from row to row (quoted values, paths, hashes, long
-    numbers), so equal causes count together, as img2dataset's status dict does."""
-    first_line = error.strip().splitlines()[0] if error.strip() else error
-    reason = _QUOTED.sub("'…'", first_line)
-    reason = _PATH.sub("…", reason)
-    reason = _LONG_NUMBER.sub("…", reason)
-    return reason[:200]
-
-
 def error_reasons(errors: Iterable[str | None]) -> tuple[list[tuple[str, int]], list[int]]:
     """Reasons counted over the run, most frequent first, and each row's index into them (-1: none)."""
     per_row = [error_reason(e) if e else None for e in errors]
@@ -194,9 +235,11 @@ def summary(results: pa.Table, info: dict[str, Any], stages: list[str]) -> dict[
     return {
         "rows": results.num_rows,
         "counts": {s: overall.get(s, 0) for s in ("ok", "failed", "skipped")},
+        "noted": {s: int(rows_with(results, stages, s).sum()) for s in NOTED},  # ok rows among them too
         "stages": [stage_summary(results, s) for s in stages],
         "models": models,
         "catalog": info.get("catalog", {}),
+        "trial": info.get("trial"),
         "config": config_highlights(info, stages),
         "when": _when(info),
         "versions": info.get("versions", {}),
@@ -207,7 +250,7 @@ def replace_file(path: Path, data: bytes) -> None:
     """Write under a temporary name, then rename: readers never see half a file. No fsync: every
     file of the report is made again from the run folder if a crash loses it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -224,13 +267,13 @@ def thumb_name(sha256: str) -> str:
     return f"{THUMB_DIR}/{sha256}.{THUMB_FORMAT}"
 
 
-def thumb_jobs(results: pa.Table, run_dir: Path, stages: list[str]) -> list[ThumbJob]:
-    """One job per distinct image sha256 over every stage's image columns."""
+def thumb_jobs(results: pa.Table, run_dir: Path, images: list[str]) -> list[ThumbJob]:
+    """One job per distinct image sha256 over the shown images' columns (see `image_stages`)."""
     jobs: dict[str, ThumbJob] = {}
-    for stage in stages:
-        pairs = results.select([f"{stage}_image_path", f"{stage}_image_sha256"]).to_pylist()
-        for pair in pairs:
-            path, sha = pair[f"{stage}_image_path"], pair[f"{stage}_image_sha256"]
+    for name in images:
+        prefix = image_prefix(name)
+        paths = results.column(f"{prefix}_path").to_pylist()
+        for path, sha in zip(paths, results.column(f"{prefix}_sha256").to_pylist()):
             if path and sha and sha not in jobs and _SHA256.fullmatch(sha):
                 jobs[sha] = ThumbJob(sha, run_dir / path)
     return list(jobs.values())
@@ -302,16 +345,17 @@ def _seed(row: dict[str, Any], stages: list[str]) -> str | None:
     return None if seed is None else str(seed)
 
 
-def _image(row: dict[str, Any], stage: str, thumbs: set[str]) -> dict[str, Any] | None:
-    path = row.get(f"{stage}_image_path")
+def _image(row: dict[str, Any], name: str, thumbs: set[str]) -> dict[str, Any] | None:
+    prefix = image_prefix(name)
+    path = row.get(f"{prefix}_path")
     if not path:
         return None
-    sha = row.get(f"{stage}_image_sha256")
+    sha = row.get(f"{prefix}_sha256")
     return {
         "src": path,
         "thumb": thumb_name(sha) if sha in thumbs else None,
-        "w": row.get(f"{stage}_image_width"),
-        "h": row.get(f"{stage}_image_height"),
+        "w": row.get(f"{prefix}_width"),
+        "h": row.get(f"{prefix}_height"),
     }
 
 
@@ -339,13 +383,14 @@ def row_record(row: dict[str, Any], stages: list[str], shown_images: list[str], 
     return {key: value for key, value in record.items() if value is not None}  # absent reads as null in the page
 
 
-def _row_columns(results: pa.Table, stages: list[str]) -> list[str]:
+def _row_columns(results: pa.Table, stages: list[str], shown_images: list[str]) -> list[str]:
     wanted = ["id", "variant", "status", "stage", "error", "prompt", "seed", *BEFORE_COLUMNS, *AFTER_COLUMNS,
               CAPTION_COLUMN]
     wanted += [f"generate_{name}" for name in PARAMETER_COLUMNS]
     for stage in stages:
-        wanted += [f"{stage}_{c}" for c in ("status", "error", "seed", "image_path", "image_sha256", "image_width",
-                                              "image_height")]
+        wanted += [f"{stage}_{c}" for c in ("status", "error", "seed")]
+    for name in shown_images:
+        wanted += [f"{image_prefix(name)}_{c}" for c in ("path", "sha256", "width", "height")]
     present = set(results.column_names)
     return list(dict.fromkeys(c for c in wanted if c in present))
 
@@ -353,7 +398,7 @@ def _row_columns(results: pa.Table, stages: list[str]) -> list[str]:
 def row_chunks(results: pa.Table, stages: list[str], shown_images: list[str], thumbs: set[str],
                chunk_rows: int = CHUNK_ROWS) -> Iterator[list[dict[str, Any]]]:
     """The gallery's rows, `chunk_rows` at a time (one Arrow slice in memory as Python objects)."""
-    table = results.select(_row_columns(results, stages))
+    table = results.select(_row_columns(results, stages, shown_images))
     for start in range(0, table.num_rows, chunk_rows):
         rows = table.slice(start, chunk_rows).to_pylist()
         yield [row_record(row, stages, shown_images, thumbs) for row in rows]
@@ -432,6 +477,8 @@ def write_report(run_dir: str | Path, *, workers: int | None = None) -> Path:
             debris.unlink(missing_ok=True)
     stages = run_stages(results, info)
     shown_images = image_stages(results, stages)
+    results, crops = with_product_crops(results, root, stages)
+    shown_images += crops
 
     # 1. Thumbnails of images that have none yet.
     thumbs = make_thumbnails(thumb_jobs(results, root, shown_images), root, THUMB_SIZE, workers)
@@ -439,8 +486,8 @@ def write_report(run_dir: str | Path, *, workers: int | None = None) -> Path:
     # 2. The rows, in chunk files the page loads as it needs them.
     chunks = _write_chunks(root, row_chunks(results, stages, shown_images, thumbs))
 
-    # 3. The filters' index: per-row status codes and error reasons.
-    reasons, reason_of = error_reasons(results.column("error").to_pylist())
+    # 3. The filters' index: per-row status codes and reasons (errors, and fallback or degenerate notes).
+    reasons, reason_of = error_reasons(row_notes(results, stages))
     index = _index(results, stages, shown_images, reasons, reason_of, chunks)
     replace_file(root / DATA_DIR / "index.js", _js("window.catalogenReport", index))
 
@@ -449,7 +496,7 @@ def write_report(run_dir: str | Path, *, workers: int | None = None) -> Path:
         "summary": summary(results, info, stages),
         "reasons": reasons[:REASONS_SHOWN],
         "more_reasons": max(0, len(reasons) - REASONS_SHOWN),
-        "rows_with_error": sum(count for _, count in reasons),
+        "rows_with_reason": sum(count for _, count in reasons),
         "statuses": STATUSES,
         "data_dir": DATA_DIR,
         "folder": str(root.resolve()),

@@ -67,7 +67,8 @@ ROLE_COLUMNS = {
     "prompt": ("prompt", "each row needs a prompt, or configure a `template:` that makes one from its columns"),
     "image": ("image", "each row needs an image (a path or the image's bytes), or run a stage that makes one first"),
 }
-SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height")
+SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height",
+                   "product_identical")
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
 
 
@@ -164,13 +165,33 @@ def resolve_stage_models(cfg: RunConfig) -> dict[str, dict[str, ModelIdentity]]:
 
 @dataclass(frozen=True)
 class Selection:
-    """Part of a catalog for a trial run: the first `limit` rows or a seeded `sample`."""
+    """Part of a catalog for a trial run: the first `limit` rows or a seeded `sample`.
+
+    A trial narrows what this invocation computes, never what the folder keeps: rows done by
+    earlier runs stay in results.parquet.
+    """
 
     limit: int | None = None
     sample: int | None = None
 
+    def __bool__(self) -> bool:
+        return self.limit is not None or self.sample is not None
+
     def apply(self, catalog: pa.Table, seed: int) -> pa.Table:
         return select_rows(catalog, self.limit, self.sample, seed)
+
+    def mask(self, catalog: pa.Table, seed: int) -> np.ndarray:
+        """Which catalog rows the trial takes (all of them without one)."""
+        if not self:
+            return np.ones(catalog.num_rows, dtype=bool)
+        position = pa.array(np.arange(catalog.num_rows))
+        chosen = self.apply(catalog.append_column("__position", position), seed).column("__position")
+        keep = np.zeros(catalog.num_rows, dtype=bool)
+        keep[chosen.to_numpy()] = True
+        return keep
+
+    def describe(self) -> str:
+        return f"--limit {self.limit}" if self.limit is not None else f"--sample {self.sample}"
 
 
 def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", folder: Path | None = None) -> pa.Table:
@@ -211,13 +232,12 @@ def _brings_image(table: pa.Table) -> np.ndarray:
     return has
 
 
-def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> pa.Table:
-    """Read and validate the catalog file, then keep the rows a trial run selects."""
-    catalog = validate_for_run(read_catalog(catalog_path), cfg, source=str(catalog_path), folder=Path(catalog_path).parent)
-    return selection.apply(catalog, cfg.seed)
+def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig) -> pa.Table:
+    """Read and validate the catalog file."""
+    return validate_for_run(read_catalog(catalog_path), cfg, source=str(catalog_path), folder=Path(catalog_path).parent)
 
 
-def check(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selection()) -> tuple[pa.Table, dict]:
+def check(catalog_path: str | Path, cfg: RunConfig) -> tuple[pa.Table, dict]:
     """Everything that can refuse a run, done before anything is written or a model loaded.
 
     Raises ConfigError, CatalogError, DeviceError, MissingModelsError or ModelError; returns the
@@ -226,7 +246,7 @@ def check(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selec
     problems = config_faults(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
-    catalog = load_checked_catalog(catalog_path, cfg, selection)
+    catalog = load_checked_catalog(catalog_path, cfg)
     visible_devices(cfg.device)  # a device that is not there fails now, not in every shard
     return catalog, resolve_stage_models(cfg)
 
@@ -237,7 +257,7 @@ def check(catalog_path: str | Path, cfg: RunConfig, selection: Selection = Selec
 @dataclass
 class RunPlan:
     catalog_path: Path
-    catalog: pa.Table  # validated input, one row per id (a subset with --limit / --sample)
+    catalog: pa.Table  # validated input, one row per id (the whole catalog, also for a trial)
     rows: pa.Table  # one row per (id, variant): id, variant, seed, index, and the columns stages read
     config: RunConfig
     store: RunStore
@@ -245,6 +265,10 @@ class RunPlan:
     planned: dict[str, pa.Table]  # per stage, aligned with rows: effective parameters and chained keys
     upstream: dict[str, dict[str, str | None]] = field(default_factory=dict)
     selection: Selection = Selection()
+    scope: np.ndarray | None = None  # per row: in this invocation's trial subset (None: every row)
+
+    def in_scope(self) -> np.ndarray:
+        return np.ones(self.rows.num_rows, dtype=bool) if self.scope is None else self.scope
 
 
 def default_out(catalog_path: str | Path, cfg: RunConfig, root: str | Path = "outputs") -> Path:
@@ -339,17 +363,73 @@ def prepare(
                 cfg.model_dump_json(), str(out), selection)
     if memo_key in _memo:
         return _memo[memo_key]
-    catalog, models = check(catalog_path, cfg, selection)
+    catalog, models = check(catalog_path, cfg)
     rows = plan_rows(catalog, cfg)
     planned = plan_stages(rows, cfg, models)
     store = RunStore(out if out is not None else default_out(catalog_path, cfg))
-    plan = RunPlan(catalog_path, catalog, rows, cfg, store, models, planned, upstreams(cfg.stages), selection)
+    scope = selection.mask(catalog, cfg.seed)[rows.column("index").to_numpy()] if selection else None
+    plan = RunPlan(catalog_path, catalog, rows, cfg, store, models, planned, upstreams(cfg.stages), selection, scope)
     _memo.clear()
     _memo[memo_key] = plan
     return plan
 
 
 # --- the folder's catalog, run.json ---------------------------------------------------------------
+
+
+RECORDED = "the run folder's recorded settings (run.json)"
+
+
+def run_settings(
+    catalog_path: str | Path,
+    out: str | Path | None,
+    config: str | Path | None,
+    overrides: Mapping[str, object] | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> tuple[RunConfig, RunStore, dict | None]:
+    """The settings and folder of a run, and the settings the folder was last run with (or None).
+
+    A folder remembers: with no `--config`, a run starts from the settings recorded in its
+    run.json instead of the defaults (then `--set` and flags apply), so re-running the same
+    folder, or a hint's command, never silently falls back to default settings.
+    """
+    from catalogen.config import load_config
+
+    cfg = load_config(config, overrides, origins)
+    store = RunStore(out if out is not None else default_out(catalog_path, cfg))
+    recorded = store.read_run_json().get("config") if store.run_json.exists() else None
+    if recorded is not None and config is None:
+        cfg = load_config(None, overrides, origins, base=(recorded, RECORDED))
+    return cfg, store, recorded
+
+
+def settings_changes(recorded: Mapping | None, cfg: RunConfig) -> list[str]:
+    """`key: old -> new (from …)` for every setting that differs from the folder's last run."""
+    if recorded is None:
+        return []
+    changes = []
+    for key, (old, new) in _differences(dict(recorded), cfg.model_dump(mode="json")).items():
+        changes.append(f"{key}: {old!r} -> {new!r} (from {cfg.origin(key)})")
+    return changes
+
+
+def _differences(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tuple]:
+    found = {}
+    for key in sorted(set(old) & set(new)):  # a setting new to this version of catalogen has its default
+        a, b = old[key], new[key]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found.update(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            found[f"{prefix}{key}"] = (a, b)
+    return found
+
+
+def rerun_command(store: RunStore, *flags: str) -> str:
+    """The command that runs this folder again with the settings it was made with (see run_settings)."""
+    import shlex
+
+    catalog = store.read_run_json().get("catalog", {}).get("path", "CATALOG")
+    return shlex.join(["catalogen", "run", catalog, "--out", str(store.root), *flags])
 
 
 class CatalogChanged(RuntimeError):
@@ -394,7 +474,7 @@ def record_invocation(plan: RunPlan, pending: Mapping[str, int], retry_failed: b
         "retry_failed": retry_failed,
         "limit": plan.selection.limit,
         "sample": plan.selection.sample,
-        "rows": plan.rows.num_rows,
+        "rows": int(plan.in_scope().sum()),
         "pending": dict(pending),
     }
     store.write_json(
@@ -404,12 +484,23 @@ def record_invocation(plan: RunPlan, pending: Mapping[str, int], retry_failed: b
             "updated_at": now,
             "catalog": {"path": str(plan.catalog_path.resolve()), "ids": plan.catalog.num_rows,
                         "rows": plan.rows.num_rows},
+            "trial": _trial(plan, previous),
             "config": plan.config.model_dump(mode="json"),
             "models": {stage: {role: i.to_dict() for role, i in roles.items()} for stage, roles in plan.models.items()},
             "versions": _versions(),
             "invocations": previous.get("invocations", []) + [invocation],
         },
     )
+
+
+def _trial(plan: RunPlan, previous: Mapping) -> dict | None:
+    """How the folder is a trial subset, or None once a run has covered the whole catalog."""
+    if not plan.selection:
+        return None
+    earlier = previous.get("trial") if previous else None
+    if previous and earlier is None and previous.get("invocations"):
+        return None  # a whole-catalog run was made into this folder already
+    return {"selection": plan.selection.describe(), "rows": int(plan.in_scope().sum()), "of": plan.rows.num_rows}
 
 
 def read_config(store: RunStore) -> tuple[RunConfig, dict[str, dict[str, ModelIdentity]]]:
@@ -431,7 +522,8 @@ def set_aside_unreadable_parts(plan: RunPlan) -> list[Path]:
 
 
 def done_results(plan: RunPlan, stage: str, columns: Sequence[str]) -> pa.Table:
-    """The newest result of each planned row under its current key (nulls where none).
+    """The newest result of each planned row under its current key (nulls where none); for a row
+    outside a trial's subset, its newest under any key.
 
     Results are matched to rows by id (a hash lookup in the catalog's ids) and variant, then kept
     only where their key is the row's current one; a row recorded more than once under its key (a
@@ -446,7 +538,10 @@ def done_results(plan: RunPlan, stage: str, columns: Sequence[str]) -> pa.Table:
     if len(position):
         usable = position >= 0
         current = planned.column("key").take(pa.array(np.where(usable, position, 0)))
-        usable &= pc.fill_null(pc.equal(found.column("key"), current), False).to_numpy(zero_copy_only=False)
+        same_key = pc.fill_null(pc.equal(found.column("key"), current), False).to_numpy(zero_copy_only=False)
+        if plan.scope is not None:  # a trial leaves the rows outside it as they were, under any settings
+            same_key |= ~plan.scope[np.where(usable, position, 0)]
+        usable &= same_key
         candidates = np.flatnonzero(usable)
         newest_first = np.lexsort((-found.column("finished_at").to_numpy().astype("int64")[candidates],
                                    position[candidates]))
@@ -477,11 +572,12 @@ def _planned_positions(plan: RunPlan, found: pa.Table) -> np.ndarray:
 
 
 def pending_masks(plan: RunPlan, retry_failed: bool, done: Mapping[str, pa.Table]) -> dict[str, np.ndarray]:
-    """Per stage, which rows to (re)compute: no result under the key, a failure to retry, or pending upstream."""
+    """Per stage, which rows to (re)compute: no result under the key, a failure to retry, or pending
+    upstream; within a trial's subset only."""
     masks: dict[str, np.ndarray] = {}
     for name in plan.config.stages:
         status = done[name].column("status")
-        mask = pc.is_null(status).to_numpy(zero_copy_only=False)
+        mask = pc.is_null(status).to_numpy(zero_copy_only=False) & plan.in_scope()
         if retry_failed:
             mask = mask | pc.fill_null(pc.equal(status, "failed"), False).to_numpy(zero_copy_only=False)
         for provider in plan.upstream[name].values():
@@ -538,7 +634,8 @@ def handoff_columns(plan: RunPlan, provider: str) -> list[str]:
     wanted = []
     for name, roles in plan.upstream.items():
         for column, (role, source) in STAGES[name].FROM_UPSTREAM.items():
-            if roles.get(role) == provider and source not in wanted:
+            # a provider hands off only what it makes (e.g. a product's box comes from style, not generate)
+            if roles.get(role) == provider and source not in wanted and source in STAGES[provider].OUTPUT_SCHEMA.names:
                 wanted.append(source)
     return wanted
 
@@ -563,13 +660,14 @@ def absorb_part(plan: RunPlan, outcomes: ShardOutcomes, stage: str, part: pa.Tab
     take = pa.array(outcomes.shard.rows)
     left = pa.table({"id": plan.rows.column("id").take(take), "variant": plan.rows.column("variant").take(take),
                      "_pos": pa.array(np.arange(len(outcomes.shard.rows)))})
-    fresh = part.select(["id", "variant", *[c for c in known.column_names if c in part.column_names]])
-    fresh = fresh.append_column("_fresh", pa.array(np.ones(fresh.num_rows, bool)))
+    # Join on the keys alone and take the values by row: joins refuse list columns (a product's box).
+    fresh = part.select(["id", "variant"]).append_column("_row", pa.array(np.arange(part.num_rows)))
     joined = left.join(fresh, keys=["id", "variant"], join_type="left outer").sort_by("_pos")
-    matched = pc.fill_null(joined.column("_fresh"), False)
+    rows = joined.column("_row").combine_chunks()
+    matched = rows.is_valid()
     columns = {}
     for name in known.column_names:
-        new = joined.column(name) if name in fresh.column_names else pa.nulls(len(left), known.schema.field(name).type)
+        new = part.column(name).take(rows) if name in part.column_names else pa.nulls(len(left), known.schema.field(name).type)
         columns[name] = pc.if_else(matched, pc.cast(new, known.schema.field(name).type), known.column(name))
     outcomes.tables[stage] = pa.table(columns)
 
@@ -608,7 +706,7 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
     table = plan.planned[stage].take(pa.array(outcomes.shard.rows[mine]))
     for column, (role, source) in STAGES[stage].FROM_UPSTREAM.items():
         provider = plan.upstream[stage].get(role)
-        if provider is None:
+        if provider is None or source not in outcomes.tables[provider].column_names:
             continue
         values = outcomes.tables[provider].column(source).filter(pa.array(mine))
         index = table.schema.get_field_index(column)

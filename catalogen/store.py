@@ -68,6 +68,49 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells (`/proc`), else set and restored
+    under a lock (`os.umask` is the only other way to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def temp_file(folder: Path, name: str) -> tuple[int, str]:
+    """`tempfile.mkstemp` in `folder` for a file that will be renamed to `name`: (fd, temporary path).
+
+    mkstemp creates files 0600 whatever the umask, and a rename keeps the mode: the file gets the
+    mode `open()` would have given it (0666 less the umask), so a report or a run folder is as
+    readable by others (a web server, a team) as any file the user makes.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{name[:80]}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def temp_folder(folder: Path, name: str) -> Path:
+    """`tempfile.mkdtemp` in `folder` for a folder that will be renamed to `name`, with the mode
+    `mkdir` would give it (mkdtemp's is 0700 whatever the umask; see `temp_file`)."""
+    made = Path(tempfile.mkdtemp(prefix=f".{name[:80]}.", dir=folder))
+    os.chmod(made, 0o777 & ~_umask())
+    return made
+
+
 def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """Write bytes to a temporary file, flush them to disk, then rename into place.
 
@@ -77,7 +120,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = tmp_dir or path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=folder)
+    fd, tmp = temp_file(folder, path.name)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -186,6 +229,10 @@ class RunStore:
     @property
     def results_path(self) -> Path:
         return self.root / "results.parquet"
+
+    def is_run(self) -> bool:
+        """Whether `catalogen run` made this folder (it writes run.json first)."""
+        return self.run_json.is_file()
 
     @property
     def tmp_dir(self) -> Path:

@@ -14,11 +14,14 @@ so a schedule's automations and notifications see a bad night.
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import (
@@ -27,11 +30,11 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Failed
+from prefect.futures import PrefectFuture
+from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from catalogen.config import load_config
+from catalogen import stopping
 from catalogen.devices import visible_devices
 from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
@@ -50,10 +53,12 @@ from catalogen.runplan import (
     pending_masks,
     prepare,
     record_invocation,
+    run_settings,
     set_aside_unreadable_parts,
+    settings_changes,
     stage_input,
 )
-from catalogen.store import STATUSES
+from catalogen.store import STATUSES, RunFolderBusy
 from tasks.runner import shard_task
 
 # catalogen's loggers reach Prefect's console and API (PREFECT_LOGGING_EXTRA_LOGGERS=catalogen),
@@ -100,46 +105,98 @@ class _ShardProgress:
             update_progress_artifact(self.artifact, progress=round(100.0 * self.done / self.total, 2))
 
 
-def _drive(plan: RunPlan, masks, done, window: int) -> list[str]:
-    """Run every shard through its stages, at most `window` task runs at once; returns crashed (stage, shard)s."""
+@dataclass
+class _Driven:
+    crashed: list[str]  # "stage/shard" of shards whose task failed
+    stopped: bool = False  # a stop was asked for: rows not reached stay pending
+
+
+class _Heartbeat:
+    """One progress line per finished shard, or every `every` seconds while none finishes: what a
+    worker's log or CI shows of a long run, where no progress bar is drawn."""
+
+    def __init__(self, plan: RunPlan, masks, every: float = 30.0) -> None:
+        self.plan, self.every = plan, every
+        self.todo = {name: int(mask.sum()) for name, mask in masks.items()}
+        self.done = dict.fromkeys(self.todo, 0)
+        self.last = time.monotonic()
+
+    def shard_done(self, stage: str, rows: int, in_flight: int) -> None:
+        self.done[stage] += rows
+        self.line(in_flight)
+
+    def tick(self, in_flight: int) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self.line(in_flight)
+
+    def line(self, in_flight: int) -> None:
+        self.last = time.monotonic()
+        counts = ", ".join(f"{name} {self.done[name]}/{self.todo[name]}" for name in self.todo)
+        log.info("progress: %s rows; %d shard(s) in flight", counts, in_flight)
+
+
+def _drive(plan: RunPlan, masks, done, window: int) -> _Driven:
+    """Run every shard through its stages, at most `window` task runs at once.
+
+    On a stop (SIGINT, SIGTERM, a Prefect cancel) no new task starts; tasks in flight get
+    `stop_grace_s` to finish, then are abandoned: they write no part, so their rows stay pending.
+    """
     shards = cut_shards(plan, masks)
     steps = len(plan.config.stages)
     progress = _ShardProgress(plan, len(shards))
-    queue = iter(shards)
+    heartbeat = _Heartbeat(plan, masks)
+    queue_ = iter(shards)
     in_flight: dict[PrefectFuture, _InFlight] = {}
-    crashed = []
+    finished: queue.Queue[PrefectFuture] = queue.Queue()
+    driven = _Driven(crashed=[])
+    deadline = None
+
+    def submit(outcomes: ShardOutcomes, start: int) -> int:
+        """Submit the shard's next stage with work; returns the steps it passed without work."""
+        submitted = _submit_next(plan, outcomes, start, masks)
+        if submitted is None:
+            return steps - start
+        future, index = submitted
+        in_flight[future] = _InFlight(outcomes, index)
+        future.add_done_callback(finished.put)
+        return index - start
+
     while True:
-        while len(in_flight) < window:
-            shard = next(queue, None)
+        if stopping.STOPPING.is_set() and deadline is None:
+            deadline = time.monotonic() + plan.config.stop_grace_s
+            driven.stopped = True
+            log.warning("%s received: no new shard starts; %d shard(s) in flight get up to %g s to finish",
+                        stopping.signal_name() or "stop", len(in_flight), plan.config.stop_grace_s)
+        while deadline is None and len(in_flight) < window:
+            shard = next(queue_, None)
             if shard is None:
                 break
-            outcomes = initial_outcomes(shard, done)
-            submitted = _submit_next(plan, outcomes, 0, masks)
-            if submitted is not None:
-                future, index = submitted
-                in_flight[future] = _InFlight(outcomes, index)
-                progress.advance(index)  # the stages before it had nothing to do for this shard
-            else:
-                progress.advance(steps)
+            progress.advance(submit(initial_outcomes(shard, done), 0))
         if not in_flight:
-            return crashed
-        future = next(as_completed(list(in_flight)))
+            return driven
+        if deadline is not None and time.monotonic() >= deadline and not stopping.ABANDON.is_set():
+            log.warning("abandoning %d shard(s) still in flight after %g s; their rows stay pending",
+                        len(in_flight), plan.config.stop_grace_s)
+            stopping.ABANDON.set()
+        try:
+            future = finished.get(timeout=0.5)
+        except queue.Empty:
+            heartbeat.tick(len(in_flight))
+            continue
         state = in_flight.pop(future)
         stage = plan.config.stages[state.stage]
         name = state.outcomes.shard.name
         try:
-            future.result()
+            counts = future.result()
             absorb_part(plan, state.outcomes, stage, pq.read_table(plan.store.part_path(stage, name)))
+            heartbeat.shard_done(stage, sum(counts.get(s, 0) for s in STATUSES), len(in_flight))
+        except stopping.Abandoned:
+            continue  # its rows stay pending; nothing after it starts
         except Exception as exc:  # noqa: BLE001 - its rows read as failed in the results
             log.error("%s shard %s crashed: %s", stage, name, exc)
-            crashed.append(f"{stage}/{name}")
-        submitted = _submit_next(plan, state.outcomes, state.stage + 1, masks)
-        if submitted is not None:
-            future, index = submitted
-            in_flight[future] = _InFlight(state.outcomes, index)
-            progress.advance(index - state.stage)
-        else:
-            progress.advance(steps - state.stage)
+            driven.crashed.append(f"{stage}/{name}")
+        if deadline is None:
+            progress.advance(1 + submit(state.outcomes, state.stage + 1))
 
 
 def artifact_key(out: Path) -> str:
@@ -199,6 +256,33 @@ def _report_artifacts(plan: RunPlan, results, summary: dict[str, Any], report: P
                                  description=f"report of the catalogen run into {plan.store.root}")
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _log_at_prefects_level() -> None:
+    """catalogen's lines reach the flow run's logs: Prefect gives its extra loggers handlers but no
+    level, so they would inherit the root's WARNING and drop every INFO line (plan, progress)."""
+    ours = logging.getLogger("catalogen")
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.getLogger("prefect.extra").getEffectiveLevel())
+
+
+def project_path(value: str | None) -> str | None:
+    """A relative path of a deployment's parameters, from the project root: a worker may start the
+    flow in any folder. The CLI passes absolute paths."""
+    if value is None or "://" in value or Path(value).is_absolute() or Path(value).exists():
+        return value
+    return str(PROJECT_ROOT / value)
+
+
+def outcome_line(summary: dict[str, Any]) -> str:
+    """`25 rows: 23 ok (2 degenerate), 1 failed, 1 skipped`: the counts a final state carries."""
+    notes = [f"{summary[k]} {k}" for k in ("fallback", "degenerate") if summary.get(k)]
+    ok = f"{summary['ok']} ok" + (f" ({', '.join(notes)})" if notes else "")
+    line = f"{summary['rows']} rows: {ok}, {summary['failed']} failed, {summary['skipped']} skipped"
+    return line + (f", {summary['pending']} pending" if summary.get("pending") else "")
+
+
 @flow(name="catalogen-run", task_runner=ThreadPoolTaskRunner())
 def catalogen_run(
     catalog: str = DEMO_CATALOG,
@@ -211,18 +295,23 @@ def catalogen_run(
     limit: int | None = None,
     sample: int | None = None,
     origins: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Run every configured stage over the catalog's pending rows and write results.parquet.
+
+    Relative paths start at the project root. Without `config`, an existing output folder's
+    recorded settings are used (then `overrides`). Ends Completed when every row succeeded, Failed
+    when any failed, Cancelled when stopped (SIGINT, SIGTERM, a cancel from the Prefect API) or
+    when another run holds the folder; the state's message carries the counts.
 
     Args:
         catalog: Parquet (or CSV / JSON Lines) catalog.
         out: output folder; default outputs/<catalog name>-<path hash>-<profile>.
-        config: YAML run configuration.
+        config: YAML run configuration; default: the folder's recorded settings, else the defaults.
         profile: model profile (tiny, tiny-sdxl, sd15, sdxl); overrides the config file.
         overrides: dotted settings, e.g. {"generate.steps": 30}; override the config file.
         retry_failed: recompute rows whose last attempt failed.
         new_catalog: allow a catalog other than the one the output folder was made from.
-        limit: run only the catalog's first N rows.
+        limit: run only the catalog's first N rows (rows done earlier stay in the results).
         sample: run only N rows picked by a seeded hash of their ids.
         origins: where each override came from (e.g. "--profile"), for messages and run.json.
     """
@@ -231,46 +320,66 @@ def catalogen_run(
     if profile is not None:
         settings["profile"] = profile
         named.setdefault("profile", "the flow's profile parameter")
-    cfg = load_config(config, settings, named)
-    plan = prepare(catalog, cfg, out, Selection(limit, sample))
-    with plan.store.exclusive():
-        check_folder_catalog(plan.store, plan.catalog_path, new_catalog)
-        plan.store.clear_leftovers()
-        for moved in set_aside_unreadable_parts(plan):
-            log.warning("set aside %s: it cannot be read; its rows will be computed again", moved)
-        done = {name: done_results(plan, name, ["error", *handoff_columns(plan, name)]) for name in cfg.stages}
-        masks = pending_masks(plan, retry_failed, done)
-        pending = {name: int(mask.sum()) for name, mask in masks.items()}
-        record_invocation(plan, pending, retry_failed)
-        log.info("run folder %s: %d rows (%d catalog ids); pending: %s", plan.store.root, plan.rows.num_rows,
-                 plan.catalog.num_rows, ", ".join(f"{k} {v}" for k, v in pending.items()))
-        for name in cfg.stages:
-            tracker.begin(name, plan.rows.num_rows)
-            tracker.shard(name, "(done before)", plan.rows.num_rows - pending[name])
-        window = 2 * len(visible_devices(cfg.device))  # enough to keep every device busy, no more
-        crashed = _drive(plan, masks, done, window)
-        for name in cfg.stages:
-            tracker.end(name)
-        results = assemble_results(plan)
-        plan.store.write_results(results)
-        plan.store.clear_leftovers()
-        report = _write_report(plan)
-    summary = {**summarize(results, cfg.stages), "out": str(plan.store.root), "crashed_shards": len(crashed),
-               "pending_before": pending, "report": str(report) if report else None}
-    log.info("results: %s", {k: v for k, v in summary.items() if k != "stages"})
+    _log_at_prefects_level()
+    catalog, out, config = project_path(catalog), project_path(out), project_path(config)
+    cfg, store, recorded = run_settings(catalog, out, config, settings, named)
+    plan = prepare(catalog, cfg, store.root, Selection(limit, sample))
+    try:
+        with stopping.on_signals(), plan.store.exclusive():
+            summary, report = _run(plan, retry_failed, new_catalog, settings_changes(recorded, cfg))
+    except RunFolderBusy as exc:
+        log.error("%s; this run did nothing", exc)
+        return Cancelled(message=f"{exc}; this run did nothing")
+    line = outcome_line(summary)
+    log.info("report: %s", report) if report else log.info("results: %s", plan.store.results_path)
+    if summary["stopped"]:
+        done = summary["rows"] - summary.get("pending", 0)
+        return Cancelled(message=f"stopped: {done} of {summary['rows']} rows done ({line}); "
+                                 "run the same command again to resume", data=summary)
+    if summary["failed"] or summary["crashed_shards"]:
+        message = f"{summary['failed']} of {summary['rows']} rows failed"
+        if summary["crashed_shards"]:
+            message += f" ({summary['crashed_shards']} shard(s) crashed)"
+        return Failed(message=f"{message}: {line}; see {plan.store.results_path}", data=summary)
+    return Completed(message=line, data=summary)
+
+
+def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str]) -> tuple[dict[str, Any], Path | None]:
+    """The run inside the folder's lock: plan what is pending, drive the shards, write results and report."""
+    cfg = plan.config
+    check_folder_catalog(plan.store, plan.catalog_path, new_catalog)
+    plan.store.clear_leftovers()
+    for moved in set_aside_unreadable_parts(plan):
+        log.warning("set aside %s: it cannot be read; its rows will be computed again", moved)
+    done = {name: done_results(plan, name, ["error", *handoff_columns(plan, name)]) for name in cfg.stages}
+    masks = pending_masks(plan, retry_failed, done)
+    pending = {name: int(mask.sum()) for name, mask in masks.items()}
+    record_invocation(plan, pending, retry_failed)
+    scope = int(plan.in_scope().sum())
+    trial = f" (trial: {plan.selection.describe()}, {scope} of {plan.rows.num_rows} rows)" if plan.selection else ""
+    todo = ", ".join(f"{name} {n} of {scope} rows pending" for name, n in pending.items())
+    log.info("plan for %s%s: %s", plan.store.root, trial, todo)
+    if changes:
+        log.warning("settings changed since the folder's last run: %s; so %s", "; ".join(changes), todo)
+    for name in cfg.stages:
+        tracker.begin(name, scope)
+        tracker.shard(name, "(done before)", scope - pending[name])
+    window = 2 * len(visible_devices(cfg.device))  # enough to keep every device busy, no more
+    driven = _drive(plan, masks, done, window)
+    for name in cfg.stages:
+        tracker.end(name)
+    results = assemble_results(plan, pending_label="pending" if driven.stopped else None)
+    plan.store.write_results(results)
+    plan.store.clear_leftovers()
+    report = _write_report(plan)
+    summary = {**summarize(results, cfg.stages), "out": str(plan.store.root), "crashed_shards": len(driven.crashed),
+               "pending_before": pending, "report": str(report) if report else None, "stopped": driven.stopped}
+    summary["pending"] = int(pc.sum(pc.equal(results.column("status"), "pending")).as_py() or 0)
     for name, counts in summary["stages"].items():
-        untouched = plan.rows.num_rows - pending[name]
         if pending[name] == 0:
             log.info("%s: nothing to do (%s)", name, ", ".join(f"{n} {s}" for s, n in counts.items()) or "no rows")
-        elif untouched:
-            log.info("%s: %d rows were done before this run", name, untouched)
     create_markdown_artifact(key=artifact_key(plan.store.root), markdown=_artifact(plan, results, summary),
                              description=f"catalogen run into {plan.store.root}")
     _report_artifacts(plan, results, summary, report)
-    if summary["failed"] or crashed:
-        message = f"{summary['failed']} of {summary['rows']} rows failed"
-        if crashed:
-            message += f" ({len(crashed)} shard(s) crashed)"
-        return Failed(message=f"{message}; see {plan.store.results_path}", data=summary)
-    return summary
-
+    log.info("done: %s", outcome_line(summary))
+    return summary, report

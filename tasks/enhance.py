@@ -5,6 +5,9 @@ Writes: `prompt` and `negative_prompt` (what generate then uses), the input (`so
 model's raw answer, which model answered and whether the answer came from the cache. A row whose
 answer is empty, unparsable or too long, or whose request failed after its retries, keeps its
 input prompt with status `fallback` and the reason in `error`; it still goes on to generate.
+Raw answers are kept up to `max_answer_chars` (longer ones are cut, marked, and fall back); a
+server's echo of the API key is scrubbed from everything kept. A stopped run (`stopping.ABANDON`)
+ends the shard with `stopping.Abandoned`: no part is written and its rows stay pending.
 Key: the input text, the backend, the model's identity (repo and resolved revision, or the
 server's model name), the system prompt's text, the decoding settings, and the row's seed only
 when sampling (so with sampling each variant gets its own prompt).
@@ -153,7 +156,7 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     source = pc.cast(rows.column("prompt"), pa.string())
     system = system_prompt(settings)
     decoding = {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                "max_prompt_chars": settings.max_prompt_chars}
+                "max_prompt_chars": settings.max_prompt_chars, "max_answer_chars": settings.max_answer_chars}
     if settings.sampling:
         decoding["top_p"] = settings.top_p
     fixed = [NAME, VERSION, settings.backend, _identity(settings, models), sha256_bytes(system.encode()), decoding]
@@ -182,7 +185,7 @@ def _local_backend(identity: ModelIdentity, settings: LLMSettings, ctx: StageCon
 
 def _server_backend(settings: LLMSettings) -> OpenAIBackend:
     key = ("openai", settings.base_url or "api.openai.com", settings.model, settings.timeout_s, settings.max_retries,
-           settings.concurrency)
+           settings.concurrency, settings.max_response_bytes)
     return cached(key, "remote", partial(OpenAIBackend, settings), None)
 
 

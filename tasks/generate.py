@@ -52,6 +52,7 @@ from catalogen.diffusion import (
     file_digests,
     finite,
     load_pipeline,
+    stop_between_steps,
 )
 from catalogen.hashing import canonical_json, column_keys, sha256_file, stable_hash
 from catalogen.models import (
@@ -704,6 +705,7 @@ def _generate(pipe, jobs: list[_Job], size: int) -> list[Image.Image]:
             guidance_scale=first["guidance_scale"],
             generator=generators,
             output_type="np",
+            callback_on_step_end=stop_between_steps,
         )
     arrays = finite(out.images[:real], pipe.dtype)
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]  # as diffusers' "pil" output

@@ -17,6 +17,8 @@ seed (server), so a row's answer depends on that row alone.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -27,11 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Literal, Protocol, Sequence, TypeVar
 
+import httpx2
 import openai
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from catalogen import stopping
 from catalogen.hashing import stable_hash
 
 if TYPE_CHECKING:
@@ -66,12 +70,18 @@ class LLMSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="local backend: rows per greedy generate call")
     base_url: str | None = Field(None, description="openai backend, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="NAME of the env var holding the key (never the key)")
-    timeout_s: float = Field(60, gt=0, description="openai backend: per attempt")
+    timeout_s: float = Field(60, gt=0, description="openai backend: the whole of each attempt, headers and body")
     max_retries: int = Field(4, ge=0, description="openai backend: on 408/409/429/5xx, timeouts, lost connections")
     retry_wait_max_s: float | None = Field(
         None, gt=0, description="cap on each wait between retries; None: the client's own schedule"
     )
     concurrency: int = Field(8, ge=1, description="openai backend: requests in flight")
+    max_response_bytes: int = Field(
+        2**20, ge=1024, description="openai backend: a response body past this is not read; the row falls back"
+    )
+    max_answer_chars: int = Field(
+        16384, ge=1, description="raw answers are kept (cache, raw_answer) up to this many characters; longer ones fall back"
+    )
 
     @model_validator(mode="after")
     def _openai_needs_a_target(self) -> LLMSettings:
@@ -183,6 +193,19 @@ def parse_answer(raw: str, fallback: str, max_chars: int) -> tuple[str, str | No
             reason = f"answer too long: the {name} prompt has {len(value)} characters (limit {max_chars})"
             return fallback, None, "fallback", reason
     return positive, negative, "ok", None
+
+
+# How a kept answer ends when it was cut at `max_answer_chars`.
+_CUT = re.compile(r"\n\[cut: the answer had (\d+) characters\]\Z")
+
+
+def kept_answer(text: str, limit: int) -> str:
+    """The answer as it is kept (cache, results): whole, or its first `limit` characters and a mark."""
+    if len(text) <= limit:
+        return text
+    cut = _CUT.search(text)
+    total = int(cut[1]) if cut else len(text)
+    return f"{text[:limit]}\n[cut: the answer had {total} characters]"
 
 
 def _excerpt(text: str, limit: int = 60) -> str:
@@ -394,7 +417,7 @@ class LocalBackend:
         return f"LocalBackend(model={self.settings.model!r}, device={self.device!r})"
 
 
-class _BoundedRetryClient(openai.OpenAI):
+class _BoundedRetryClient(openai.AsyncOpenAI):
     """The official client, whose waits between retries can be capped (tests use a tiny cap).
 
     Which failures it retries is the client's own rule, read in `openai._base_client` (3.57):
@@ -426,6 +449,62 @@ def _redact(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret and secret != NO_KEY else text
 
 
+class ResponseTooLarge(openai.OpenAIError):
+    """A response body past `max_response_bytes`; an OpenAIError, so the client neither retries nor wraps it."""
+
+
+class _DeadlineTransport(httpx2.AsyncHTTPTransport):
+    """One attempt, headers and whole body, within `seconds`, and its body read up to `max_bytes` only.
+
+    httpx's timeouts bound each read, so a server that trickles a byte a second would never time
+    out; here the attempt as a whole has a deadline, which ends as a read timeout the client retries.
+    """
+
+    def __init__(self, seconds: float, max_bytes: int):
+        super().__init__()
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            async with asyncio.timeout(self.seconds):
+                response = await super().handle_async_request(request)
+                try:
+                    body = await self._read(response)
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise httpx2.ReadTimeout(f"no whole answer within {self.seconds:g} s", request=request) from exc
+        return httpx2.Response(response.status_code, headers=response.headers, content=body,
+                               extensions=response.extensions, request=request)
+
+    async def _read(self, response: httpx2.Response) -> bytes:
+        body = bytearray()
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise ResponseTooLarge(f"response too large: over {self.max_bytes:,} bytes (max_response_bytes)")
+        return bytes(body)
+
+
+async def _until_abandoned() -> None:
+    while not stopping.ABANDON.is_set():
+        await asyncio.sleep(0.05)
+
+
+T = TypeVar("T")
+
+
+def _run_async(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end from sync code, in a thread of its own if this one runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-loop") as pool:
+        return pool.submit(asyncio.run, work).result()
+
+
 def _retries(exc: openai.APIError) -> int | None:
     """How many retries the client made before giving up, from the header it sends with each attempt."""
     request = getattr(exc, "request", None)
@@ -453,6 +532,8 @@ def _status_reason(exc: openai.APIStatusError) -> str:
 
 
 def _failure_reason(exc: openai.OpenAIError, settings: LLMSettings) -> str:
+    if isinstance(exc, ResponseTooLarge):
+        return str(exc)
     if isinstance(exc, openai.APIStatusError):
         return _status_reason(exc)
     if isinstance(exc, openai.APITimeoutError):
@@ -473,34 +554,78 @@ def _reply_from(response: Any, requested_model: str) -> Reply | LLMRequestError:
     content = getattr(message, "content", None)
     if not isinstance(content, str):
         return LLMRequestError("malformed response: the first choice has no text")
-    return Reply(text=content, model=getattr(response, "model", None) or requested_model)
+    model = getattr(response, "model", None) or requested_model
+    if _SURROGATE.search(content) or _SURROGATE.search(str(model)):
+        return LLMRequestError("malformed response: not valid Unicode (a lone surrogate escape)")
+    return Reply(text=content, model=str(model))
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON may escape them; no UTF-8 file can hold them
+
+
+def _scrubbed(result: Reply | LLMRequestError, secret: str) -> Reply | LLMRequestError:
+    """The result with the key removed wherever a server echoed it (answer, model name, error)."""
+    if isinstance(result, Reply):
+        return Reply(text=_redact(result.text, secret), model=_redact(result.model, secret))
+    return LLMRequestError(_redact(str(result), secret))
 
 
 class OpenAIBackend:
     """Any OpenAI-compatible chat server (vLLM, llama.cpp, Ollama, TGI, OpenAI) via the official client.
 
     Up to `concurrency` requests are in flight at once; each is retried by the client itself
-    (see `_BoundedRetryClient`). A request that still fails comes back as an `LLMRequestError`
-    whose text says why and never holds the key; the client's own exceptions are not returned,
-    because they carry the request and its Authorization header.
+    (see `_BoundedRetryClient`), each attempt has `timeout_s` for the whole exchange, and a
+    response body is read up to `max_response_bytes` (see `_DeadlineTransport`). A request that
+    still fails comes back as an `LLMRequestError` whose text says why; the client's own
+    exceptions are not returned, because they carry the request and its Authorization header.
+    The key is scrubbed from everything returned, answers included, in case a server echoes it.
+    When a stop's grace period ends (`stopping.ABANDON`), requests in flight and retry waits end
+    at once and `complete` raises `stopping.Abandoned`.
+
+    The client lives for one `complete` call: its connections belong to that call's event loop.
     """
 
     def __init__(self, settings: LLMSettings):
         self.settings = settings
-        self._client = _BoundedRetryClient(
-            base_url=settings.base_url,
-            api_key=_api_key(settings),
-            timeout=settings.timeout_s,
-            max_retries=settings.max_retries,
+        self._key = _api_key(settings)
+
+    def _client(self) -> _BoundedRetryClient:
+        transport = _DeadlineTransport(self.settings.timeout_s, self.settings.max_response_bytes)
+        client = _BoundedRetryClient(
+            base_url=self.settings.base_url,
+            api_key=self._key,
+            timeout=self.settings.timeout_s,
+            max_retries=self.settings.max_retries,
+            http_client=openai.DefaultAsyncHttpxClient(transport=transport),
         )
-        self._client.retry_wait_max_s = settings.retry_wait_max_s
+        client.retry_wait_max_s = self.settings.retry_wait_max_s
+        return client
 
     def complete(self, system: str, requests: Sequence[Request]) -> list[Reply | Exception]:
         if not requests:
             return []
-        workers = min(self.settings.concurrency, len(requests))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-request") as pool:
-            return list(pool.map(partial(self._complete_one, system), requests))
+        stopping.check()
+        return _run_async(self._complete_all(system, requests))
+
+    async def _complete_all(self, system: str, requests: Sequence[Request]) -> list[Reply | Exception]:
+        """Every request, `concurrency` at a time, all cancelled as soon as the run is abandoned."""
+        gate = asyncio.Semaphore(self.settings.concurrency)
+        async with self._client() as client:
+
+            async def one(request: Request) -> Reply | Exception:
+                async with gate:
+                    return await self._complete_one(client, system, request)
+
+            work = asyncio.ensure_future(asyncio.gather(*(one(request) for request in requests)))
+            watch = asyncio.ensure_future(_until_abandoned())
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                stopping.check()
+            return work.result()
 
     def _arguments(self, system: str, request: Request) -> dict[str, Any]:
         arguments: dict[str, Any] = dict(
@@ -514,13 +639,14 @@ class OpenAIBackend:
             arguments["seed"] = _server_seed(request.seed)
         return arguments
 
-    def _complete_one(self, system: str, request: Request) -> Reply | Exception:
+    async def _complete_one(self, client: _BoundedRetryClient, system: str, request: Request) -> Reply | Exception:
         try:
-            response = self._client.chat.completions.create(**self._arguments(system, request))
+            response = await client.chat.completions.create(**self._arguments(system, request))
         except openai.OpenAIError as exc:
-            reason = _redact(_failure_reason(exc, self.settings), self._client.api_key)
-            return LLMRequestError(reason)
-        return _reply_from(response, self.settings.model)
+            return _scrubbed(LLMRequestError(_failure_reason(exc, self.settings)), self._key)
+        except UnicodeDecodeError:
+            return LLMRequestError("malformed response: not valid UTF-8")
+        return _scrubbed(_reply_from(response, self.settings.model), self._key)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.settings.model!r}, base_url={self.settings.base_url!r})"
@@ -552,7 +678,7 @@ def enhance(
 
     `backend` is a backend or a zero-argument factory for one: the factory is called only when
     some answer is missing from the cache, so a fully cached shard loads no model. Raw answers
-    are cached as received (failed requests are not, so they are asked again next time); the
+    are cached as received up to `max_answer_chars` (failed requests are not, so they are asked again next time); the
     parse runs on every call. A server's failures come back as fallback rows; an exception from
     the local backend (out of memory, say) propagates, so the caller's batcher can split and retry.
 
@@ -581,11 +707,12 @@ def enhance(
     if missing:
         results = _backend(backend).complete(system, list(missing.values()))
         for key, result in zip(missing, results):
-            replies[key] = result
             if isinstance(result, Reply):
+                result = Reply(kept_answer(result.text, settings.max_answer_chars), result.model)
                 cache.put(key, result)
             else:
                 log.warning("LLM request for %s failed: %s", _excerpt(missing[key].text), result)
+            replies[key] = result
     # 3. Parse each answer, falling back to the input text
     return [_answer(replies[key], request, settings, key in cached) for key, request in zip(keys, requests)]
 
@@ -593,5 +720,10 @@ def enhance(
 def _answer(result: Reply | Exception, request: Request, settings: LLMSettings, cached: bool) -> Answer:
     if isinstance(result, Exception):
         return Answer(request.text, None, "fallback", str(result), "", settings.model, cached)
-    positive, negative, status, reason = parse_answer(result.text, request.text, settings.max_prompt_chars)
-    return Answer(positive, negative, status, reason, result.text, result.model, cached)
+    raw = kept_answer(result.text, settings.max_answer_chars)  # also cuts answers cached before a lower limit
+    cut = _CUT.search(raw)
+    if cut:
+        reason = f"answer too long: {int(cut[1]):,} characters (max_answer_chars {settings.max_answer_chars:,})"
+        return Answer(request.text, None, "fallback", reason, raw, result.model, cached)
+    positive, negative, status, reason = parse_answer(raw, request.text, settings.max_prompt_chars)
+    return Answer(positive, negative, status, reason, raw, result.model, cached)

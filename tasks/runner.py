@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from catalogen import stopping
 from catalogen.devices import Device, default_dtype, lease, visible_devices
 from catalogen.progress import tracker
 from catalogen.runplan import read_config
@@ -79,6 +80,7 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
             seconds = time.perf_counter() - started
         device_name = device.name
     out = pa.concat_tables(parts)
+    stopping.check()  # abandoned during the work: its rows stay pending, whatever the stage recorded
     store.write_part(stage, shard, out)
     source.unlink(missing_ok=True)
     counts = _log_outcome(stage, shard, out, device_name, seconds, waited)
@@ -111,6 +113,11 @@ def _log_wait(stage: str, shard: str):
     return report
 
 
+def _retry_unless_stopping(task: Any, task_run: Any, state: Any) -> bool:
+    """A crashed shard is tried once more, but not while the run is stopping."""
+    return not stopping.STOPPING.is_set()
+
+
 shard_task = task(
     run_shard,
     name="run-shard",
@@ -119,4 +126,5 @@ shard_task = task(
     persist_result=False,
     retries=1,
     retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_stopping,
 )

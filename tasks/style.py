@@ -10,7 +10,9 @@ Writes: one RGB PNG per row: the product placed on a canvas (`catalogen.placemen
 IP-Adapter embedding, and the product's own pixels composited back. Every pixel where the placed
 cut-out is opaque (alpha 255) is byte-identical to it; `product_identical` records that check, made
 on the written file (a row whose check fails is failed). Semi-transparent edge pixels are blended
-by their alpha; nothing outside the product is taken from the cut-out.
+by their alpha; nothing outside the product is taken from the cut-out. `product_bbox` records where
+the product sits on the canvas and `product_source` the cut-out it came from, so a later stage
+(upscale) can put the product back from that cut-out at its own size.
 Key: the base pipeline and IP-Adapter (repo, resolved revision), every setting that changes the
 pixels, the row's prompts, seed and input image, and the style image's sha256 (its content, not
 its path); the pipeline adds the keys of the upstream rows it read.
@@ -25,7 +27,6 @@ of a batch, diffusers #9813; see `_rowwise_ip_embeds`), and every call runs at t
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,9 +46,17 @@ from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.diffusion import finite
 from catalogen.hashing import column_keys, sha256_bytes, sha256_file
-from catalogen.images import ImageLoadError, catalog_sources, open_input
+from catalogen.images import (
+    ImageLoadError,
+    ImageSettings,
+    catalog_sources,
+    decode_image,
+    image_file_fault,
+    open_input,
+    read_source,
+)
 from catalogen.models import ModelIdentity, cached
-from catalogen.placement import place
+from catalogen.placement import composite, place, product_pixels_equal
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
@@ -55,7 +64,7 @@ from catalogen.tiny_adapters import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS
 from tasks import generate
 
 NAME = "style"
-VERSION = 1
+VERSION = 2  # 2: records the product's box and source (`product_bbox`, `product_source`)
 
 READS = ("image", "prompt")
 PATH_COLUMNS = ("style_image",)  # catalog paths, checked like catalog images (catalogen.images.check_paths)
@@ -100,6 +109,7 @@ class Settings(Strict):
     batch_size: int = Field(4, ge=1, le=256, description="images per pipeline call, always run at this size")
 
 
+BBOX = pa.list_(pa.int32())  # a product's box in an image: x0, y0, x1, y1 (x1, y1 exclusive)
 PLAN_FIELDS = [
     pa.field("source_image", pa.string()),  # relative: an upstream stage's image; absolute: a catalog file
     pa.field("prompt", pa.string()),
@@ -131,6 +141,8 @@ OUTPUT_SCHEMA = output_schema(
         pa.field("ip_adapter", pa.string()),
         pa.field("ip_adapter_revision", pa.string()),
         pa.field("product_identical", pa.bool_()),
+        pa.field("product_bbox", BBOX),  # where the product sits in this image: x0, y0, x1, y1 (exclusive)
+        pa.field("product_source", pa.string()),  # the cut-out its pixels come from (this row's `source_image`)
         pa.field("batch_size", pa.int32()),
     ],
     images=True,
@@ -166,12 +178,13 @@ def canvas_size(cfg: RunConfig) -> tuple[int, int]:
 
 
 def config_faults(cfg: RunConfig) -> list[str]:
-    """A style image that is not there, or a canvas the model cannot make."""
+    """A style image a catalog could not use as its image (outside the working folder and images.roots,
+    missing, unreadable, not an image), or a canvas the model cannot make."""
     problems = []
     s = cfg.style
-    if s.style_image is not None and not resolve_path(s.style_image).is_file():
-        problems.append(f"style.style_image={s.style_image}: no such file ({resolve_path(s.style_image)}) "
-                        f"(from {cfg.origin('style.style_image')})")
+    fault = s.style_image and image_file_fault(s.style_image, Path.cwd(), cfg.images, "the working folder")
+    if fault:
+        problems.append(f"style.style_image={s.style_image}: {fault} (from {cfg.origin('style.style_image')})")
     spec = generate.model_spec(cfg)
     for name in ("width", "height"):
         value = getattr(s, name)
@@ -334,28 +347,28 @@ class _Job:
     row: dict[str, Any]
     chunks: int  # see catalogen.conditioning.prompt_chunks
     placed: Image.Image  # RGBA canvas: the product where it will stay, transparent elsewhere
+    box: tuple[int, int, int, int]  # the product's box on the canvas
     style: Image.Image  # the style reference, RGB
 
 
-def _style_image(row: dict[str, Any]) -> Image.Image:
+def _style_image(row: dict[str, Any], run_root: Path, settings: ImageSettings) -> Image.Image:
     path = row["style_image"]
     if path is None:
         raise ImageLoadError("no style image: give the row a `style_image` or set style.style_image")
     if row["style_image_sha256"] is None:
         raise ImageLoadError(f"the style image {path} could not be read when the run was planned")
-    data = Path(path).read_bytes()
+    data = read_source(path, None, run_root, settings)
     if sha256_bytes(data) != row["style_image_sha256"]:
         raise ImageLoadError(f"the style image {path} changed after the run was planned; run again")
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    return decode_image(data, settings, f"the style image {path}").convert("RGB")
 
 
 def _prepare(position: int, row: dict[str, Any], pipe, ctx: StageContext) -> _Job:
     """A row's inputs, read and placed; raises ImageLoadError / OSError for inputs it cannot use."""
     cutout = open_input(row, ctx.store.root, ctx.config.images)
-    placed, _ = place(cutout, (row["canvas_width"], row["canvas_height"]), row["fill"], color=None)
+    placed, box = place(cutout, (row["canvas_width"], row["canvas_height"]), row["fill"], color=None)
     chunks = prompt_chunks(pipe, row["prompt"], row["negative_prompt"])
-    return _Job(position, row, chunks, placed, _style_image(row))
+    return _Job(position, row, chunks, placed, box, _style_image(row, ctx.store.root, ctx.config.images))
 
 
 def _uses_guidance(pipe, guidance_scale: float) -> bool:
@@ -390,24 +403,6 @@ def inpainting_inputs(placed: Image.Image) -> tuple[Image.Image, Image.Image]:
     start.paste(placed, (0, 0), placed)
     mask = Image.fromarray(np.where(alpha == 255, 0, 255).astype(np.uint8), mode="L")
     return start, mask
-
-
-def composite(placed: Image.Image, generated: np.ndarray) -> np.ndarray:
-    """The placed product over the generated scene, weighted by its alpha, in exact integer arithmetic:
-    where alpha is 255 the result is the cut-out's own pixel, bit for bit."""
-    rgba = np.asarray(placed).astype(np.uint32)
-    alpha = rgba[..., 3:4]
-    blended = (rgba[..., :3] * alpha + generated.astype(np.uint32) * (255 - alpha) + 127) // 255
-    return blended.astype(np.uint8)
-
-
-def product_pixels_equal(png: bytes, placed: Image.Image) -> bool:
-    """Whether the written file holds the placed cut-out's own pixels wherever it is opaque."""
-    with Image.open(io.BytesIO(png)) as image:
-        written = np.asarray(image.convert("RGB"))
-    rgba = np.asarray(placed)
-    opaque = rgba[..., 3] == 255
-    return bool(np.array_equal(written[opaque], rgba[..., :3][opaque]))
 
 
 def _style_batch(pipe, jobs: list[_Job], size: int, known: dict[tuple, tuple]) -> list[np.ndarray]:
@@ -475,9 +470,10 @@ def _save(job: _Job, generated: np.ndarray, ctx: StageContext) -> dict[str, Any]
                "Style image hash": row["style_image_sha256"][:10], "Version": f"catalogen {catalogen.__version__}"},
     )
     data = encode_png(image, parameters, _provenance(row, ctx))
-    identical = product_pixels_equal(data, job.placed)
-    if not identical:
-        return {"status": "failed", "error": "the product's pixels changed while styling", "product_identical": False}
+    product = {"product_bbox": list(job.box), "product_source": row["source_image"]}
+    if not product_pixels_equal(data, job.placed):
+        return {**product, "status": "failed", "error": "the product's pixels changed while styling",
+                "product_identical": False}
     relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
     return {
         "status": "ok",
@@ -486,6 +482,7 @@ def _save(job: _Job, generated: np.ndarray, ctx: StageContext) -> dict[str, Any]
         "image_width": image.width,
         "image_height": image.height,
         "product_identical": True,
+        **product,
     }
 
 

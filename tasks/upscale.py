@@ -7,8 +7,21 @@ Lanczos-resized by the factor and used as both the img2img image and the Control
 image. Outputs larger than a tile are cut into overlapping tiles (`tile_grid`); each tile is
 denoised on its own and the tiles are blended with cosine ramps across every overlap (`Blend`),
 so no tile edge shows. An RGBA input keeps its alpha: Lanczos-resized alone and put back.
+
+The product survives to the last pixel: where the input comes from a product stage (style, or an
+earlier upscale) that recorded the product's box and cut-out (`product_bbox`, `product_source`),
+the scene is repainted around the product and the product is put back from that cut-out, resized
+once (Lanczos) into its box at the output size and blended by its matte exactly as style blends it
+(`catalogen.placement.product_layer`, `composite`). For a catalog photo the cut-out holds the
+photo's own pixels, so the final product comes from the photo, not from the canvas-sized copy;
+`product_source_scale` over 1 says the photo was smaller than the product's place and was enlarged.
+`upscale.paste_product`: `auto` pastes rows whose product is a catalog photo (a generated product
+has no real pixels to keep, so it is repainted as before), `always` every row with a product
+upstream, `never` none. A pasted row is checked on the written file (`product_identical`) and fails
+if the check fails. `upscale.factor: auto` picks per row the smallest factor (2 to 4) at which the
+product's box reaches its cut-out's own size (2 for rows without a product upstream).
 Key: the base pipeline and ControlNet (repo, resolved revision), every setting that changes the
-pixels (factor, strength, conditioning scale, steps, guidance, scheduler, tile size and overlap),
+pixels (factor, paste_product, strength, conditioning scale, steps, guidance, scheduler, tile size and overlap),
 the row's prompts, seed and input image; the pipeline adds the keys of the upstream rows it read.
 
 A tile's noise comes from its own CPU generator, seeded from (row seed, tile index) (`tile_seed`),
@@ -26,14 +39,15 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 import catalogen
 from catalogen.batching import AdaptiveBatcher, Outcome
@@ -42,12 +56,14 @@ from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
 from catalogen.diffusion import finite, load_pipeline
 from catalogen.hashing import MAX_SEED, column_keys, stable_hash
-from catalogen.images import ImageLoadError, catalog_sources, open_input
+from catalogen.images import ImageLoadError, catalog_sources, open_input, read_planned
 from catalogen.models import ModelIdentity, cached
+from catalogen.placement import Box, alpha_box, composite, product_layer, product_pixels_equal, scale_box
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
 from tasks import generate
+from tasks.style import BBOX
 
 NAME = "upscale"
 VERSION = 1
@@ -58,6 +74,8 @@ FROM_UPSTREAM = {
     "source_image": ("image", "image_path"),
     "prompt": ("prompt", "prompt"),
     "negative_prompt": ("prompt", "negative_prompt"),
+    "product_source": ("image", "product_source"),  # from a product stage (style, upscale); others have none
+    "input_product_bbox": ("image", "product_bbox"),
 }
 MAKES_IMAGES = True
 
@@ -70,6 +88,7 @@ PROFILES: dict[str, ModelSpec] = {
     "sdxl": ModelSpec(repo="xinsir/controlnet-tile-sdxl-1.0", kind="controlnet"),
 }
 MULTIPLE = 8  # tile sides: what the pipelines accept (the VAE's and UNet's downsampling)
+MIN_FACTOR, MAX_FACTOR = 2, 4
 
 
 class Settings(Strict):
@@ -78,7 +97,12 @@ class Settings(Strict):
     controlnet: ModelSpec | None = Field(
         None, description="overrides the profile's tile ControlNet (it must match the base model's family)"
     )
-    factor: int = Field(2, ge=2, le=4, description="output size = input size x factor")
+    factor: int | Literal["auto"] = Field(
+        2, description="output size = input size x factor (2, 3 or 4); auto: per row, the smallest factor that "
+        "brings the product to its cut-out's own resolution (capped at 4; 2 without a product upstream)")
+    paste_product: Literal["auto", "always", "never"] = Field(
+        "auto", description="put the product back from its cut-out at the output size: auto for catalog "
+        "photos only, always (also generated products), never (the whole image is repainted)")
     strength: float = Field(0.8, gt=0, le=1, description="img2img strength: how much of each tile is redrawn")
     controlnet_conditioning_scale: float = Field(1.0, ge=0, le=2)
     steps: int = Field(20, ge=1, le=150)
@@ -91,13 +115,27 @@ class Settings(Strict):
     tile_overlap: int | None = Field(None, ge=0, description="overlap between tiles; default 1/8 of the tile")
     batch_size: int = Field(4, ge=1, le=256, description="tiles per pipeline call, always run at this size")
 
+    @field_validator("factor")
+    @classmethod
+    def _factor_in_range(cls, value: int | str) -> int | str:
+        """2 to 4 (pydantic's own words for a bound, which a union of int and "auto" would bury)."""
+        if value != "auto" and value < MIN_FACTOR:
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}",
+                                      {"ge": MIN_FACTOR})
+        if value != "auto" and value > MAX_FACTOR:
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": MAX_FACTOR})
+        return value
+
 
 PLAN_FIELDS = [
     pa.field("source_image", pa.string()),  # relative: an upstream stage's image; absolute: a catalog file
     pa.field("prompt", pa.string()),
     pa.field("negative_prompt", pa.string()),
     pa.field("seed", pa.int64()),
-    pa.field("factor", pa.int32()),
+    pa.field("factor", pa.int32()),  # null in the plan with factor: auto (decided per row from its product)
+    pa.field("paste_product", pa.string()),  # the setting: auto | always | never
+    pa.field("product_source", pa.string()),  # the cut-out the product's pixels come from (an upstream's)
+    pa.field("input_product_bbox", BBOX),  # the product's box in the input image (an upstream's)
     pa.field("strength", pa.float64()),
     pa.field("controlnet_conditioning_scale", pa.float64()),
     pa.field("steps", pa.int32()),
@@ -115,6 +153,11 @@ OUTPUT_SCHEMA = output_schema(
     [
         *PLAN_FIELDS,
         pa.field("tiles", pa.int32()),
+        pa.field("product_bbox", BBOX),  # where the product sits in this image (input box x factor)
+        pa.field("product_pasted", pa.bool_()),  # put back from `product_source` at this size
+        pa.field("product_identical", pa.bool_()),  # the written file holds the pasted product exactly;
+        # False: a product was repainted (not pasted); null: no product upstream
+        pa.field("product_source_scale", pa.float64()),  # the product's size here over its size in the cut-out
         pa.field("input_width", pa.int32()),
         pa.field("input_height", pa.int32()),
         pa.field("dtype", pa.string()),
@@ -158,6 +201,15 @@ def tile_overlap(cfg: RunConfig) -> int:
     return tile_size(cfg) // 8
 
 
+def _after_product_stage(cfg: RunConfig) -> bool:
+    """Whether upscale's image comes from a stage that records where the product is (`product_bbox`)."""
+    from tasks import STAGES
+
+    before = cfg.stages[: cfg.stages.index(NAME)] if NAME in cfg.stages else []
+    providers = [name for name in before if "image" in STAGES[name].PROVIDES]
+    return bool(providers) and "product_bbox" in STAGES[providers[-1]].OUTPUT_SCHEMA.names
+
+
 def config_faults(cfg: RunConfig) -> list[str]:
     """Tiles the pipelines cannot take, overlaps that leave no tile its own middle, no denoising step."""
     u = cfg.upscale
@@ -169,6 +221,9 @@ def config_faults(cfg: RunConfig) -> list[str]:
     if overlap >= size / 2:
         problems.append(f"upscale.tile_overlap={overlap}: must be less than half the tile ({size}) "
                         f"(from {cfg.origin('upscale.tile_overlap')})")
+    if u.paste_product == "always" and not _after_product_stage(cfg):
+        problems.append("upscale.paste_product=always: the stage before upscale must record the product "
+                        f"(style, or another upscale after it) (from {cfg.origin('upscale.paste_product')})")
     if int(u.steps * u.strength) < 1:
         problems.append(f"upscale.strength={u.strength} with upscale.steps={u.steps} leaves no denoising step "
                         f"(steps x strength must be at least 1) (from {cfg.origin('upscale.strength')})")
@@ -189,7 +244,10 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
         "prompt": pc.coalesce(pc.cast(rows.column("prompt"), pa.string()), pa.scalar(u.prompt, pa.string())),
         "negative_prompt": pc.fill_null(column_or_nulls(rows, "negative_prompt", pa.string()), u.negative_prompt),
         "seed": rows.column("seed"),
-        "factor": pa.array([u.factor] * n, pa.int32()),
+        "factor": pa.array([None if u.factor == "auto" else u.factor] * n, pa.int32()),
+        "paste_product": pa.array([u.paste_product] * n, pa.string()),
+        "product_source": pa.nulls(n, pa.string()),
+        "input_product_bbox": pa.nulls(n, BBOX),
         "strength": pa.array([u.strength] * n, pa.float64()),
         "controlnet_conditioning_scale": pa.array([u.controlnet_conditioning_scale] * n, pa.float64()),
         "steps": pa.array([u.steps] * n, pa.int32()),
@@ -200,7 +258,7 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     }
     pipeline, controlnet = models["pipeline"], models["controlnet"]
     fixed = [NAME, VERSION, pipeline.repo, pipeline.revision, pipeline.variant, controlnet.repo, controlnet.revision,
-             u.factor, u.strength, u.controlnet_conditioning_scale, u.steps, u.guidance_scale, u.scheduler,
+             u.factor, u.paste_product, u.strength, u.controlnet_conditioning_scale, u.steps, u.guidance_scale, u.scheduler,
              size, overlap]
     per_row = [columns["prompt"], columns["negative_prompt"], columns["seed"], sources["source_identity"]]
     keys = pa.array(column_keys(fixed, per_row), pa.string())
@@ -379,6 +437,45 @@ def _controlnet_view(pipe, controlnet, scheduler):
 # --- process --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Product:
+    """A row's product: its box in its cut-out (RGBA, the source's own pixels; read again when the
+    row is written, so a shard never holds every row's full-size photo) and its box in the output
+    image; `paste` says whether it is put back there."""
+
+    box: Box
+    target: Box
+    paste: bool
+
+    @property
+    def source_scale(self) -> float:
+        """The product's size in the output over its size in the cut-out: over 1, the cut-out was enlarged."""
+        return max((self.target[2] - self.target[0]) / (self.box[2] - self.box[0]),
+                   (self.target[3] - self.target[1]) / (self.box[3] - self.box[1]))
+
+
+def paste_wanted(mode: str, from_photo: bool) -> bool:
+    """Whether a row's product goes back from its cut-out: `auto` only for a catalog photo's product."""
+    return mode == "always" or (mode == "auto" and from_photo)
+
+
+def auto_factor(placed: Box, product: Box) -> int:
+    """The smallest factor at which the product's `placed` box reaches its size in the cut-out
+    (`product`) on both sides, within 2..4."""
+    needed = max((product[2] - product[0]) / (placed[2] - placed[0]), (product[3] - product[1]) / (placed[3] - placed[1]))
+    return min(MAX_FACTOR, max(MIN_FACTOR, math.ceil(needed - 1e-9)))
+
+
+def _read_product(row: dict[str, Any], ctx: StageContext) -> tuple[Image.Image, Box]:
+    """The row's cut-out (an upstream image, or the catalog file itself) and the product's box in it."""
+    _, cutout = read_planned(row["product_source"], row["source_identity"], None, ctx.store.root, ctx.config.images)
+    cutout = cutout.convert("RGBA")
+    box = alpha_box(np.asarray(cutout.getchannel("A")))
+    if box is None:
+        raise ImageLoadError(f"the product's cut-out {row['product_source']} has no pixel more than half opaque")
+    return cutout, box
+
+
 @dataclass
 class _Work:
     """One row on its way: its input, its tiles, and the blend that collects them."""
@@ -388,6 +485,7 @@ class _Work:
     chunks: int
     source: Image.Image
     grid: TileGrid
+    product: Product | None = None
     blend: Blend | None = None
     pixels: np.ndarray | None = None  # the upscaled, padded input; made when the first tile needs it
     left: int = 0  # tiles not yet blended
@@ -404,6 +502,7 @@ class _Work:
     def release(self) -> None:
         self.pixels = None
         self.blend = None
+        self.product = None
 
     def add(self, index: int, tile: np.ndarray) -> None:
         if self.blend is None:
@@ -418,12 +517,23 @@ class _Tile:
 
 
 def _prepare(position: int, row: dict[str, Any], pipe, ctx: StageContext) -> _Work:
-    """A row's input, read, and its tile grid; raises ImageLoadError for an input it cannot use."""
+    """A row's input and product, read, its factor decided, and its tile grid; raises ImageLoadError
+    for an input it cannot use."""
     source = open_input(row, ctx.store.root, ctx.config.images)
+    paste = paste_wanted(row["paste_product"], row["source_identity"] is not None)
+    placed = row["input_product_bbox"]
+    if paste and row["paste_product"] == "always" and (placed is None or row["product_source"] is None):
+        raise ImageLoadError("upscale.paste_product=always, but no product stage before upscale recorded this "
+                             "row's product (its box and cut-out)")
+    box = None
+    if placed is not None and row["product_source"] is not None and (paste or row["factor"] is None):
+        _, box = _read_product(row, ctx)
+    row["factor"] = row["factor"] or (auto_factor(placed, box) if box is not None else MIN_FACTOR)
     factor = row["factor"]
+    product = None if box is None else Product(box, scale_box(tuple(placed), factor), paste)
     grid = tile_grid(source.width * factor, source.height * factor, row["tile_size"], row["tile_overlap"])
     chunks = prompt_chunks(pipe, row["prompt"], row["negative_prompt"])
-    return _Work(position, row, chunks, source, grid, left=len(grid.boxes))
+    return _Work(position, row, chunks, source, grid, product, left=len(grid.boxes))
 
 
 def _upscale_batch(pipe, controlnet, tiles: list[_Tile], size: int) -> list[np.ndarray]:
@@ -478,7 +588,16 @@ def _finish(work: _Work, ctx: StageContext) -> dict[str, Any]:
     if work.error is not None:
         return {**facts, "status": "failed", "error": work.error}
     row = work.row
-    image = Image.fromarray(work.blend.result())
+    pixels, layer = work.blend.result(), None
+    facts.update(_product_facts(work))
+    if work.product is not None and work.product.paste:
+        try:
+            cutout, _ = _read_product(row, ctx)
+        except ImageLoadError as exc:
+            return {**facts, "status": "failed", "error": str(exc), "product_identical": None}
+        layer = product_layer(cutout, (work.grid.width, work.grid.height), work.product.target, work.product.box)
+        pixels = composite(layer, pixels)
+    image = Image.fromarray(pixels)
     if work.source.mode == "RGBA":
         image.putalpha(upscaled_alpha(work.source, row["factor"]))
     pipeline, controlnet = ctx.models["pipeline"], ctx.models["controlnet"]
@@ -491,13 +610,27 @@ def _finish(work: _Work, ctx: StageContext) -> dict[str, Any]:
                "ControlNet weight": row["controlnet_conditioning_scale"], "Upscale factor": row["factor"],
                "Tile": f"{row['tile_size']}/{row['tile_overlap']}", "Version": f"catalogen {catalogen.__version__}"},
     )
+    data = encode_png(image, parameters, _provenance(row, ctx))
+    if layer is not None and not product_pixels_equal(data, layer):
+        return {**facts, "status": "failed", "error": "the product's pixels changed while upscaling",
+                "product_identical": False}
     relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
     try:
-        digest = ctx.store.write_image(relative, encode_png(image, parameters, _provenance(row, ctx)))
+        digest = ctx.store.write_image(relative, data)
     except OSError as exc:
         return {**facts, "status": "failed", "error": f"could not write image: {exc}"}
     return {**facts, "status": "ok", "image_path": relative, "image_sha256": digest,
             "image_width": image.width, "image_height": image.height}
+
+
+def _product_facts(work: _Work) -> dict[str, Any]:
+    """Where the product sits in the output and what became of it (see `OUTPUT_SCHEMA`)."""
+    product, placed = work.product, work.row["input_product_bbox"]
+    if product is None:
+        target = None if placed is None else list(scale_box(tuple(placed), work.row["factor"]))
+        return {"product_bbox": target, "product_pasted": False, "product_identical": False if target else None}
+    return {"product_bbox": list(product.target), "product_pasted": product.paste, "product_identical": product.paste,
+            "product_source_scale": product.source_scale}
 
 
 def _absorb(outcome: Outcome, seconds: float) -> _Work | None:

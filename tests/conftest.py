@@ -63,6 +63,16 @@ def prefect_logging() -> None:
         setup_logging()
 
 
+@pytest.fixture(scope="module")
+def server():
+    """A fake OpenAI-compatible server on 127.0.0.1 (tests/llm_servers.py), one per test module."""
+    from llm_servers import LLMServer
+
+    running = LLMServer().start()
+    yield running
+    running.stop()
+
+
 @contextmanager
 def held_in_another_process(imports: str, lock: str) -> Iterator[None]:
     """While the block runs, another process holds `with <lock>:` (after `<imports>`), as a second
@@ -125,7 +135,8 @@ def prefect_server(tmp_path_factory) -> str:
     """A real `prefect server start`, for the tests that run the CLI as users do."""
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home)}
+    # The scheduler looks for due schedules every 60 s by default; a schedule test need not wait that long.
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

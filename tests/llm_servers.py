@@ -13,6 +13,10 @@ it. The requested model name picks the behaviour, so one server covers every cas
 - `garbage-json`: 200 with JSON that has no `choices`
 - `refuse`: 400 always, with an error body that echoes the caller's Authorization header
   (a careless server does exactly that; the client must not pass it on)
+- `echo-key`: a good answer, and a model name, that both echo the Authorization header
+- `huge`: a good answer padded to `huge_chars` characters
+- `bad-utf8`: 200 with a JSON body that is not valid UTF-8
+- `trickle`: headers at once, then the body one byte every `trickle_s` seconds
 
 Every request is counted per model, with its Authorization header, its body and how many
 requests were in flight at once.
@@ -21,6 +25,7 @@ requests were in flight at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -30,7 +35,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 NEGATIVE = "blurry, low quality, watermark"
 
@@ -41,6 +46,8 @@ class ServerState:
 
     delay_s: float = 0.05
     slow_s: float = 2.0
+    huge_chars: int = 10 * 2**20
+    trickle_s: float = 1.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: Counter = field(default_factory=Counter)  # model -> requests received
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -95,6 +102,12 @@ def normal_answer(text: str, seed: int | None) -> str:
     return f"Positive Prompt: {positive}\nNegative Prompt: {NEGATIVE}"
 
 
+async def _trickle(content: bytes, every_s: float):
+    for index in range(len(content)):
+        yield content[index:index + 1]
+        await asyncio.sleep(every_s)
+
+
 async def _respond(state: ServerState, request: Request, body: dict[str, Any]) -> Response:
     model = body.get("model")
     text = _user_text(body)
@@ -119,6 +132,19 @@ async def _respond(state: ServerState, request: Request, body: dict[str, Any]) -
         return JSONResponse({"result": "no choices here"})
     if model == "refuse":
         return _error(400, f"bad request from {request.headers.get('authorization')}")
+    if model == "echo-key":
+        authorization = request.headers.get("authorization", "")
+        answer = _completion(body, normal_answer(f"{text} ({authorization})", None))
+        answer["model"] = f"served for {authorization}"
+        return JSONResponse(answer)
+    if model == "huge":
+        return JSONResponse(_completion(body, normal_answer(text, None) + ", more" * (state.huge_chars // 6)))
+    if model == "bad-utf8":
+        content = json.dumps(_completion(body, normal_answer("CAFE_MUG", None))).encode()
+        return Response(content.replace(b"CAFE_MUG", b"caf\xe9 \xff\xfe mug"), media_type="application/json")
+    if model == "trickle":
+        return StreamingResponse(_trickle(json.dumps(_completion(body, normal_answer(text, None))).encode(),
+                                          state.trickle_s), media_type="application/json")
     return _error(404, f"unknown model {model!r}")
 
 

@@ -43,7 +43,7 @@ def test_a_shipped_configuration_runs_its_demo(tmp_path: Path, monkeypatch, cata
     if "upscale" in stages:
         for row in df.itertuples():
             with Image.open(out / row.upscale_image_path) as big, Image.open(out / row.style_image_path) as small:
-                assert big.size == (2 * small.size[0], 2 * small.size[1])
+                assert big.size == (row.upscale_factor * small.size[0], row.upscale_factor * small.size[1])
             assert row.style_product_identical
     if "remove_bg" in stages:
         for row in df.itertuples():

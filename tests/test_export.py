@@ -201,7 +201,7 @@ def test_manifest_lists_every_file_and_is_written_last(runs, tmp_path):
     out = tmp_path / "wds"
     manifest = export(runs.before, out, "webdataset")
     assert manifest == json.loads((out / "manifest.json").read_text())
-    assert manifest["rows"] == 8 and manifest["excluded"] == {"not_ok": 1, "no_image": 0, "no_text": 0}
+    assert manifest["rows"] == 8 and manifest["excluded"] == {"not_ok": 1, "no_image": 0, "no_text": 0, "degenerate_text": 0}
     assert manifest["text_column"] == "generate_prompt" and manifest["image_column"] == "image_path"
     by_split = {"train": 0, "val": 0}
     for shard in manifest["shards"]:
@@ -248,7 +248,8 @@ def test_the_split_is_stable_across_exports_and_added_rows(runs, tmp_path):
 def test_filters_keep_the_rows_they_name(runs, tmp_path):
     manifest = export(runs.before, tmp_path / "f", "webdataset", where=("quality>=0.3", "category==odd"))
     assert set(exported(tmp_path / "f").id) == {"row-3", "row-7"}  # row-5 is odd and >= 0.3 but failed
-    assert manifest["excluded"] == {"not_ok": 1, "where quality>=0.3": 4, "where category==odd": 2, "no_image": 0, "no_text": 0}
+    assert manifest["excluded"] == {"not_ok": 1, "where quality>=0.3": 4, "where category==odd": 2, "no_image": 0, "no_text": 0,
+                                   "degenerate_text": 0}
     manifest = export(runs.before, tmp_path / "g", "dummy", where=("generate_guidance_scale!=7.5", "prompt != 'x'"))
     assert manifest["rows"] == 1  # row-7 sets 4.0
     with pytest.raises(ExportError, match=r"--where 'caption_clip_score>=25': .*results.parquet has no column 'caption_clip_score'"):
@@ -390,7 +391,7 @@ def test_cli_export(runs, tmp_path):
     assert again.exit_code == 1 and "is not empty" in again.output
     bad = CliRunner().invoke(app, [*args, "--overwrite", "--where", "clip>=3"])
     assert bad.exit_code == 1 and "has no column 'clip'" in bad.output
-    assert CliRunner().invoke(app, ["export", str(runs.before), "--format", "tfrecord", "--out", str(tmp_path / "z")]).exit_code == 1
+    assert CliRunner().invoke(app, ["export", str(runs.before), "--format", "tfrecord", "--out", str(tmp_path / "z")]).exit_code == 2
 
 
 def test_a_second_export_into_a_folder_in_use_is_refused(runs, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -155,13 +156,12 @@ def test_new_rows_in_the_catalog_are_the_only_work(tmp_path: Path):
     assert second.loc["new", "status"] == "ok"
 
 
-def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path, catalog: Path):
-    from catalogen.store import RunFolderBusy
-
+def test_a_second_run_on_the_same_folder_ends_cancelled_without_touching_it(tmp_path: Path, catalog: Path):
     out = tmp_path / "out"
     with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
-        with pytest.raises(RunFolderBusy, match=r"in use by another run \(pid \d+"):
-            run(catalog, out)
+        state = catalogen_run(catalog=str(catalog), out=str(out), overrides=FAST, return_state=True)
+        assert state.is_cancelled()  # an overlapping scheduled run: a clear state, no traceback
+        assert re.search(r"in use by another run \(pid \d+.*; this run did nothing", state.message), state.message
         assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
     assert run(catalog, out)["ok"] == 8  # free again once the holder is gone
 

@@ -334,15 +334,6 @@ SECRET = "sk-planted-3f9c1e7a-never-log-me"
 KEY_ENV = "CATALOGEN_TEST_LLM_KEY"
 
 
-@pytest.fixture(scope="module")
-def server():
-    from llm_servers import LLMServer
-
-    running = LLMServer().start()
-    yield running
-    running.stop()
-
-
 @pytest.fixture
 def state(server):
     server.state.reset()

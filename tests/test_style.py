@@ -218,8 +218,8 @@ def test_a_missing_style_image_is_refused_up_front_and_one_lost_later_fails_its_
 
 
 def test_a_style_image_setting_that_does_not_exist_is_refused(tmp_path: Path):
-    cfg = fast_config(**{**FAST_STYLE, "style.style_image": str(tmp_path / "nowhere.png")})
-    with pytest.raises(ConfigError, match=r"style.style_image=.*nowhere.png: no such file .*--set"):
+    cfg = fast_config(**{**FAST_STYLE, "style.style_image": str(tmp_path / "nowhere.png"), "images.roots": [str(tmp_path)]})
+    with pytest.raises(ConfigError, match=r"style.style_image=.*nowhere.png: file does not exist .*--set"):
         plan_table(pa.table({"id": ["a"], "prompt": ["a mug"]}), cfg, tmp_path / "out")
 
 
@@ -241,7 +241,8 @@ def test_the_products_configuration_plans_the_demo_catalog(tmp_path: Path, monke
     warm = REPO / "catalogs" / "styles" / "warm-gradient.png"
     assert {row["style_image_sha256"] for row in planned} == {sha256_file(warm)}
     assert planned[0]["prompt"].startswith("professional e-commerce studio product photo of Stoneware Coffee Mug")
-    assert plan.planned["upscale"].column("factor").to_pylist() == [2, 2]
+    assert plan.in_scope().sum() == 2  # the trial's rows; the plan covers the whole catalog
+    assert plan.planned["upscale"].filter(plan.in_scope()).column("factor").to_pylist() == [2, 2]
 
 
 def test_the_example_configuration_lists_the_defaults():

@@ -173,8 +173,9 @@
     card.appendChild(head);
 
     const images = el("div", "images");
-    report.imageStages.forEach(function (stage, k) {
-      images.appendChild(figure(row.img[k], stage, row.ss[report.stages.indexOf(stage)]));
+    report.imageStages.forEach(function (name, k) {
+      // "remove_bg.canvas": another image of a stage, labelled with that stage's status
+      images.appendChild(figure(row.img[k], name, row.ss[report.stages.indexOf(name.split(".")[0])]));
     });
     if (report.imageStages.length) {
       card.appendChild(images);

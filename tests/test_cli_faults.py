@@ -1,0 +1,123 @@
+"""Refused commands leave the filesystem as it was and say why in one line; usage errors exit 2;
+a configuration error names the flag or --set it came from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_degenerate import ROWS, write_run
+from typer.testing import CliRunner
+
+from catalogen.cli import app
+
+
+def tree(*roots: Path) -> set[str]:
+    """Every path under each root (the root's own entries only for `/`)."""
+    found = set()
+    for root in roots:
+        if root == Path("/"):
+            found |= {str(p) for p in root.iterdir()}
+            continue
+        for folder, dirs, files in os.walk(root):
+            found |= {os.path.join(folder, name) for name in dirs + files}
+    return found
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture()
+def places(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # where `--out ""` would have put its lock
+    run = write_run(tmp_path / "run", ROWS)
+    (run / "stages" / "generate").mkdir(parents=True)
+    (tmp_path / "a-file").write_text("not a folder")
+    return {"run": run, "cwd": cwd, "tmp": tmp_path}
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("/", "--out / is the filesystem root"),
+    ("{run}", "--out {run} is inside the run folder {run}"),
+    ("{run}/images", "--out {run}/images is inside the run folder {run}"),
+    ("{run}/stages/generate", "--out {run}/stages/generate is inside the run folder {run}"),
+    ("{tmp}/a-file", "--out {tmp}/a-file is a file, not a folder"),
+    ("{tmp}/a-file/sub", "--out {tmp}/a-file/sub is under {tmp}/a-file, a file, not a folder"),
+    ("/proc/catalogen-export", "--out /proc/catalogen-export: cannot create it (No such file or directory)"),
+])
+def test_an_export_folder_that_cannot_be_one_is_refused_before_anything_is_created(places, out, message):
+    out = out.format(**places)
+    before = tree(places["tmp"], Path("/"))
+    result = invoke("export", str(places["run"]), "--format", "hf", "--out", out)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {message.format(**places)}")
+    assert result.output.count("\n") == 1  # one line: no traceback, no progress bar
+    assert tree(places["tmp"], Path("/")) == before
+
+
+def test_an_empty_export_folder_is_a_usage_error(places):
+    before = tree(places["tmp"])
+    result = invoke("export", str(places["run"]), "--format", "hf", "--out", "")
+    assert result.exit_code == 2 and "is empty: name the export folder" in result.output
+    assert tree(places["tmp"]) == before
+
+
+@pytest.mark.parametrize("command", ["status", "verify", "clean", "report"])
+def test_a_folder_without_run_json_is_not_a_run(tmp_path: Path, command: str):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"not really")
+    result = invoke(command, str(folder))
+    assert result.exit_code == 1
+    assert result.output == f"error: {folder} is not a catalogen run folder (no run.json)\n"
+    assert tree(tmp_path) == {str(folder), str(folder / "holiday.png")}
+
+
+@pytest.mark.parametrize(("option", "shown"), [
+    (["--format", "tfrecord"], "'tfrecord' is not one of hf, webdataset, imagefolder"),
+    (["--format", "hf", "--where", "quality"], "--where 'quality' is not COLUMN<op>VALUE"),
+    (["--format", "hf", "--split", "train=0.5"], "the fractions add up to 0.5, not 1"),
+])
+def test_malformed_export_options_are_usage_errors(places, option, shown):
+    out = places["tmp"] / "export"
+    result = invoke("export", str(places["run"]), "--out", str(out), *option)
+    assert result.exit_code == 2
+    assert shown in " ".join(result.output.replace("│", " ").split())
+    assert not out.exists()
+
+
+def test_the_benchmark_format_is_not_offered():
+    result = invoke("export", "--help")
+    assert "imagefolder" in result.output and "dummy" not in result.output
+    assert invoke("export", ".", "--format", "dummy", "--out", "x").exit_code == 2
+
+
+def test_no_progress_bar_is_printed_before_an_export_error(places):
+    result = invoke("export", str(places["run"]), "--format", "hf", "--out", str(places["tmp"] / "x"),
+                    "--where", "clip>=3")
+    assert result.exit_code == 1 and "has no column 'clip'" in result.output
+    assert "export hf" not in result.output and result.output.count("\n") == 1
+
+
+def test_limit_and_sample_together_are_a_usage_error(tmp_path: Path):
+    out = tmp_path / "out"
+    result = invoke("run", "catalogs/demo_prompts.parquet", "--limit", "2", "--sample", "3", "--out", str(out))
+    assert result.exit_code == 2 and "--limit" in result.output and "--sample" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "origin"), [
+    (["validate", "catalogs/demo_prompts.parquet", "--set", "stages=[generate,generate]"],
+     "stages: a stage is listed twice in ['generate', 'generate'] (from --set stages=[generate,generate])"),
+    (["run", "catalogs/demo_prompts.parquet", "--stages", "generate,foo", "--out", "{tmp}/out"],
+     "stages: unknown stage(s) foo; choose from enhance, generate, remove_bg, style, upscale, caption "
+     "(from --stages generate,foo)"),
+])
+def test_a_bad_stage_list_names_the_flag_it_came_from(tmp_path: Path, args: list[str], origin: str):
+    result = invoke(*(a.format(tmp=tmp_path) for a in args))
+    assert result.exit_code == 1 and origin in result.output, result.output
+    assert not (tmp_path / "out").exists()

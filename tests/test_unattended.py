@@ -1,0 +1,223 @@
+"""Runs nobody watches, as they are deployed: a real `prefect server start`, a process work pool and
+a worker, a schedule that fires, a cancel from the API, overlapping runs, and signals to the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import BIN, REPO, cli_env, prompts, write_catalog
+
+pytestmark = pytest.mark.slow
+
+FAST = {"generate.width": 32, "generate.height": 32}
+
+
+def api(url: str, path: str, body: dict | None = None, method: str = "POST") -> object:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+def prefect(*args: str, api_url: str, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "prefect"), *args], env={**cli_env(api_url), **env}, cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@contextmanager
+def worker(api_url: str, pool: str, log: Path) -> Iterator[None]:
+    """`prefect worker start` on a process pool, polling often; catalogen logs at INFO."""
+    prefect("work-pool", "create", pool, "--type", "process", "--overwrite", api_url=api_url)
+    env = {**cli_env(api_url), "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+           "PREFECT_LOGGING_LEVEL": "INFO"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def deploy(api_url: str, tmp_path: Path, name: str, pool: str, parameters: dict, **extra) -> dict:
+    """Deploy the flow as prefect.yaml does (its concurrency limit included), from a file of the test's."""
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+    spec = {"name": name, "entrypoint": shipped["entrypoint"], "parameters": parameters,
+            "work_pool": {"name": pool, "job_variables": shipped["work_pool"]["job_variables"]},
+            "concurrency_limit": shipped["concurrency_limit"], **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": "catalogen-tests", "deployments": [spec]}))
+    prefect("--no-prompt", "deploy", "--prefect-file", str(path), "--name", name, api_url=api_url)
+    return next(d for d in api(api_url, "deployments/filter", {}) if d["name"] == name)
+
+
+def runs_of(api_url: str, deployment: dict) -> list[dict]:
+    return api(api_url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def final(api_url: str, deployment: dict, count: int) -> list[dict] | None:
+    runs = runs_of(api_url, deployment)
+    done = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")]
+    return done if len(done) >= count else None
+
+
+def flow_run_logs(api_url: str, run_id: str) -> list[str]:
+    logs = api(api_url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    return [f"{entry['name']}: {entry['message']}" for entry in logs]
+
+
+@pytest.mark.timeout(420)
+def test_a_schedule_fires_and_an_overlapping_run_waits_its_turn(prefect_server: str, tmp_path: Path):
+    catalog = write_catalog(tmp_path / "nightly.parquet", prompts(2))
+    out = tmp_path / "nightly"
+    # A cron due at the next minute that is at least 40 s away (time to deploy), once a day after that.
+    due = (datetime.now(timezone.utc) + timedelta(seconds=100)).replace(second=0, microsecond=0)
+    parameters = {"catalog": str(catalog), "out": str(out), "overrides": {**FAST, "generate.steps": 2}}
+    schedule = {"cron": f"{due.minute} {due.hour} * * *", "timezone": "UTC", "active": True}
+    with worker(prefect_server, "catalogen-schedule", tmp_path / "worker.log"):
+        deployment = deploy(prefect_server, tmp_path, "due-soon", "catalogen-schedule", parameters, schedules=[schedule])
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+        scheduled = wait_for(lambda: [r for r in runs_of(prefect_server, deployment) if r["auto_scheduled"]],
+                             90, "the scheduler to create a run")
+        first_due = min(r["expected_start_time"] for r in scheduled)  # it also plans the next days' runs
+        assert first_due.startswith(due.strftime("%Y-%m-%dT%H:%M")), first_due
+        wait_for(lambda: any(r["state"]["type"] == "RUNNING" for r in runs_of(prefect_server, deployment)),
+                 200, "the scheduled run to start")
+        # Someone starts the same deployment by hand meanwhile: it waits, it does not collide.
+        manual = prefect("deployment", "run", "catalogen-run/due-soon", api_url=prefect_server)
+        assert "Created flow run" in manual.stdout
+        both = wait_for(lambda: final(prefect_server, deployment, 2), 240, "both runs to finish", every=2)
+    log = (tmp_path / "worker.log").read_text()
+    assert {r["state"]["type"] for r in both} == {"COMPLETED"}, log[-3000:]
+    assert sum(r["auto_scheduled"] for r in both) == 1
+    first = next(r for r in both if r["auto_scheduled"])
+    second = next(r for r in both if not r["auto_scheduled"])
+    assert second["start_time"] >= first["end_time"]  # one at a time on the folder
+    assert first["state"]["message"] == "2 rows: 2 ok, 0 failed, 0 skipped"
+    assert pd.read_parquet(out / "results.parquet").status.tolist() == ["ok", "ok"]
+    lines = flow_run_logs(prefect_server, first["id"])
+    assert any(line.startswith("catalogen.flow: plan for") and "generate 2 of 2 rows pending" in line for line in lines), lines
+    assert any(line.startswith("catalogen.flow: report: ") for line in lines), lines
+    wait_for(lambda: any("generate: nothing to do (2 ok)" in line for line in flow_run_logs(prefect_server, second["id"])),
+             30, "the second run's logs")
+    assert not any("View at" in line for line in lines)
+    api(prefect_server, f"deployments/{deployment['id']}", method="DELETE")
+
+
+@pytest.mark.timeout(420)
+def test_a_cancel_from_the_api_stops_the_run_and_keeps_what_is_done(prefect_server: str, tmp_path: Path):
+    catalog = write_catalog(tmp_path / "long.parquet", prompts(12))
+    out = tmp_path / "long"
+    parameters = {"catalog": str(catalog), "out": str(out),
+                  "overrides": {**FAST, "generate.steps": 30, "rows_per_shard": 1, "stop_grace_s": 5}}
+    with worker(prefect_server, "catalogen-cancel", tmp_path / "worker.log"):
+        deployment = deploy(prefect_server, tmp_path, "to-cancel", "catalogen-cancel", parameters)
+        prefect("deployment", "run", "catalogen-run/to-cancel", api_url=prefect_server)
+        wait_for(lambda: list((out / "stages" / "generate").glob("part-*.parquet")), 240, "a first part", every=0.5)
+        run = runs_of(prefect_server, deployment)[0]
+        asked = time.monotonic()
+        api(prefect_server, f"flow_runs/{run['id']}/set_state",
+            {"state": {"type": "CANCELLING", "message": "cancelled by the test"}, "force": True})
+        done = wait_for(lambda: final(prefect_server, deployment, 1), 120, "the run to end", every=0.5)
+        took = time.monotonic() - asked
+    log = (tmp_path / "worker.log").read_text()
+    assert done[0]["state"]["type"] == "CANCELLED", log[-3000:]
+    assert took < 60, took  # the worker's poll, the 5 s grace, writing results: not the 30 s SIGKILL path twice
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 12 and set(results.status) == {"ok", "pending"}, results.status.tolist()
+    assert (results.status == "ok").sum() == len(list((out / "stages" / "generate").glob("part-*.parquet")))
+    lines = flow_run_logs(prefect_server, run["id"])
+    assert any("SIGTERM received: no new shard starts" in line for line in lines), lines
+    assert "Traceback" not in log
+    # The next run resumes: only the pending rows are made.
+    resumed = subprocess.run([str(BIN / "catalogen"), "run", str(catalog), "--out", str(out)], env=cli_env(prefect_server),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "12 rows: 12 ok" in resumed.stdout
+    api(prefect_server, f"deployments/{deployment['id']}", method="DELETE")
+
+
+def start_cli(out: Path, catalog: Path, *args: str, api_url: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "catalogen"), "run", str(catalog), "--out", str(out), *args],
+        env={**cli_env(api_url), "PREFECT_LOGGING_LEVEL": "INFO"}, cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_cli_cleanly_and_the_same_command_resumes(tmp_path: Path, signum: int, code: int):
+    catalog = write_catalog(tmp_path / "catalog.parquet", prompts(10))
+    out = tmp_path / "out"
+    args = ("--rows-per-shard", "1", "--set", "generate.steps=20", "--set", "stop_grace_s=2",
+            "--set", "generate.width=32", "--set", "generate.height=32")
+    proc = start_cli(out, catalog, *args)
+    wait_for(lambda: list((out / "stages" / "generate").glob("part-*.parquet")) or proc.poll() is not None,
+             240, "a first part", every=0.1)
+    os.killpg(proc.pid, signum)  # as Ctrl-C does (the terminal signals the whole foreground group)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "ConnectError" not in stderr
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and stopped[0].endswith("; run the same command again to resume"), stderr
+    assert stdout.splitlines()[-1] == f"report: {out / 'report.html'}"  # the last line names the report
+    results = pd.read_parquet(out / "results.parquet")
+    parts = list((out / "stages" / "generate").glob("part-*.parquet"))
+    assert (results.status == "ok").sum() == len(parts) < 10
+    assert set(results.status) == {"ok", "pending"}
+    assert f"stopped: {len(parts)} of 10 rows done" in stopped[0]
+    assert not (out / "work").exists() or not any((out / "work").rglob("*.parquet"))
+
+    again = subprocess.run([str(BIN / "catalogen"), "run", str(catalog), "--out", str(out)], env=cli_env(),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    resumed = pd.read_parquet(out / "results.parquet")
+    assert (resumed.status == "ok").all() and len(resumed) == 10
+    assert set(resumed.generate_steps) == {20}  # the folder's settings, not the defaults
+
+
+@pytest.mark.timeout(200)
+def test_the_temporary_api_server_dies_with_a_killed_cli(tmp_path: Path):
+    catalog = write_catalog(tmp_path / "catalog.parquet", prompts(6))
+    out = tmp_path / "out"
+    proc = start_cli(out, catalog, "--rows-per-shard", "1", "--set", "generate.steps=20", "--set", "generate.width=32",
+                     "--set", "generate.height=32")
+    wait_for(lambda: list((out / "stages" / "generate").glob("part-*.parquet")) or proc.poll() is not None,
+             180, "a first part", every=0.1)
+    servers = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"catalogen.prefect_api {proc.pid} "],
+                                                  capture_output=True, text=True).stdout.split()]
+    assert len(servers) == 1
+    os.killpg(proc.pid, signal.SIGKILL)  # as a supervisor kills a job that ignored SIGTERM
+    proc.wait()
+    wait_for(lambda: subprocess.run(["ps", "-p", str(servers[0]), "-o", "stat="], capture_output=True,
+                                    text=True).stdout.strip() in ("", "Z"), 30, "the server to stop")
