@@ -27,6 +27,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/threads.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scale.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scaleout.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/enhance.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/product.py

@@ -8,7 +8,6 @@ finished but some rows failed (their reasons are in results.parquet).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,7 +39,7 @@ from catalogen.devices import DeviceError
 from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
-from catalogen import stopping
+from catalogen import registry, stopping
 from catalogen.prefect_api import PrefectAPI, prefect_environment, start_prefect_api
 from catalogen.runplan import (
     CatalogChanged,
@@ -159,14 +158,12 @@ def models_prepare(
 ) -> None:
     """Build the tiny models, or download a real profile's models (safetensors only) into the Hugging Face cache."""
     cfg = _config(config, set_, profile=(profile, "--profile"))
-    from tasks import STAGES
-
     # The tiny profile is one family: prepare its SD1.5- and SDXL-shaped models together.
     names = [p for p in PROFILES if p.startswith("tiny")] if cfg.profile.startswith("tiny") else [cfg.profile]
     specs = {}
     for name in names:
         variant = cfg.model_copy(update={"profile": name})
-        for stage, module in STAGES.items():
+        for stage, module in registry.stages().items():
             for role, spec in module.models(variant).items():
                 specs[f"{stage}.{role} ({spec.repo})"] = spec
     try:
@@ -235,6 +232,9 @@ def run(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per pipeline call of the generate stage (default 4)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (every visible GPU, else CPU), cpu, cuda or cuda:N."),
     offline: bool = typer.Option(False, "--offline", help="Never contact the Hub; fail fast if a model is missing."),
+    runner: Optional[str] = typer.Option(None, "--runner", help="threads (shards in this process, the default) or dask (in the worker processes of a Dask cluster)."),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", metavar="tcp://HOST:8786", help="With --runner dask: the scheduler of a running cluster (default: start a local one)."),
+    dask_workers: Optional[int] = typer.Option(None, "--dask-workers", min=1, help="With --runner dask and no address: worker processes of the local cluster (default: one per GPU, else 2)."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run every stage over each pending row of CATALOG; re-running the same command resumes.
@@ -245,13 +245,14 @@ def run(
     named = {
         "profile": (profile, "--profile"), "seed": (seed, "--seed"), "rows_per_shard": (rows_per_shard, "--rows-per-shard"),
         "device": (device, "--device"), "offline": (offline or None, "--offline"),
-        "generate.batch_size": (batch_size, "--batch-size"),
+        "generate.batch_size": (batch_size, "--batch-size"), "runner": (runner, "--runner"),
+        "dask.address": (dask_address, "--dask-address"), "dask.workers": (dask_workers, "--dask-workers"),
         "stages": ([s.strip() for s in stages.split(",") if s.strip()] if stages else None, "--stages"),
     }
     if limit is not None and sample is not None:
         raise typer.BadParameter("give --limit or --sample, not both", param_hint="--limit / --sample")
     try:
-        _run(catalog.absolute(), config.absolute() if config else None, out.absolute() if out else None,
+        _run(catalog.absolute(), config, out.absolute() if out else None,
              Selection(limit, sample), retry_failed, new_catalog, named, set_)
     except KeyboardInterrupt:  # Ctrl-C while checking and planning, before any row started
         err.print("stopped before any row started; run the same command again to start")
@@ -264,6 +265,7 @@ def _run(catalog: Path, config: Path | None, out: Path | None, selection: Select
     api = PrefectAPI()
     try:
         if out is not None:
+            RunStore(out).check_usable()
             _refuse_if_busy(RunStore(out))  # at once, before anything starts
         api = start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
         overrides, origins = _settings(set_, **named)
@@ -278,6 +280,7 @@ def _run(catalog: Path, config: Path | None, out: Path | None, selection: Select
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     from flows.run import catalogen_run
+    from flows.runners import with_runner
 
     _log_above(err)
     # No "View at" link to a temporary server that is gone when the command ends.
@@ -287,16 +290,15 @@ def _run(catalog: Path, config: Path | None, out: Path | None, selection: Select
     stopping.reset()
     try:
         with stopping.on_signals(), store.exclusive(), progress or nullcontext(), temporary_settings(settings):
-            state = catalogen_run(
+            state = with_runner(catalogen_run, cfg)(
                 catalog=str(catalog), out=str(store.root), config=str(config) if config else None,
                 overrides=overrides, origins=origins, retry_failed=retry_failed, new_catalog=new_catalog,
                 limit=selection.limit, sample=selection.sample, return_state=True,
             )
-    except RunFolderBusy as exc:
+    except (RunFolderBusy, RunStateError, ConfigError) as exc:
         _fail(exc)
     finally:
         set_reporter(None)
-    api.stop()  # before the last lines, which name the results and the report
     _finish(state, store)
 
 
@@ -519,7 +521,11 @@ def export(
 
 
 def main() -> None:
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except registry.StageRegistryError as exc:  # a stage package that cannot load: one line, whatever the command
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 
+from catalogen import registry
 from catalogen.images import ImageSettings
 from catalogen.templates import TemplateSettings
 
@@ -79,6 +81,17 @@ class DiffusionSpec(ModelSpec):
         return self
 
 
+class DaskSettings(Strict):
+    """Where the dask runner sends shards: a running cluster, or a local one it starts for the run."""
+
+    address: str | None = Field(
+        None, description="scheduler of a running cluster, e.g. tcp://host:8786; none: start a local cluster",
+    )
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="worker processes of a local cluster; default one per GPU, else 2 on the CPU",
+    )
+
+
 class RunConfig(Strict):
     """The run-wide settings; `config_model()` adds one section per registered stage."""
 
@@ -99,6 +112,11 @@ class RunConfig(Strict):
         description="on SIGINT / SIGTERM (a Prefect cancel), how long shards in flight may finish before they are "
         "abandoned (their rows stay pending). A Prefect worker sends SIGKILL 30 s after its SIGTERM",
     )
+    runner: Literal["threads", "dask"] = Field(
+        "threads", description="threads: shards run in this process; dask: in the worker processes of a Dask "
+        "cluster (one per GPU), models resident per worker",
+    )
+    dask: DaskSettings = Field(DaskSettings(), description="the dask runner's cluster")
     model_memory_gb: float | None = Field(
         None, gt=0,
         description="models kept loaded per device and process; past it the least recently used is released. "
@@ -125,16 +143,25 @@ class RunConfig(Strict):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
 
+    @field_validator("runner")
+    @classmethod
+    def _runner_devices(cls, value: str, info: ValidationInfo) -> str:
+        # A Dask worker sees only its own GPU (CUDA_VISIBLE_DEVICES), always as cuda:0.
+        device = info.data.get("device", "auto")
+        if value == "dask" and device.startswith("cuda:"):
+            raise ValueError(f"runner dask gives each worker its own GPU: use device auto or cuda, not {device!r}, "
+                             "and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        return value
+
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, stages: tuple[str, ...]) -> tuple[str, ...]:
         # A field validator, not a model one: its error then sits at `stages`, whose origin
         # (`--stages`, `--set stages=…`, the file) the message names.
-        from tasks import STAGES
-
-        unknown = [s for s in stages if s not in STAGES]
+        known = registry.stages()
+        unknown = [s for s in stages if s not in known]
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(known)}")
         if len(set(stages)) != len(stages):
             raise ValueError(f"a stage is listed twice in {list(stages)}")
         return stages
@@ -159,10 +186,9 @@ class RunConfig(Strict):
 
 @lru_cache(maxsize=1)
 def config_model() -> type[RunConfig]:
-    """`RunConfig` with one section per registered stage, each defaulting to its `Settings()`."""
-    from tasks import STAGES
-
-    sections: dict[str, Any] = {name: (stage.Settings, stage.Settings()) for name, stage in STAGES.items()}
+    """`RunConfig` with one section per registered stage (catalogen.registry), each defaulting to its `Settings()`."""
+    stages = registry.stages()
+    sections: dict[str, Any] = {name: (stage.Settings, stage.Settings()) for name, stage in stages.items()}
     return create_model("RunConfig", __base__=RunConfig, **sections)
 
 

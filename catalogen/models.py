@@ -18,12 +18,14 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from catalogen.config import ModelSpec, RunConfig
 from catalogen.hashing import sha256_file_remembered, stable_hash
+from catalogen.model_identity import MissingModelsError, ModelIdentity
+from catalogen.rembg_models import KIND as REMBG_KIND, resolve_rembg
 from catalogen.tiny import ensure_tiny, tiny_root
 
 log = logging.getLogger(__name__)
@@ -31,34 +33,6 @@ log = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DIFFUSION_KINDS = ("sd15", "sdxl")
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    repo: str  # as configured
-    revision: str  # the Hub commit, or "sha256:…" of a local folder's files
-    path: str  # the local folder the weights load from
-    kind: str
-    variant: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def short(self) -> str:
-        return f"{self.repo}@{self.revision.removeprefix('sha256:')[:12]}"
-
-
-class MissingModelsError(RuntimeError):
-    """Models that are not on this machine while the Hub may not be contacted."""
-
-    def __init__(self, missing: list[str]):
-        self.missing = missing
-        listed = "\n".join(f"  - {m}" for m in missing)
-        super().__init__(
-            f"{len(missing)} model(s) missing from the local cache and the Hub is off limits "
-            f"(offline mode):\n{listed}\nDownload them first with `catalogen models prepare` on a "
-            "machine that can reach the Hub, or unset HF_HUB_OFFLINE."
-        )
 
 
 class ModelError(RuntimeError):
@@ -159,9 +133,7 @@ def resolve_model(spec: ModelSpec, cfg: RunConfig) -> ModelIdentity:
         if not folder.is_dir():  # build it (once per machine); importing the libraries only then
             folder = _in_a_thread_of_its_own(_build_tiny, name, cache)
         return ModelIdentity(spec.repo, _folder_hash(str(folder)), str(folder), spec.kind)
-    if spec.kind == "rembg":  # a named rembg model: one ONNX file in <cache_dir>/rembg
-        from catalogen.rembg_models import resolve_rembg
-
+    if spec.kind == REMBG_KIND:  # a named rembg model: one ONNX file in <cache_dir>/rembg
         return resolve_rembg(spec, cfg)
     local = Path(spec.repo).expanduser()
     if local.exists():
@@ -223,7 +195,7 @@ def loadability_problems(identity: ModelIdentity) -> list[str]:
     folder = Path(identity.path)
     label = identity.repo
     if folder.is_file():
-        if identity.kind == "rembg" and folder.suffix == ".onnx":  # ONNX holds no code to run at load
+        if identity.kind == REMBG_KIND and folder.suffix == ".onnx":  # ONNX holds no code to run at load
             return []
         if folder.suffix != ".safetensors":
             return [f"{label}: {folder.name} is not a .safetensors file; catalogen loads safetensors only"]
@@ -264,6 +236,26 @@ class _Entry:
 _cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
 _lock = threading.RLock()
 _loads: list[dict[str, Any]] = []
+_sequence = 0  # numbers every load and release of this process; never reset
+
+
+def _record(event: dict[str, Any]) -> None:
+    global _sequence
+    _loads.append({**event, "seq": _sequence})
+    _sequence += 1
+
+
+def load_mark() -> int:
+    """Where this process's record of loads stands now: `loads_since(mark)` counts from there."""
+    with _lock:
+        return _sequence
+
+
+def loads_since(mark: int) -> dict[int, str]:
+    """This process's model loads since `mark`, {sequence number: "repo (what)"}. Shards that ran at
+    once in one process may each report the same load; its number keeps it counted once."""
+    with _lock:
+        return {e["seq"]: f"{e['repo']} ({e['what']})" for e in _loads if e["event"] == "load" and e["seq"] >= mark}
 
 
 def load_count() -> int:
@@ -319,7 +311,7 @@ def _evict_for(device: str, needed: int, budget: int) -> None:
         used -= entry.nbytes
         log.info("releasing %s from %s (%.0f MB) to stay within the %.1f GB model budget",
                  key[1], device, entry.nbytes / 2**20, budget / 2**30)
-        _loads.append({"event": "release", "what": key[0], "repo": key[1], "device": device, "bytes": entry.nbytes})
+        _record({"event": "release", "what": key[0], "repo": key[1], "device": device, "bytes": entry.nbytes})
     if device.startswith("cuda"):
         import torch
 
@@ -345,6 +337,6 @@ def cached(key: tuple, device: str, build: Callable[[], Any], budget_gb: float |
         budget = int(budget_gb * 2**30) if budget_gb else default_budget(device)
         _evict_for(device, size, budget)
         _cache[key] = _Entry(value, device, size)
-        _loads.append({"event": "load", "what": key[0], "repo": key[1], "device": device, "bytes": size,
-                       "seconds": round(time.perf_counter() - started, 3)})
+        _record({"event": "load", "what": key[0], "repo": key[1], "device": device, "bytes": size,
+                 "seconds": round(time.perf_counter() - started, 3)})
         return value

@@ -9,6 +9,7 @@ parent: when the CLI is gone, however it died, the server stops.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -42,7 +43,6 @@ class PrefectAPI:
 
     thread: threading.Thread | None = None
     url: str | None = None
-    server: Any = None
 
     def ready(self) -> str | None:
         """Wait for it; its API URL, or None if it did not start (the flow then starts Prefect's own)."""
@@ -54,26 +54,6 @@ class PrefectAPI:
         """A refused run leaves at once; Prefect's exit handler stops the server once it exists."""
         if self.thread is not None:
             self.thread.join(timeout=1.0)
-
-    def stop(self) -> None:
-        """Send the run's last logs, then stop the server quietly (a later run in this process starts another)."""
-        global _api
-        if self.server is None:
-            return
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=5)
-        quiet = logging.getLogger("prefect")  # no "Stopping temporary server" line after the run's last
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
-        try:
-            self.server.stop()
-        finally:
-            quiet.setLevel(level)
-        self.server = None
-        with _api_lock:
-            if _api is self:
-                _api = None
 
 
 _api: PrefectAPI | None = None
@@ -111,8 +91,13 @@ def _serve(api: PrefectAPI) -> None:
         server.start()
     except Exception:  # noqa: BLE001 - the flow starts Prefect's own, and reports any error
         return
-    api.server = server
+    atexit.register(_quiet_at_exit)  # runs before the exit handler that Prefect's start registered
     api.url = server.api_url
+
+
+def _quiet_at_exit() -> None:
+    """No "Stopping temporary server" line after a command's last line (its result or its error)."""
+    logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 def _launch_tied(port: int) -> subprocess.Popen[Any]:

@@ -12,12 +12,15 @@ tiny model.
 
 from __future__ import annotations
 
+import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from catalogen.config import ModelSpec, RunConfig
 from catalogen.hashing import sha256_file_remembered
-from catalogen.models import MissingModelsError, ModelIdentity
-from catalogen.tiny_vision import u2net_home
+from catalogen.model_identity import MissingModelsError, ModelIdentity
 
 KIND = "rembg"
 # rembg's models that take one image, give one mask and live in one ONNX file rembg downloads.
@@ -42,6 +45,28 @@ REMBG_MODELS = (
 def rembg_home(cfg: RunConfig) -> Path:
     """The project's folder for rembg's models (`U2NET_HOME` while rembg opens or fetches one)."""
     return cfg.resolved_cache_dir() / "rembg"
+
+
+_U2NET_HOME_LOCK = threading.Lock()
+
+
+@contextmanager
+def u2net_home(folder: Path) -> Iterator[None]:
+    """`U2NET_HOME=<folder>` while rembg creates a session or downloads a model (under a lock, then restored).
+
+    rembg reads its model folder from that variable only: named models live in
+    `<folder>/models/<name>/<name>.onnx` (or `<folder>/<name>.onnx`), and a custom `model_path` must lie inside it.
+    """
+    with _U2NET_HOME_LOCK:
+        previous = os.environ.get("U2NET_HOME")
+        os.environ["U2NET_HOME"] = str(folder)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["U2NET_HOME"]
+            else:
+                os.environ["U2NET_HOME"] = previous
 
 
 def model_file(home: Path, name: str) -> Path:

@@ -42,6 +42,7 @@ from catalogen.catalog import (
     string_ids,
     validate_catalog,
 )
+from catalogen import registry
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
@@ -73,20 +74,18 @@ _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydant
 
 
 def stage_modules(cfg: RunConfig) -> dict[str, Stage]:
-    from tasks import STAGES
-
-    return {name: STAGES[name] for name in cfg.stages}
+    known = registry.stages()
+    return {name: known[name] for name in cfg.stages}
 
 
 def upstreams(stages: Sequence[str]) -> dict[str, dict[str, str | None]]:
     """For each stage and role it reads: the nearest earlier stage providing it, or None (the catalog)."""
-    from tasks import STAGES
-
+    known = registry.stages()
     found: dict[str, dict[str, str | None]] = {}
     for position, name in enumerate(stages):
         found[name] = {}
-        for role in STAGES[name].READS:
-            providers = [s for s in stages[:position] if role in STAGES[s].PROVIDES]
+        for role in known[name].READS:
+            providers = [s for s in stages[:position] if role in known[s].PROVIDES]
             found[name][role] = providers[-1] if providers else None
     return found
 
@@ -397,6 +396,7 @@ def run_settings(
 
     cfg = load_config(config, overrides, origins)
     store = RunStore(out if out is not None else default_out(catalog_path, cfg))
+    store.check_usable()
     recorded = store.read_run_json().get("config") if store.run_json.exists() else None
     if recorded is not None and config is None:
         cfg = load_config(None, overrides, origins, base=(recorded, RECORDED))
@@ -629,13 +629,12 @@ def cut_shards(plan: RunPlan, masks: Mapping[str, np.ndarray]) -> list[Shard]:
 
 def handoff_columns(plan: RunPlan, provider: str) -> list[str]:
     """The provider's output columns its readers take (besides status and error)."""
-    from tasks import STAGES
-
+    known = registry.stages()
     wanted = []
     for name, roles in plan.upstream.items():
-        for column, (role, source) in STAGES[name].FROM_UPSTREAM.items():
+        for column, (role, source) in known[name].FROM_UPSTREAM.items():
             # a provider hands off only what it makes (e.g. a product's box comes from style, not generate)
-            if roles.get(role) == provider and source not in wanted and source in STAGES[provider].OUTPUT_SCHEMA.names:
+            if roles.get(role) == provider and source not in wanted and source in known[provider].OUTPUT_SCHEMA.names:
                 wanted.append(source)
     return wanted
 
@@ -698,13 +697,11 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
     skips generation). They are recorded as skipped, with the reason. Returns None when the
     shard has nothing to do in this stage.
     """
-    from tasks import STAGES
-
     mine = masks[stage][outcomes.shard.rows]
     if not mine.any():
         return None
     table = plan.planned[stage].take(pa.array(outcomes.shard.rows[mine]))
-    for column, (role, source) in STAGES[stage].FROM_UPSTREAM.items():
+    for column, (role, source) in registry.stages()[stage].FROM_UPSTREAM.items():
         provider = plan.upstream[stage].get(role)
         if provider is None or source not in outcomes.tables[provider].column_names:
             continue

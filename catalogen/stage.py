@@ -1,6 +1,7 @@
 """The contract every stage keeps, and what it receives at run time.
 
-A stage is a module (see tasks/generate.py) with a `plan` and a `process`:
+A stage is a module (see tasks/generate.py), registered as a `catalogen.stages` entry point (see
+catalogen/registry.py), with a `plan` and a `process`:
 
 - `plan(rows, cfg, models) -> table` fixes each row's effective parameters and its own key,
   without loading a model. `rows` has `id`, `variant`, `seed` and every catalog column the run's
@@ -9,14 +10,15 @@ A stage is a module (see tasks/generate.py) with a `plan` and a `process`:
 - `process(planned, ctx) -> table` does the work: rows in, one result row out per row, never
   raising for a bad row (its `status` is `failed`, with the reason in `error`).
 
-Chaining is the pipeline's job, not the stage's (see catalogen/pipeline.py): a stage declares
+Chaining is the pipeline's job, not the stage's (see catalogen/runplan.py): a stage declares
 what it `READS` ("prompt", "image") and `PROVIDES`, and `FROM_UPSTREAM` maps its planned columns
 to the provider's output columns. The pipeline extends each key with the keys of the rows it
 reads from upstream, fills those columns from the upstream results before `process`, and marks
 a row `skipped` when its upstream did not succeed.
 
-Optional: `PATH_COLUMNS` (catalog columns of file paths, checked and made absolute like catalog
-images) and `needs_device(cfg)` (False: the stage's shards take no device lease, e.g. a server).
+Optional: `POSITION` (its place in pipeline order, see catalogen/registry.py; default last),
+`PATH_COLUMNS` (catalog columns of file paths, checked and made absolute like catalog images) and
+`needs_device(cfg)` (False: the stage's shards take no device lease, e.g. a server).
 
 Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes images adds
 `IMAGE_COLUMNS` (use `output_schema`). The results and resume read nothing else.

@@ -178,8 +178,11 @@ def hold_folder(lock: Path, user: str) -> Iterator[None]:
             with _held_lock:
                 _held[key] -= 1
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunStateError(f"cannot use {lock.parent} as a folder: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -233,6 +236,19 @@ class RunStore:
     def is_run(self) -> bool:
         """Whether `catalogen run` made this folder (it writes run.json first)."""
         return self.run_json.is_file()
+
+    def check_usable(self) -> None:
+        """Refuse, before anything is created, an output folder that cannot be one: an existing
+        file, a path under a file, or a folder whose nearest existing parent cannot be written."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunStateError(f"--out {self.root} is a file, not a folder")
+        parent = self.root
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunStateError(f"--out {self.root} cannot be made: {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunStateError(f"--out {self.root} cannot be made or written: {parent} is not writable")
 
     @property
     def tmp_dir(self) -> Path:

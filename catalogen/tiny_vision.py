@@ -16,14 +16,14 @@ Weights come from a fixed torch seed, so every machine builds byte-identical fil
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from catalogen.rembg_models import u2net_home
 
 if TYPE_CHECKING:
     from rembg.sessions.base import BaseSession
@@ -147,28 +147,6 @@ def build_rembg(folder: Path, cache_dir: Path) -> None:
     _strip_source_metadata(program.model)
     program.model.graph.name = REMBG_GRAPH_NAME
     program.save(str(Path(folder) / REMBG_MODEL_FILE))
-
-
-_U2NET_HOME_LOCK = threading.Lock()
-
-
-@contextmanager
-def u2net_home(folder: Path) -> Iterator[None]:
-    """`U2NET_HOME=<folder>` while rembg creates a session or downloads a model (under a lock, then restored).
-
-    rembg reads its model folder from that variable only: named models live in
-    `<folder>/models/<name>/<name>.onnx` (or `<folder>/<name>.onnx`), and a custom `model_path` must lie inside it.
-    """
-    with _U2NET_HOME_LOCK:
-        previous = os.environ.get("U2NET_HOME")
-        os.environ["U2NET_HOME"] = str(folder)
-        try:
-            yield
-        finally:
-            if previous is None:
-                del os.environ["U2NET_HOME"]
-            else:
-                os.environ["U2NET_HOME"] = previous
 
 
 def rembg_session(folder: Path, providers: list | None = None) -> BaseSession:

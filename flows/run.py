@@ -5,6 +5,8 @@ as its stage-k part exists it is submitted to stage k+1, so on a long run finish
 within minutes; at most `window` task runs are in flight, shards already under way first. Device
 leases inside the tasks decide which GPU each uses, so different stages can run at once on
 different GPUs. A re-run of the same flow on the same output folder does only what is missing.
+Where the tasks run (threads here, or Dask worker processes) is the task runner's business: see
+flows/runners.py, which gives this flow its runner and tells it how many tasks to keep in flight.
 
 The flow's final state says how the rows went: Completed when every row succeeded, Failed (with
 the counts in its message, and the summary as its result) when any row failed or a shard crashed,
@@ -17,7 +19,7 @@ import logging
 import queue
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,6 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
-from catalogen.devices import visible_devices
 from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
 from catalogen.report import write_report
@@ -59,7 +60,8 @@ from catalogen.runplan import (
     stage_input,
 )
 from catalogen.store import STATUSES, RunFolderBusy
-from tasks.runner import shard_task
+from flows.runners import Placement, Workers, cancel_remote, placement, record_workers
+from tasks.runner import needs_device, shard_task
 
 # catalogen's loggers reach Prefect's console and API (PREFECT_LOGGING_EXTRA_LOGGERS=catalogen),
 # and any other handler, also when the flow's code runs outside a flow run.
@@ -75,7 +77,8 @@ class _InFlight:
     stage: int  # index into the run's stages
 
 
-def _submit_next(plan: RunPlan, outcomes: ShardOutcomes, start: int, masks) -> tuple[PrefectFuture, int] | None:
+def _submit_next(plan: RunPlan, outcomes: ShardOutcomes, start: int, masks,
+                 where: Placement) -> tuple[PrefectFuture, int] | None:
     """Submit the shard's first stage from `start` on that has work for it; None when it is through."""
     for index in range(start, len(plan.config.stages)):
         stage = plan.config.stages[index]
@@ -83,7 +86,8 @@ def _submit_next(plan: RunPlan, outcomes: ShardOutcomes, start: int, masks) -> t
         if rows is None:
             continue
         plan.store.write_shard_input(stage, outcomes.shard.name, rows)
-        return shard_task.submit(str(plan.store.root), stage, outcomes.shard.name), index
+        with where.submitting(needs_device(stage, plan.config)):
+            return shard_task.submit(str(plan.store.root), stage, outcomes.shard.name), index
     return None
 
 
@@ -109,6 +113,7 @@ class _ShardProgress:
 class _Driven:
     crashed: list[str]  # "stage/shard" of shards whose task failed
     stopped: bool = False  # a stop was asked for: rows not reached stay pending
+    workers: Workers = field(default_factory=Workers)  # the processes that ran shards, and their model loads
 
 
 class _Heartbeat:
@@ -135,11 +140,12 @@ class _Heartbeat:
         log.info("progress: %s rows; %d shard(s) in flight", counts, in_flight)
 
 
-def _drive(plan: RunPlan, masks, done, window: int) -> _Driven:
-    """Run every shard through its stages, at most `window` task runs at once.
+def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
+    """Run every shard through its stages, at most `where.window` task runs at once.
 
     On a stop (SIGINT, SIGTERM, a Prefect cancel) no new task starts; tasks in flight get
-    `stop_grace_s` to finish, then are abandoned: they write no part, so their rows stay pending.
+    `stop_grace_s` to finish, then are abandoned: they write no part, so their rows stay pending
+    (tasks in other processes are cancelled with their futures).
     """
     shards = cut_shards(plan, masks)
     steps = len(plan.config.stages)
@@ -153,7 +159,7 @@ def _drive(plan: RunPlan, masks, done, window: int) -> _Driven:
 
     def submit(outcomes: ShardOutcomes, start: int) -> int:
         """Submit the shard's next stage with work; returns the steps it passed without work."""
-        submitted = _submit_next(plan, outcomes, start, masks)
+        submitted = _submit_next(plan, outcomes, start, masks, where)
         if submitted is None:
             return steps - start
         future, index = submitted
@@ -167,7 +173,7 @@ def _drive(plan: RunPlan, masks, done, window: int) -> _Driven:
             driven.stopped = True
             log.warning("%s received: no new shard starts; %d shard(s) in flight get up to %g s to finish",
                         stopping.signal_name() or "stop", len(in_flight), plan.config.stop_grace_s)
-        while deadline is None and len(in_flight) < window:
+        while deadline is None and len(in_flight) < where.window:
             shard = next(queue_, None)
             if shard is None:
                 break
@@ -178,18 +184,26 @@ def _drive(plan: RunPlan, masks, done, window: int) -> _Driven:
             log.warning("abandoning %d shard(s) still in flight after %g s; their rows stay pending",
                         len(in_flight), plan.config.stop_grace_s)
             stopping.ABANDON.set()
+            for future in cancel_remote(list(in_flight)):
+                in_flight.pop(future)
+            continue
         try:
             future = finished.get(timeout=0.5)
         except queue.Empty:
             heartbeat.tick(len(in_flight))
             continue
-        state = in_flight.pop(future)
+        state = in_flight.pop(future, None)
+        if state is None:  # cancelled when abandoned
+            continue
         stage = plan.config.stages[state.stage]
         name = state.outcomes.shard.name
         try:
             counts = future.result()
             absorb_part(plan, state.outcomes, stage, pq.read_table(plan.store.part_path(stage, name)))
-            heartbeat.shard_done(stage, sum(counts.get(s, 0) for s in STATUSES), len(in_flight))
+            rows = sum(counts.get(s, 0) for s in STATUSES)
+            tracker.shard(stage, name, rows)  # the task's own reports stay in its process when that is a worker's
+            driven.workers.add(counts)
+            heartbeat.shard_done(stage, rows, len(in_flight))
         except stopping.Abandoned:
             continue  # its rows stay pending; nothing after it starts
         except Exception as exc:  # noqa: BLE001 - its rows read as failed in the results
@@ -364,8 +378,8 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
     for name in cfg.stages:
         tracker.begin(name, scope)
         tracker.shard(name, "(done before)", scope - pending[name])
-    window = 2 * len(visible_devices(cfg.device))  # enough to keep every device busy, no more
-    driven = _drive(plan, masks, done, window)
+    driven = _drive(plan, masks, done, placement(cfg))
+    record_workers(plan.store, driven.workers)
     for name in cfg.stages:
         tracker.end(name)
     results = assemble_results(plan, pending_label="pending" if driven.stopped else None)

@@ -52,6 +52,7 @@ from catalogen.models import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
 
 NAME = "caption"
+POSITION = 60  # in pipeline order (catalogen.registry)
 # Bump when a change here alters the captions or scores made from the same inputs.
 VERSION = 1
 

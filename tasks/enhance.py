@@ -51,6 +51,7 @@ from tasks.llm import (
 from tasks.llm import enhance as ask
 
 NAME = "enhance"
+POSITION = 10  # in pipeline order (catalogen.registry)
 VERSION = 1
 
 READS = ("prompt",)

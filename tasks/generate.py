@@ -76,6 +76,7 @@ from catalogen.stage import SKIP_COLUMN, StageContext, output_schema
 from catalogen.tiny import TINY_MODELS, ensure_tiny
 
 NAME = "generate"
+POSITION = 20  # in pipeline order (catalogen.registry)
 # Bump when a change here alters the images made from the same inputs: it is part of every key,
 # so finished rows are recomputed instead of mixed with results of the old code.
 VERSION = 2

@@ -49,12 +49,13 @@ from catalogen.placement import (
     parse_color,
     place,
 )
-from catalogen.rembg_models import KIND, REMBG_MODELS, home_of
+from catalogen.rembg_models import KIND, REMBG_MODELS, home_of, u2net_home
 from catalogen.stage import StageContext, output_schema
 
 log = logging.getLogger("catalogen.remove_bg")
 
 NAME = "remove_bg"
+POSITION = 30  # in pipeline order (catalogen.registry)
 # Bump when a change here alters the cut-outs made from the same inputs (it is part of every key).
 VERSION = 1
 
@@ -236,7 +237,7 @@ def _open(identity: ModelIdentity, providers: list):
     """rembg's own session for the model, on `providers`, never downloading (the file was resolved)."""
     from rembg import new_session
 
-    from catalogen.tiny_vision import REMBG_MODEL_FILE, rembg_session, u2net_home
+    from catalogen.tiny_vision import REMBG_MODEL_FILE, rembg_session
 
     if identity.repo.startswith(TINY_PREFIX):
         session = rembg_session(Path(identity.path), providers)

@@ -10,6 +10,9 @@ shows when it runs inside a flow); `shard_task` is the same function as a Prefec
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -20,7 +23,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from catalogen import stopping
+from catalogen.config import RunConfig
 from catalogen.devices import Device, default_dtype, lease, visible_devices
+from catalogen.models import load_mark, loads_since
 from catalogen.progress import tracker
 from catalogen.runplan import read_config
 from catalogen.stage import SKIP_COLUMN, StageContext
@@ -57,7 +62,12 @@ def _log_outcome(stage: str, shard: str, out: pa.Table, device: str, seconds: fl
 
 
 def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
-    """Process one shard of one stage under a device lease and write its part; returns row counts."""
+    """Process one shard of one stage under a device lease and write its part.
+
+    Returns row counts per status, and the process that ran it (`host:pid`) with the models it
+    loaded meanwhile: a Dask worker's own records never reach the flow's process otherwise.
+    """
+    mark = load_mark()
     store = RunStore(run_dir)
     cfg, models = read_config(store)
     module = STAGES[stage]
@@ -69,7 +79,7 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     device_name, waited, seconds = "-", 0.0, 0.0
     if todo.num_rows:
         asked = time.perf_counter()
-        with _device(module, cfg, stage, shard) as device:
+        with _device(cfg, stage, shard) as device:
             waited = time.perf_counter() - asked
             started = time.perf_counter()
             ctx = StageContext(
@@ -85,18 +95,40 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     source.unlink(missing_ok=True)
     counts = _log_outcome(stage, shard, out, device_name, seconds, waited)
     tracker.shard(stage, shard, out.num_rows)
-    return {"shard": shard, "stage": stage, "device": device_name, **counts}
+    return {"shard": shard, "stage": stage, "device": device_name, **counts,
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "loads": loads_since(mark)}
+
+
+def needs_device(stage: str, cfg: RunConfig) -> bool:
+    """Whether the stage's shards hold a device (a GPU where there is one): not one whose work a
+    server does (a server-backed enhance)."""
+    check = getattr(STAGES[stage], "needs_device", None)
+    return check is None or bool(check(cfg))
 
 
 @contextmanager
-def _device(module, cfg, stage: str, shard: str) -> Iterator[Device]:
-    """A lease on one of the run's devices; none for a stage whose work runs elsewhere (a server)."""
-    needs_device = getattr(module, "needs_device", None)
-    if needs_device is not None and not needs_device(cfg):
+def _device(cfg: RunConfig, stage: str, shard: str) -> Iterator[Device]:
+    """A lease on one of the run's devices; none for a stage whose work runs elsewhere (a server),
+    nor for the CPU of a Dask worker."""
+    devices = visible_devices(cfg.device) if needs_device(stage, cfg) else []
+    if not devices or (devices == [Device("cpu", "cpu")] and _in_dask_worker()):
         yield Device("cpu", "cpu")
         return
-    with lease(visible_devices(cfg.device), timeout=cfg.lease_timeout_s, on_wait=_log_wait(stage, shard)) as device:
+    with lease(devices, timeout=cfg.lease_timeout_s, on_wait=_log_wait(stage, shard)) as device:
         yield device
+
+
+def _in_dask_worker() -> bool:
+    """In a Dask worker the cluster's size bounds the work; one machine-wide CPU lease would run a
+    machine's workers one at a time."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return False
+    return True
 
 
 def _progress(stage: str, shard: str, already: int):

@@ -64,6 +64,7 @@ from catalogen.tiny_adapters import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS
 from tasks import generate
 
 NAME = "style"
+POSITION = 40  # in pipeline order (catalogen.registry)
 VERSION = 2  # 2: records the product's box and source (`product_bbox`, `product_source`)
 
 READS = ("image", "prompt")

@@ -66,6 +66,7 @@ from tasks import generate
 from tasks.style import BBOX
 
 NAME = "upscale"
+POSITION = 50  # in pipeline order (catalogen.registry)
 VERSION = 1
 
 READS = ("image", "prompt")

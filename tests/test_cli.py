@@ -82,11 +82,18 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(prefect_server: 
 @pytest.mark.slow
 def test_demo_run_against_a_prefect_server(prefect_server: str, tmp_path: Path):
     out = tmp_path / "demo"
-    result = catalogen("run", "catalogs/demo_prompts.parquet", "--out", str(out), "--set", "generate.steps=2",
-                       *FAST_ARGS, api_url=prefect_server)
+    result = subprocess.run(  # no terminal, as under a worker or CI: lines instead of a progress bar
+        [str(BIN / "catalogen"), "run", "catalogs/demo_prompts.parquet", "--out", str(out), "--set", "generate.steps=2",
+         "--rows-per-shard", "10", *FAST_ARGS], env={**cli_env(prefect_server), "PREFECT_LOGGING_LEVEL": "INFO"},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "25 rows: 25 ok, 0 failed, 0 skipped" in result.stdout
-    assert "generate" in result.stderr and "25/25" in result.stderr  # the progress bar's last state
+    assert result.stdout.splitlines()[-1] == f"report: {out / 'report.html'}"  # the last line names the report
+    assert f"plan for {out}: generate 25 of 25 rows pending" in result.stderr
+    progress = [line.split(" - ", 1)[1] for line in result.stderr.splitlines() if "catalogen.flow - progress:" in line]
+    assert len(progress) >= 3 and progress[-1] == "progress: generate 25/25 rows; 0 shard(s) in flight", progress
+    assert "━" not in result.stderr, [line for line in result.stderr.splitlines() if "━" in line]
     runs = api(prefect_server, "flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
     assert any(r["parameters"].get("out") == str(out) for r in runs)
     tasks = api(prefect_server, "task_runs/filter", {})

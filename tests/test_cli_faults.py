@@ -121,3 +121,16 @@ def test_a_bad_stage_list_names_the_flag_it_came_from(tmp_path: Path, args: list
     result = invoke(*(a.format(tmp=tmp_path) for a in args))
     assert result.exit_code == 1 and origin in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "proc"])
+def test_a_run_folder_that_cannot_be_one_is_one_line(tmp_path: Path, where: str):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = {"file": blocker, "under-file": blocker / "sub", "proc": Path("/proc/catalogen-test")}[where]
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["run", "catalogs/demo_prompts.parquet", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(out) in lines[0], result.output
+    assert sorted(tmp_path.rglob("*")) == before and blocker.read_text() == "not a folder"

@@ -206,8 +206,8 @@ def test_report_of_a_folder_without_results_is_refused(tmp_path: Path):
 
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1
-    assert "results.parquet does not exist" in result.output
-    assert not (tmp_path / "report.html").exists()
+    assert "is not a catalogen run folder (no run.json)" in result.output
+    assert list(tmp_path.iterdir()) == []  # not even a lock file
 
 
 def _artifact_data(key: str):

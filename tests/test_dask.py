@@ -1,0 +1,126 @@
+"""The dask runner, through the CLI, on real clusters of worker processes: the same bytes as the
+threads runner, each model loaded once per worker, and a worker killed mid-run costs only its shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import pytest
+from conftest import BIN, REPO, cli_env
+
+from flows.runners import local_cpu_cluster
+
+pytestmark = pytest.mark.slow
+
+# The demo dataset configuration (generate -> caption), kept small: 6 rows, a shard per row.
+DEMO = ["catalogs/demo_prompts.parquet", "--config", "configs/dataset.yaml", "--limit", "6", "--rows-per-shard", "1",
+        "--set", "generate.width=32", "--set", "generate.height=32", "--set", "generate.steps=2"]
+MODELS = {"tiny:sd15 (pipeline)", "tiny:blip2 (blip2)"}
+
+
+def start(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "catalogen"), "run", *DEMO, "--out", str(out), *args],
+                            env={**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO"}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "6 rows: 6 ok" in stdout
+    return stderr
+
+
+def made(out: Path) -> pd.DataFrame:
+    """What a run made, row by row: every hash, key and caption."""
+    df = pd.read_parquet(out / "results.parquet")
+    columns = sorted(c for c in df.columns if c.endswith(("sha256", "_key")) or c == "caption_caption")
+    return df[["id", "variant", "status", *columns]].sort_values(["id", "variant"]).reset_index(drop=True)
+
+
+def workers(out: Path) -> dict[str, dict]:
+    return json.loads((out / "run.json").read_text())["invocations"][-1]["workers"]
+
+
+@pytest.fixture
+def environ_kept() -> Iterator[None]:
+    """A nanny sets its workers' variables (OMP_NUM_THREADS, PYTHONHASHSEED …) in this process too: undone."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def threads(tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("threads") / "out"
+    finish(start(out, "--runner", "threads"))
+    return made(out)
+
+
+@pytest.mark.timeout(300)
+def test_a_local_cluster_makes_the_same_bytes_and_keeps_models_resident_per_worker(tmp_path: Path, threads):
+    out = tmp_path / "out"
+    finish(start(out, "--runner", "dask", "--dask-workers", "2"))
+    pd.testing.assert_frame_equal(made(out), threads)
+    assert len(threads) == 6 and threads.image_sha256.notna().all() and threads.caption_caption.notna().all()
+
+    ran = workers(out)
+    assert len(ran) == 2 and sum(w["shards"] for w in ran.values()) == 12  # 6 shards through 2 stages
+    for worker, info in ran.items():
+        assert int(worker.rsplit(":", 1)[1]) != os.getpid()
+        assert set(info["loads"].values()) == {1}, ran  # each model once, however many shards
+    assert MODELS <= {model for info in ran.values() for model in info["loads"]}
+    assert json.loads((out / "run.json").read_text())["config"]["runner"] == "dask"
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_mid_run_costs_only_its_shards(tmp_path: Path, threads, environ_kept):
+    from distributed import Client
+
+    out = tmp_path / "out"
+    # Workers that declare a GPU: device-bound shards ask for one, and still run on the CPU here.
+    with local_cpu_cluster(2, resources={"GPU": 1}) as cluster, Client(cluster) as client:
+        proc = start(out, "--runner", "dask", "--dask-address", cluster.scheduler_address)
+        deadline = time.monotonic() + 180
+        while not list(out.glob("stages/*/part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        busy = [address for address, keys in client.processing().items() if keys]
+        assert busy and proc.poll() is None, "the run ended before a worker could be killed"
+        pids = client.run(os.getpid)
+        os.kill(pids[busy[0]], signal.SIGKILL)
+        stderr = finish(proc)
+
+    assert "GPU resources declared" in stderr
+    pd.testing.assert_frame_equal(made(out), threads)  # every row once, every hash and key as threads made them
+    for stage in ("generate", "caption"):
+        assert len(list((out / "stages" / stage).glob("part-*.parquet"))) == 6
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_a_dask_run_and_keeps_what_is_done(tmp_path: Path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "catalogen"), "run", *DEMO, "--out", str(out), "--runner", "dask",
+                             "--set", "generate.steps=20", "--set", "stop_grace_s=1"], env=cli_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("stages/generate/part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: the workers of its local cluster are in the group too
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 130, stderr[-4000:]
+    assert "Traceback" not in stderr
+    results = pd.read_parquet(out / "results.parquet")
+    parts = list((out / "stages" / "generate").glob("part-*.parquet"))
+    assert set(results.status) <= {"ok", "pending"} and "pending" in set(results.status)
+    # A cancelled task may still finish its part before its worker is stopped; the next run takes it.
+    assert 1 <= (results.generate_status == "ok").sum() <= len(parts) and (results.generate_status == "ok").sum() < 6
+    assert [line for line in stderr.splitlines() if line.startswith("stopped: ")]

@@ -1,0 +1,212 @@
+"""One registry of stages, filled from the `catalogen.stages` entry points; the core never imports `tasks`."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pytest
+from conftest import BIN, REPO, prompts, write_catalog
+
+import tasks
+from catalogen.registry import GROUP, stages
+
+BUILT_INS = ["enhance", "generate", "remove_bg", "style", "upscale", "caption"]
+CORE = sorted((REPO / "catalogen").glob("*.py"))
+
+# A stage another package ships: it adds each row's prompt in capitals, as text.
+SHOUT = '''
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalogen.config import Strict
+from catalogen.hashing import column_keys
+from catalogen.stage import output_schema
+
+NAME = "shout"
+VERSION = 1
+POSITION = 35  # after remove_bg, before style
+READS = ("prompt",)
+PROVIDES = ()
+FROM_UPSTREAM = {}
+SHARD_ORDER = ()
+MAKES_IMAGES = False
+PLAN_SCHEMA = pa.schema([("id", pa.string()), ("variant", pa.int32()), ("key", pa.string()), ("prompt", pa.string())])
+OUTPUT_SCHEMA = output_schema([pa.field("text", pa.string())], images=False)
+
+
+class Settings(Strict):
+    suffix: str = "!"
+
+
+def models(cfg):
+    return {}
+
+
+def rules(cfg):
+    return {}
+
+
+def config_faults(cfg):
+    return []
+
+
+def plan(rows, cfg, models):
+    prompt = pc.cast(rows.column("prompt"), pa.string())
+    keys = column_keys([NAME, VERSION, cfg.shout.suffix], [prompt])
+    return pa.table([rows.column("id"), rows.column("variant"), keys, prompt], schema=PLAN_SCHEMA)
+
+
+def process(planned, ctx):
+    n = planned.num_rows
+    text = [p.upper() + ctx.config.shout.suffix for p in planned.column("prompt").to_pylist()]
+    return pa.table({"id": planned.column("id"), "variant": planned.column("variant"), "key": planned.column("key"),
+                     "text": text, "status": ["ok"] * n, "error": [None] * n, "seconds": [0.0] * n,
+                     "device": [ctx.device.name] * n, "finished_at": [None] * n}).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+'''
+
+
+def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=300)
+
+
+def _python(code: str, *args: str, **env: str) -> str:
+    done = _run([sys.executable, "-c", code, *args], **env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in (getattr(test, "id", None), getattr(test, "attr", None))
+
+
+def _run_time_nodes(node: ast.AST) -> Iterator[ast.AST]:
+    """Every node below `node`, except under `if TYPE_CHECKING:` (imports for annotations only)."""
+    for child in ast.iter_child_nodes(node):
+        if not _type_checking(child):
+            yield child
+            yield from _run_time_nodes(child)
+
+
+def _imports(nodes: Iterable[ast.AST]) -> set[str]:
+    """The absolute modules these nodes import, deferred ones included (`from catalogen import x`: catalogen.x)."""
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle among the modules of `graph`, or [] (a depth-first search that meets a module on its own path)."""
+    path: list[str] = []
+    finished: set[str] = set()
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in finished or module not in graph:
+            return []
+        path.append(module)
+        for imported in sorted(graph[module]):
+            circle = visit(imported)
+            if circle:
+                return circle
+        path.pop()
+        finished.add(module)
+        return []
+
+    for module in sorted(graph):
+        circle = visit(module)
+        if circle:
+            return circle
+    return []
+
+
+def test_the_core_never_imports_tasks():
+    for path in CORE:
+        imported = _imports(ast.walk(ast.parse(path.read_text())))
+        assert [m for m in imported if m == "tasks" or m.startswith("tasks.")] == [], path.name
+    imported = _python(
+        "import sys, catalogen.cli, catalogen.runplan, catalogen.config, catalogen.results, catalogen.report, "
+        "catalogen.export, catalogen.inspect, catalogen.models, catalogen.rembg_models\n"
+        "print(any(m == 'tasks' or m.startswith('tasks.') for m in sys.modules))"
+    )
+    assert imported == "False"
+
+
+def test_the_core_has_no_import_circle():
+    graph = {f"catalogen.{path.stem}": _imports(_run_time_nodes(ast.parse(path.read_text()))) for path in CORE}
+    assert _circle(graph) == []
+
+
+def test_built_in_stages_come_from_the_entry_points_in_pipeline_order():
+    registered = {entry.name: entry.value for entry in metadata.entry_points(group=GROUP)}
+    assert list(stages()) == BUILT_INS
+    assert {name: module.__name__ for name, module in stages().items()} == {n: f"tasks.{n}" for n in BUILT_INS}
+    assert registered == {n: f"tasks.{n}" for n in BUILT_INS}
+    assert tasks.STAGES is stages()
+
+
+def _install_shout(root: Path, module: str = SHOUT) -> Path:
+    """A package `catalogen-shout` as pip would leave it: its module and a dist-info naming the entry point."""
+    info = root / "catalogen_shout-1.0.dist-info"
+    info.mkdir(parents=True)
+    (root / "catalogen_shout.py").write_text(module)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: catalogen-shout\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{GROUP}]\nshout = catalogen_shout\n")
+    return root
+
+
+# Run in a process that sees the package: list the stages, then run shout directly, as conftest's helpers do.
+SHOUT_RUN = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "tests")
+import pyarrow as pa
+from conftest import fast_config, prompts, run_stage
+
+from catalogen.config import config_model
+from catalogen.registry import stages
+
+print(list(stages()), config_model().model_fields["shout"].default.suffix)
+cfg = fast_config(stages=["shout"], **{"shout.suffix": "?"})
+print(run_stage(pa.table(prompts(1)), cfg, Path(sys.argv[1]), "shout").column("text").to_pylist())
+"""
+
+
+def test_a_stage_from_another_package_is_registered(tmp_path):
+    site = _install_shout(tmp_path / "site")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    in_order = BUILT_INS[:3] + ["shout"] + BUILT_INS[3:]  # its POSITION 35 puts it after remove_bg
+    assert _python(SHOUT_RUN, str(tmp_path / "run"), **env).splitlines() == [
+        f"{in_order} !", "['A PHOTO OF OBJECT NUMBER 0?']"
+    ]
+
+    catalog = write_catalog(tmp_path / "catalog.parquet", prompts(2))
+    validate = [str(BIN / "catalogen"), "validate", str(catalog), "--set", "stages=[generate,shout]"]
+    accepted = _run(validate, **env)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "through generate -> shout" in accepted.stdout
+    misspelt = _run([*validate, "--set", "shout.sufix=?"], **env)
+    assert misspelt.returncode == 1 and "did you mean 'shout.suffix'" in misspelt.stderr
+
+
+@pytest.mark.parametrize(("module", "fault"), [
+    ("import no_such_library\n", "failed to import: No module named 'no_such_library'"),
+    (SHOUT.replace('NAME = "shout"', 'NAME = "yell"'), "declares NAME = 'yell'; the two names must match"),
+])
+def test_a_broken_stage_package_is_named(tmp_path, module: str, fault: str):
+    env = {"PYTHONPATH": str(_install_shout(tmp_path / "site", module))}
+    done = _run([sys.executable, "-c", "from catalogen.registry import stages; stages()"], **env)
+    assert done.returncode == 1
+    assert f"stage 'shout' (catalogen_shout, registered by catalogen-shout) {fault}" in done.stderr
