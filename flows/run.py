@@ -200,6 +200,9 @@ def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
         try:
             counts = future.result()
             absorb_part(plan, state.outcomes, stage, pq.read_table(plan.store.part_path(stage, name)))
+            # Removed here, not by the task: a task whose worker died after its part was written runs
+            # again elsewhere, and must find its input (it writes the same part again).
+            plan.store.shard_input_path(stage, name).unlink(missing_ok=True)
             rows = sum(counts.get(s, 0) for s in STATUSES)
             tracker.shard(stage, name, rows)  # the task's own reports stay in its process when that is a worker's
             driven.workers.add(counts)

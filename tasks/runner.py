@@ -92,7 +92,6 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     out = pa.concat_tables(parts)
     stopping.check()  # abandoned during the work: its rows stay pending, whatever the stage recorded
     store.write_part(stage, shard, out)
-    source.unlink(missing_ok=True)
     counts = _log_outcome(stage, shard, out, device_name, seconds, waited)
     tracker.shard(stage, shard, out.num_rows)
     return {"shard": shard, "stage": stage, "device": device_name, **counts,

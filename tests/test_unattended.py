@@ -155,8 +155,8 @@ def test_a_cancel_from_the_api_stops_the_run_and_keeps_what_is_done(prefect_serv
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 6 and set(results.status) == {"ok", "pending"}, results.status.tolist()
     assert (results.status == "ok").sum() == len(list((out / "stages" / "generate").glob("part-*.parquet")))
-    lines = flow_run_logs(prefect_server, run["id"])
-    assert any("SIGTERM received: no new shard starts" in line for line in lines), lines
+    wait_for(lambda: any("SIGTERM received: no new shard starts" in line
+                         for line in flow_run_logs(prefect_server, run["id"])), 30, "the stop's line in the run's logs")
     assert "Traceback" not in log
     # The next run resumes: only the pending rows are made.
     resumed = subprocess.run([str(BIN / "catalogen"), "run", str(catalog), "--out", str(out)], env=cli_env(prefect_server),
