@@ -27,7 +27,6 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Literal, Protocol, Sequence, TypeVar
 

@@ -3,7 +3,6 @@ setting outside the allowed folders, and a model file edited in place behind its
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import stat
