@@ -509,7 +509,7 @@ def export(
     try:
         with _LateBar(f"export {format_}") as bar:
             manifest = export_run(run_dir, Path(out), options, bar)
-    except (ExportError, RunFolderBusy) as exc:
+    except (ExportError, RunFolderBusy, RunStateError) as exc:
         _fail(exc)
     splits = ", ".join(f"{name} {info['rows']} rows in {info['shards']} shard(s)" for name, info in manifest["splits"].items())
     left_out = ", ".join(f"{count} {reason}" for reason, count in manifest["excluded"].items() if count)
