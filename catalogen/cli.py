@@ -304,12 +304,13 @@ def _run(catalog: Path, config: Path | None, out: Path | None, selection: Select
 
 def _finish(state: Any, store: RunStore) -> None:
     """Print the outcome, the report last; exit with the code the README gives for it."""
-    summary = state.result(raise_on_failure=False)
+    from flows.run import outcome_line, run_summary
+
+    summary = run_summary(state)
     if isinstance(summary, BaseException) and not state.is_cancelled():
         _fail(summary)
     if not isinstance(summary, dict):  # cancelled before it ran: another run holds the folder
         _fail(state.message or "the run was cancelled")
-    from flows.run import outcome_line
 
     typer.echo(f"{outcome_line(summary)}\nresults: {Path(summary['out']) / 'results.parquet'}")
     code = 0

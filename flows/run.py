@@ -292,6 +292,22 @@ def project_path(value: str | None) -> str | None:
     return str(PROJECT_ROOT / value)
 
 
+class RunOutcome(Exception):
+    """A Failed or Cancelled run's summary, carried as its state's data. Prefect turns a failed or
+    cancelled state's data into the exception it raises at the end of a deployment's run: a plain
+    dict there ends in a TypeError traceback in the worker's log."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def run_summary(state: Any) -> Any:
+    """The summary a run of this flow returned, whatever its final state (or the exception it raised)."""
+    value = state.result(raise_on_failure=False)
+    return value.summary if isinstance(value, RunOutcome) else value
+
+
 def outcome_line(summary: dict[str, Any]) -> str:
     """`25 rows: 23 ok (2 degenerate), 1 failed, 1 skipped`: the counts a final state carries."""
     notes = [f"{summary[k]} {k}" for k in ("fallback", "degenerate") if summary.get(k)]
@@ -351,13 +367,14 @@ def catalogen_run(
     log.info("report: %s", report) if report else log.info("results: %s", plan.store.results_path)
     if summary["stopped"]:
         done = summary["rows"] - summary.get("pending", 0)
-        return Cancelled(message=f"stopped: {done} of {summary['rows']} rows done ({line}); "
-                                 "run the same command again to resume", data=summary)
+        message = f"stopped: {done} of {summary['rows']} rows done ({line}); run the same command again to resume"
+        return Cancelled(message=message, data=RunOutcome(message, summary))
     if summary["failed"] or summary["crashed_shards"]:
         message = f"{summary['failed']} of {summary['rows']} rows failed"
         if summary["crashed_shards"]:
             message += f" ({summary['crashed_shards']} shard(s) crashed)"
-        return Failed(message=f"{message}: {line}; see {plan.store.results_path}", data=summary)
+        message = f"{message}: {line}; see {plan.store.results_path}"
+        return Failed(message=message, data=RunOutcome(message, summary))
     return Completed(message=line, data=summary)
 
 

@@ -300,14 +300,14 @@ def test_pickles_are_refused_by_the_cli_with_nothing_written(tmp_path: Path, wha
 
 
 def test_flow_records_adapters_in_results_and_run_json(tmp_path: Path):
-    from flows.run import catalogen_run
+    from flows.run import catalogen_run, run_summary
 
     catalog = write_catalog(tmp_path / "catalog.parquet", {**prompts(3), "negative_prompt": ["easynegative", "", ""]})
     out = tmp_path / "out"
     overrides = {"generate.steps": 2, "generate.width": 32, "generate.height": 32, "generate.loras": [lora(weight=0.5)],
                  "generate.embeddings": [EMBEDDINGS["sd15-diffusers"][1]]}
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     assert summary["ok"] == 3, summary
     results = pq.read_table(out / "results.parquet").to_pylist()
     assert [json.loads(r["generate_loras"])[0]["weight"] for r in results] == [0.5] * 3

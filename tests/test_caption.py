@@ -23,7 +23,7 @@ from catalogen.hashing import sha256_bytes
 from catalogen.runplan import resolve_stage_models
 from catalogen.stage import StageContext
 from catalogen.store import SUCCEEDED, RunStore
-from flows.run import catalogen_run
+from flows.run import catalogen_run, run_summary
 from tasks import caption
 from tasks.caption import degenerate_reason
 
@@ -340,7 +340,7 @@ CHAINED = {"stages": ["generate", "caption"], "generate.steps": 2, "generate.wid
 
 def _flow(catalog: Path, out: Path) -> dict:
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=CHAINED, return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     if isinstance(summary, BaseException):
         raise summary
     return summary
@@ -391,7 +391,7 @@ def test_cut_outs_of_catalog_photos_are_captioned(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.parquet", {"id": ["a", "b"], "image": ["photo-0.png", "photo-1.png"]})
     overrides = {"stages": ["remove_bg", "caption"], "caption.max_new_tokens": 8}
     state = catalogen_run(catalog=str(catalog), out=str(tmp_path / "out"), overrides=overrides, return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     df = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert set(df.remove_bg_status) == {"ok"} and set(df.caption_status) <= set(SUCCEEDED), df.caption_error.tolist()
     assert df.caption_source_image.tolist() == df.remove_bg_image_path.tolist() and not state.is_failed(), summary

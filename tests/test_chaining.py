@@ -23,7 +23,7 @@ from conftest import BIN, FAST, REPO, cli_env, write_catalog
 
 from catalogen import models
 from catalogen.pngmeta import read_png_text
-from flows.run import catalogen_run
+from flows.run import catalogen_run, run_summary
 
 PRODUCTS = {
     "id": ["MUG-1", "TEA-2", "BAG-3", "LMP-4"],
@@ -43,7 +43,7 @@ def own_answer_cache(tmp_path: Path, monkeypatch):
 
 def run(catalog: Path, out: Path, overrides: dict, **kwargs) -> dict:
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True, **kwargs)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     if isinstance(summary, BaseException):
         raise summary
     return summary

@@ -34,7 +34,7 @@ from catalogen.export import (
 )
 from catalogen.hashing import sha256_file
 from catalogen.runplan import prepare
-from flows.run import catalogen_run
+from flows.run import catalogen_run, run_summary
 
 OVERRIDES = {"generate.steps": 2, "generate.width": 32, "generate.height": 32}
 SPLIT = "train=0.3,val=0.7"
@@ -55,7 +55,7 @@ def catalog_rows(n: int) -> dict[str, list]:
 
 def run_flow(catalog: Path, out: Path) -> dict:
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=OVERRIDES, return_state=True)
-    return state.result(raise_on_failure=False)
+    return run_summary(state)
 
 
 @pytest.fixture(scope="module")

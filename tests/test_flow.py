@@ -16,14 +16,14 @@ from catalogen import models
 from catalogen.hashing import sha256_file
 from catalogen.pngmeta import parse_parameters, read_png_text
 from catalogen.store import RunStore
-from flows.run import catalogen_run
+from flows.run import catalogen_run, run_summary
 
 
 def run(catalog: Path, out: Path, **kwargs) -> dict:
     """The flow as a deployment runs it; returns its summary and checks the final state agrees."""
     overrides = {**FAST, "rows_per_shard": 3, **kwargs.pop("overrides", {})}
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True, **kwargs)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     if isinstance(summary, BaseException):
         raise summary
     assert state.is_failed() == bool(summary["failed"]), state  # a failed row must fail the flow run

@@ -217,7 +217,7 @@ def test_settings_are_checked_where_they_are_declared():
 
 
 def test_generated_and_own_images_chain_through_the_flow(tmp_path: Path):
-    from flows.run import catalogen_run
+    from flows.run import catalogen_run, run_summary
 
     own = photos(tmp_path / "photos", mug=photo())
     data = (tmp_path / own["mug"]).read_bytes()
@@ -235,7 +235,7 @@ def test_generated_and_own_images_chain_through_the_flow(tmp_path: Path):
     def run(**more) -> pd.DataFrame:
         state = catalogen_run(catalog=str(catalog), out=str(tmp_path / "out"), overrides={**overrides, **more},
                               return_state=True)
-        summary = state.result(raise_on_failure=False)
+        summary = run_summary(state)
         assert not isinstance(summary, BaseException), summary
         return pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("id")
 

@@ -23,7 +23,7 @@ from catalogen.hashing import sha256_file
 from catalogen.pngmeta import read_png_text
 from catalogen.report import THUMB_DIR, error_reason, write_report
 from catalogen.runplan import prepare
-from flows.run import artifact_key, catalogen_run
+from flows.run import artifact_key, catalogen_run, run_summary
 
 CHROMIUM = os.environ.get("CATALOGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -52,7 +52,7 @@ def failed_run(tmp_path_factory) -> tuple[Path, dict, str]:
     planned = plan.planned["generate"].to_pylist()[4]
     (out / plan.store.image_path("generate", planned["id"], planned["variant"], planned["key"])).mkdir(parents=True)
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     assert (summary["ok"], summary["failed"]) == (7, 1), summary
     return out, summary, planned["id"]
 

