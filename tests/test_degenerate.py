@@ -151,6 +151,21 @@ def test_export_leaves_out_degenerate_captions_unless_asked(run_dir: Path, tmp_p
     assert manifest["options"]["include_degenerate"] is True
 
 
+def test_include_degenerate_through_the_cli(run_dir: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from catalogen.cli import app
+
+    for flags, rows, left_out in (([], 2, "1 degenerate_text"), (["--include-degenerate"], 3, None)):
+        out = tmp_path / f"export{len(flags)}"
+        result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "imagefolder", "--out", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["rows"] == rows and manifest["options"]["include_degenerate"] is bool(flags)
+        assert (left_out in result.output) if left_out else "degenerate_text" not in result.output
+        assert ("mug mug mug" in _texts(out).values()) is bool(flags)
+
+
 def test_export_can_take_the_marketplace_canvas(run_dir: Path, tmp_path: Path):
     out = tmp_path / "canvas"
     manifest = export_run(run_dir, out, ExportOptions(format="imagefolder", image_stage="remove_bg.canvas"))
