@@ -16,6 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from catalogen.hashing import sha256_file
+from catalogen.results import image_prefix, recorded_images
 from catalogen.stage import SHARED_COLUMNS
 from catalogen.store import STATUSES, SUCCEEDED, RunStateError, RunStore, now_utc
 
@@ -63,13 +64,6 @@ def folder_status(store: RunStore) -> dict[str, Any]:
 VERIFY_PREFIX = "verify: "
 
 
-def image_columns(columns: list[str], stage: str) -> list[str]:
-    """A stage's file columns in results.parquet: `<stage>_<x>_path` with its `<stage>_<x>_sha256`
-    (the stage's image, remove_bg's canvas, …)."""
-    return [c for c in columns if c.startswith(f"{stage}_") and c.endswith("_path")
-            and f"{c[:-len('_path')]}_sha256" in columns]
-
-
 def verify_images(
     store: RunStore, progress: Callable[[int, int], None] | None = None
 ) -> tuple[list[dict[str, Any]], int]:
@@ -95,9 +89,10 @@ def verify_images(
         errors = results.column(f"{stage}_error").to_pylist()
         keys = results.column(f"{stage}_key").to_pylist()
         still_marked += sum(s == "failed" and (e or "").startswith(VERIFY_PREFIX) for s, e in zip(status, errors))
-        for column in image_columns(results.column_names, stage):
+        for image in (name for name in recorded_images(results) if name.split(".")[0] == stage):
+            column = f"{image_prefix(image)}_path"
             paths = results.column(column).to_pylist()
-            hashes = results.column(f"{column[:-len('_path')]}_sha256").to_pylist()
+            hashes = results.column(f"{image_prefix(image)}_sha256").to_pylist()
             for row, path in enumerate(paths):
                 if path and status[row] in SUCCEEDED:
                     checks.append({"stage": stage, "id": ids[row], "variant": variants[row], "key": keys[row],

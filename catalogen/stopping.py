@@ -31,12 +31,6 @@ def check() -> None:
         raise Abandoned("the run was stopped; this shard's rows stay pending")
 
 
-def wait(seconds: float) -> None:
-    """Sleep, but raise `Abandoned` as soon as a stop's grace period ends (retry back-offs use this)."""
-    if ABANDON.wait(seconds):
-        check()
-
-
 def reset() -> None:
     """Clear both flags: a new run in the same process (tests, a worker) starts unstopped."""
     STOPPING.clear()
@@ -44,16 +38,12 @@ def reset() -> None:
     _received.clear()
 
 
-def request(signum: int = signal.SIGTERM) -> None:
-    """Ask the run to stop, as the signal `signum` would; a second request abandons work at once."""
+def _on_signal(signum: int, _frame: object) -> None:
+    """A stop; a second one abandons work at once. Flags only: the flow's loop logs and acts on them."""
     if STOPPING.is_set():
         ABANDON.set()
     _received.append(signum)
     STOPPING.set()
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    request(signum)  # flags only: the flow's loop logs and acts on them
 
 
 @contextmanager
