@@ -18,9 +18,10 @@ install: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/catalogen run catalogs/demo_prompts.parquet --config configs/dataset.yaml --profile tiny --out outputs/demo
 
-## The whole test suite, offline, on the CPU.
+## The whole test suite, offline, on the CPU: two pytest-xdist workers, a test file per worker at a
+## time (its module fixtures, such as a local S3 server or a baseline run, are made once).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 ## Every benchmark (prints figures side by side; not tests).
 bench: $(STAMP)
@@ -32,6 +33,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/product.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/duplicates.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/renditions.py
 
 clean:
 	rm -rf $(VENV) outputs/*/

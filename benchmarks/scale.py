@@ -96,7 +96,8 @@ def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("prefect server did not start")
 
 
-def time_to_first_shard(catalog: Path, out: Path, args: argparse.Namespace, api_url: str | None = None) -> tuple[float, float]:
+def time_to_first_shard(catalog: Path, out: Path, args: argparse.Namespace, api_url: str | None = None,
+                        extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """Seconds from starting `catalogen run` until its first shard input exists, and peak RSS then."""
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     if api_url:
@@ -105,7 +106,7 @@ def time_to_first_shard(catalog: Path, out: Path, args: argparse.Namespace, api_
     started = time.perf_counter()
     proc = subprocess.Popen(
         [str(BIN / "catalogen"), "run", str(catalog), "--out", str(out), "--rows-per-shard", str(args.rows_per_shard),
-         "--device", "cpu"],
+         "--device", "cpu", *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     shard_inputs = out / "work" / "generate"
@@ -135,6 +136,9 @@ def main() -> None:
     fresh = time_to_first_shard(catalog, work / "fresh", args)
     done = pretend_half_done(catalog, work / "resumed", args)
     resumed = time_to_first_shard(catalog, work / "resumed", args)
+    # The driver of a Dask run (issue "Many GPUs, many machines": 4 workers, the same targets); the
+    # local cluster's 4 worker processes start while the driver plans, and are not the driver.
+    dask = time_to_first_shard(catalog, work / "dask", args, extra=("--runner", "dask", "--dask-workers", "4"))
     server, url = prefect_server(work / "prefect")
     try:
         served = time_to_first_shard(catalog, work / "served", args, url)
@@ -144,6 +148,7 @@ def main() -> None:
     print(f"{'':28} {'first shard':>12} {'driver peak':>12}   targets: <= 10 s, < 1024 MB")
     print(f"{'fresh, ephemeral API':28} {fresh[0]:10.1f} s {fresh[1]:9.0f} MB")
     print(f"{'resumed, ephemeral API':28} {resumed[0]:10.1f} s {resumed[1]:9.0f} MB   ({done:,} rows already done)")
+    print(f"{'fresh, dask, 4 workers':28} {dask[0]:10.1f} s {dask[1]:9.0f} MB")
     print(f"{'fresh, prefect server':28} {served[0]:10.1f} s {served[1]:9.0f} MB")
     print(f"{'resumed, prefect server':28} {resumed_served[0]:10.1f} s {resumed_served[1]:9.0f} MB")
 

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from catalogen.hashing import MAX_SEED, derive_seeds, stable_hash
+from catalogen.locations import Location, is_remote, location, read_table
 
 SHOWN_ROWS = 5  # row ids listed per fault before "and N more"
-_COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 _TEXT_FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".ndjson": "JSON Lines"}
 
 
@@ -58,18 +58,26 @@ class CatalogError(ValueError):
 # --- reading --------------------------------------------------------------------------------------
 
 
-def catalog_format(path: str | Path) -> str:
+def catalog_format(path: str | Location) -> str:
     """"CSV", "TSV", "JSON Lines" or "Parquet", from the file name (a compression suffix is skipped)."""
-    name = Path(path).name.lower()
+    name = location(path).name.lower()
     for suffix in _COMPRESSION:
         name = name.removesuffix(suffix)
     return _TEXT_FORMATS.get(Path(name).suffix, "Parquet")
 
 
-def _read_delimited(path: Path, delimiter: str) -> pa.Table:
+def _stream(path: Location) -> pa.NativeFile:
+    """The file's bytes, decompressed as its name says, from a disk or (read whole) from a bucket."""
+    if not is_remote(path):
+        return pa.input_stream(str(path), compression="detect")
+    codec = next((codec for suffix, codec in _COMPRESSION.items() if path.name.lower().endswith(suffix)), None)
+    return pa.input_stream(pa.py_buffer(path.read_bytes()), compression=codec)
+
+
+def _read_delimited(path: Location, delimiter: str) -> pa.Table:
     """Every column as text (no type guessing), blank cells as null."""
     parse = pa_csv.ParseOptions(delimiter=delimiter)
-    with pa.input_stream(str(path), compression="detect") as stream:
+    with _stream(path) as stream:
         names = pa_csv.open_csv(stream, parse_options=parse).schema.names
     convert = pa_csv.ConvertOptions(
         column_types={name: pa.string() for name in names},
@@ -77,21 +85,21 @@ def _read_delimited(path: Path, delimiter: str) -> pa.Table:
         null_values=[""],
         quoted_strings_can_be_null=True,
     )
-    with pa.input_stream(str(path), compression="detect") as stream:
+    with _stream(path) as stream:
         return pa_csv.read_csv(stream, parse_options=parse, convert_options=convert)
 
 
-def read_catalog(path: str | Path) -> pa.Table:
-    """Read Parquet, or CSV / TSV / JSON Lines (optionally .gz, .bz2, .zst) by file name."""
-    path = Path(path)
+def read_catalog(path: str | Location) -> pa.Table:
+    """Read Parquet, or CSV / TSV / JSON Lines (optionally .gz, .bz2, .zst) by file name, from a path or a URL."""
+    path = location(path)
     kind = catalog_format(path)
     try:
         if kind in ("CSV", "TSV"):
             return _read_delimited(path, "\t" if kind == "TSV" else ",")
         if kind == "JSON Lines":
-            with pa.input_stream(str(path), compression="detect") as stream:
+            with _stream(path) as stream:
                 return pa_json.read_json(stream)
-        return pq.read_table(path)
+        return read_table(path)
     except FileNotFoundError:
         raise CatalogError(str(path), [Fault("file not found")]) from None
     except IsADirectoryError:
@@ -160,7 +168,8 @@ def _parse_numbers(column: pa.ChunkedArray, name: str, rule: Rule, labels: RowLa
 
 def _check_numbers(values: pa.Array, name: str, rule: Rule, labels: RowLabels) -> tuple[pa.Array, list[Fault]]:
     """Range, whole-number and multiple-of checks; returns the column as int64 / float64."""
-    as_float = pc.cast(values, pa.float64())
+    # Unsafe: an int64 past 2**53 (a seed) rounds to the nearest float, which is all a range check needs.
+    as_float = pc.cast(values, pa.float64(), safe=False)
     as_float = pc.if_else(pc.is_nan(as_float), pa.scalar(None, pa.float64()), as_float)  # NaN = not given
     x = pc.fill_null(as_float, 0.0).to_numpy(zero_copy_only=False)
     given = pc.is_valid(as_float).to_numpy(zero_copy_only=False)

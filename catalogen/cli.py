@@ -37,6 +37,7 @@ from catalogen.config import (
 )
 from catalogen.devices import DeviceError
 from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
+from catalogen.locations import Location, is_remote, location
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
 from catalogen import registry, stopping
@@ -76,7 +77,24 @@ SetOpt = typer.Option(
     None, "--set", "-s", metavar="KEY=VALUE",
     help="Override any setting, e.g. --set generate.steps=30 --set generate.scheduler=euler_a (repeatable).",
 )
-RunArg = typer.Argument(..., help="A run folder (what `catalogen run` wrote).", exists=True, file_okay=False)
+
+
+def _run_folder(value: str) -> str:
+    """A run folder's path or URL; a local one must be an existing folder (a bucket is asked later)."""
+    folder = location(value)
+    if not is_remote(folder) and not folder.is_dir():
+        raise typer.BadParameter(f"{value} is not a folder" if folder.exists() else f"{value} does not exist")
+    return value
+
+
+RunArg = typer.Argument(..., help="A run folder (what `catalogen run` wrote): a path, or a URL such as s3://bucket/run.",
+                        callback=_run_folder)
+
+
+def _absolute(value: str) -> Location:
+    """A path made absolute (the flow may run elsewhere), or a URL as given."""
+    where = location(value)
+    return where if is_remote(where) else where.absolute()
 
 
 def _version(value: bool) -> None:
@@ -112,7 +130,7 @@ def _settings(items: list[str] | None, **named: tuple[Any, str]) -> tuple[dict[s
     return values, origins
 
 
-def _require_run(run_dir: Path) -> None:
+def _require_run(run_dir: str) -> None:
     """Refuse a folder that `catalogen run` did not make, before anything (a lock file) is created in it."""
     if not RunStore(run_dir).is_run():
         _fail(f"{run_dir} is not a catalogen run folder (no run.json)")
@@ -129,7 +147,7 @@ def _config(config: Optional[Path], items: list[str] | None, **named: tuple[Any,
 
 @app.command()
 def validate(
-    catalog: Path = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz)."),
+    catalog: str = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz): a path or a URL."),
     config: Optional[Path] = ConfigOpt,
     profile: Optional[str] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -218,10 +236,10 @@ def _progress_bar() -> Progress:
 
 @app.command(epilog=EXIT_CODES)
 def run(
-    catalog: Path = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz)."),
+    catalog: str = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz): a path, or a URL such as s3://bucket/catalog.parquet."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", dir_okay=False, help="YAML run configuration (default: the settings the output folder was last run with, else the defaults)."),
     profile: Optional[str] = ProfileOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default outputs/<catalog>-<path hash>-<profile>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder, a path or a URL such as s3://bucket/run (default outputs/<catalog>-<path hash>-<profile>)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute rows whose last attempt failed."),
     new_catalog: bool = typer.Option(False, "--new-catalog", help="Run a catalog other than the one the output folder was made from (its results are replaced)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial run: only the catalog's first N rows (rows done earlier stay in the results)."),
@@ -236,6 +254,8 @@ def run(
     dask_address: Optional[str] = typer.Option(None, "--dask-address", metavar="tcp://HOST:8786", help="With --runner dask: the scheduler of a running cluster (default: start a local one)."),
     dask_workers: Optional[int] = typer.Option(None, "--dask-workers", min=1, help="With --runner dask and no address: worker processes of the local cluster (default: one per GPU, else 2)."),
     set_: Optional[list[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check and plan as a run does, write nothing; print per stage the rows to do, images to make, estimated time and disk."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="With --dry-run, where no earlier run measured this device: time one batch of the first rows in a temporary folder (loads the models)."),
 ) -> None:
     """Run every stage over each pending row of CATALOG; re-running the same command resumes.
 
@@ -251,15 +271,50 @@ def run(
     }
     if limit is not None and sample is not None:
         raise typer.BadParameter("give --limit or --sample, not both", param_hint="--limit / --sample")
+    if calibrate and not dry_run:
+        raise typer.BadParameter("--calibrate goes with --dry-run", param_hint="--calibrate")
+    if dry_run:
+        _dry_run(_absolute(catalog), config, _absolute(out) if out else None,
+                 Selection(limit, sample), retry_failed, new_catalog, named, set_, calibrate)
+        return
     try:
-        _run(catalog.absolute(), config, out.absolute() if out else None,
+        _run(_absolute(catalog), config, _absolute(out) if out else None,
              Selection(limit, sample), retry_failed, new_catalog, named, set_)
     except KeyboardInterrupt:  # Ctrl-C while checking and planning, before any row started
         err.print("stopped before any row started; run the same command again to start")
         raise typer.Exit(130) from None
 
 
-def _run(catalog: Path, config: Path | None, out: Path | None, selection: Selection, retry_failed: bool,
+def _one_batch(catalog: Location, cfg: RunConfig) -> Callable[[], Any]:
+    """The dry run's calibration: one batch through every stage in a temporary folder (flows/calibrate.py)."""
+    def measure() -> Any:
+        from flows.calibrate import calibrate
+
+        return calibrate(catalog, cfg)
+    return measure
+
+
+def _dry_run(catalog: Location, config: Path | None, out: Location | None, selection: Selection, retry_failed: bool,
+             new_catalog: bool, named: dict[str, tuple[Any, str]], set_: list[str] | None,
+             calibrate: bool = False) -> None:
+    """`run --dry-run`: the checks and plan of a run, and what it would do; nothing is written."""
+    from catalogen.dryrun import plan_only
+
+    try:
+        if out is not None:
+            RunStore(out).check_usable()
+        overrides, origins = _settings(set_, **named)
+        cfg, store, recorded = run_settings(catalog, out, config, overrides, origins)
+        plan = prepare(catalog, cfg, store.root, selection)
+        check_folder_catalog(store, catalog, new_catalog)
+        lines = plan_only(plan, recorded, retry_failed, _one_batch(catalog, cfg) if calibrate else None)
+    except REFUSALS as exc:
+        _fail(exc)
+    holder = store.holder()
+    typer.echo("\n".join(lines + ([f"note: a run holds {store.root} now ({holder})"] if holder else [])))
+
+
+def _run(catalog: Location, config: Path | None, out: Location | None, selection: Selection, retry_failed: bool,
          new_catalog: bool, named: dict[str, tuple[Any, str]], set_: list[str] | None) -> None:
     prefect_environment()
     api = PrefectAPI()
@@ -327,7 +382,7 @@ def _finish(state: Any, store: RunStore) -> None:
 
 
 @app.command()
-def status(run_dir: Path = RunArg) -> None:
+def status(run_dir: str = RunArg) -> None:
     """Done, failed and pending rows per stage, from the run folder alone (no model, no Prefect)."""
     _require_run(run_dir)
     from catalogen.inspect import folder_status
@@ -353,7 +408,7 @@ def status(run_dir: Path = RunArg) -> None:
 
 
 @app.command()
-def verify(run_dir: Path = RunArg) -> None:
+def verify(run_dir: str = RunArg) -> None:
     """Re-hash every image; mark missing or changed ones failed, so `run --retry-failed` redoes them."""
     _require_run(run_dir)
     from catalogen.inspect import verify_images
@@ -378,7 +433,7 @@ def verify(run_dir: Path = RunArg) -> None:
 
 @app.command()
 def clean(
-    run_dir: Path = RunArg,
+    run_dir: str = RunArg,
     yes: bool = typer.Option(False, "--yes", help="Remove the files listed (default: only list them)."),
 ) -> None:
     """List (and with --yes remove) images that no row of results.parquet points at."""
@@ -389,11 +444,11 @@ def clean(
     try:
         with store.exclusive():
             orphans = orphan_images(store)
-            size = sum(p.stat().st_size for p in orphans)
-            for path in orphans:
-                typer.echo(str(path.relative_to(store.root)))
+            size = sum(bytes_ for _, bytes_ in orphans)
+            for path, _ in orphans:
+                typer.echo(path)
                 if yes:
-                    path.unlink()
+                    store.delete(path)
     except (RunStateError, RunFolderBusy) as exc:
         _fail(exc)
     if yes:
@@ -404,7 +459,7 @@ def clean(
 
 @app.command()
 def report(
-    run_dir: Path = RunArg,
+    run_dir: str = RunArg,
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads making thumbnails (default: up to 8)."),
 ) -> None:
     """Write report.html (summary, error reasons, a paged gallery) into a run folder; print its path.
@@ -488,12 +543,13 @@ class _LateBar:
 
 @app.command("export", epilog=EXPORT_EXIT_CODES)
 def export(
-    run_dir: Path = RunArg,
+    run_dir: str = RunArg,
     format_: str = typer.Option(..., "--format", "-f", callback=_export_format, help="hf (Parquet shards for `datasets`), webdataset (tar shards) or imagefolder (images + .txt captions + metadata.jsonl)."),
     out: str = typer.Option(..., "--out", "-o", callback=_export_folder, help="Export folder, outside the run folder: absent or empty (an interrupted export of the same options resumes)."),
-    image_stage: Optional[str] = typer.Option(None, "--image-stage", help="Export this image instead of the final one (column image_path): a stage's own (e.g. generate), or remove_bg.canvas for remove_bg's marketplace main image."),
+    image_stage: Optional[str] = typer.Option(None, "--image-stage", "--image", help="Export this image instead of the final one (column image_path): a stage's own (e.g. generate), remove_bg.canvas for remove_bg's marketplace main image, or rendition:NAME for a rendition."),
     text: Optional[str] = typer.Option(None, "--text", help="Results column that becomes the text (default: caption_caption, else enhance_prompt, else generate_prompt, else prompt)."),
     include_degenerate: bool = typer.Option(False, "--include-degenerate", help="Keep rows whose text its stage marked degenerate (a caption flagged as useless); left out by default."),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Leave out near-duplicates: a row whose final image's pHash is within the run's duplicates.max_distance of an earlier exported row's (over all ok rows: the rows with near_duplicate_of set)."),
     where: Optional[list[str]] = typer.Option(None, "--where", "-w", metavar="COLUMN<op>VALUE", callback=_where_clauses, help="Keep rows where a results column compares true: >=, <=, >, <, ==, != on numbers, text, true/false or ISO times, e.g. caption_clip_score>=25 (repeatable; all must hold; a null never does)."),
     split: str = typer.Option("train=1", "--split", callback=_split_spec, help="Named fractions, e.g. train=0.9,val=0.1: a row's split is fixed by a hash of its id."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Rows per shard."),
@@ -506,7 +562,7 @@ def export(
     """
     options = ExportOptions(format=format_, image_stage=image_stage, text=text, where=tuple(where or ()),
                             split=split, shard_size=shard_size, overwrite=overwrite,
-                            include_degenerate=include_degenerate)
+                            include_degenerate=include_degenerate, dedupe=dedupe)
     try:
         with _LateBar(f"export {format_}") as bar:
             manifest = export_run(run_dir, Path(out), options, bar)
@@ -519,6 +575,38 @@ def export(
     if left_out:
         typer.echo(f"left out: {left_out}")
     typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
+
+
+REPRODUCE_EXIT_CODES = ("Exit codes: 0 identical; 1 different (the largest pixel difference is printed); 2 the file "
+                        "cannot be made again here: not a catalogen image, or a model revision or input file it "
+                        "needs is missing (named).")
+
+
+@app.command(epilog=REPRODUCE_EXIT_CODES)
+def reproduce(
+    image: Path = typer.Argument(..., help="An image catalogen wrote (PNG; JPEG or WebP renditions)."),
+) -> None:
+    """Make IMAGE again from the provenance in the file alone, in a temporary folder, and compare.
+
+    Runs the image's row through the stages that made it (the same check, plan and flow as `run`,
+    offline, models at the revisions the image records) and prints `identical`, or the largest
+    pixel difference, where it is and how many pixels differ.
+    """
+    import os
+    import tempfile
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the verdict is the output, not the flow's log
+    from catalogen.reproduce import Unusable
+    from flows.reproduce import reproduce_image
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="catalogen-reproduce-") as folder:
+            job, verdict = reproduce_image(image, Path(folder))
+    except Unusable as exc:
+        err.print(Text.assemble(("error: ", "bold red"), f"{image}: {exc}"), soft_wrap=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{verdict.line}: {job.describe()}" if verdict.identical else verdict.line)
+    raise typer.Exit(0 if verdict.identical else 1)
 
 
 def main() -> None:

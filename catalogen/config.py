@@ -18,7 +18,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import yaml
 from pydantic import (
@@ -34,6 +34,8 @@ from pydantic import (
 )
 
 from catalogen import registry
+from catalogen.credentials import CredentialSettings
+from catalogen.duplicates import DuplicatesSettings
 from catalogen.images import ImageSettings
 from catalogen.templates import TemplateSettings
 
@@ -79,6 +81,15 @@ class DiffusionSpec(ModelSpec):
         if not self.min_size <= self.default_size <= self.max_size:
             raise ValueError("expected min_size <= default_size <= max_size")
         return self
+
+
+class OutputSettings(Strict):
+    """What the finished images carry besides their pixels."""
+
+    credentials: CredentialSettings | None = Field(
+        None, description="sign every final image and rendition with a C2PA manifest (content credentials): "
+        "certificate chain and private key, see catalogen/credentials.py; null: off",
+    )
 
 
 class DaskSettings(Strict):
@@ -127,6 +138,10 @@ class RunConfig(Strict):
     )
     images: ImageSettings = Field(
         ImageSettings(), description="where a catalog's `image` paths may point, URL schemes allowed, size limit"
+    )
+    outputs: OutputSettings = Field(OutputSettings(), description="what the finished images carry (content credentials)")
+    duplicates: DuplicatesSettings = Field(
+        DuplicatesSettings(), description="near-duplicate final images, found by pHash at the end of a run"
     )
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -251,6 +266,9 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
+        # An optional section (`X | None`, e.g. outputs.credentials) suggests X's settings.
+        annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
+                          annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

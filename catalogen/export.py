@@ -14,7 +14,8 @@ manifest.json                                      written last: rows per split,
 
 Which rows: summary `status` ok, every `--where` filter true, an image at the chosen stage and a
 non-blank text that its stage did not mark `degenerate` (a caption flagged as useless is no training
-label; `include_degenerate` keeps it). The image is the final one, a stage's own (`generate`), or
+label; `include_degenerate` keeps it) and, with `dedupe`, not a near-duplicate of an earlier exported
+row (pHash of the final image within the run's `duplicates.max_distance`; see `first_of_each`). The image is the final one, a stage's own (`generate`), or
 another image a stage wrote (`remove_bg.canvas`, the marketplace main image; see
 `results.recorded_images`). Which split: a stable hash of the id (`split_fraction`), so a row keeps its split
 across exports and when rows are added, and every variant of an id shares it. The sample key
@@ -67,7 +68,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import catalogen
+from catalogen.duplicates import first_of_each, recorded_max_distance
 from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
+from catalogen.locations import Location, absolute, is_remote, location, read_table
 from catalogen.results import image_prefix, recorded_images
 from catalogen.store import (
     fsync_path,
@@ -110,6 +113,7 @@ class ExportOptions:
     image_stage: str | None = None  # None: the final image (summary `image_path`); `remove_bg.canvas`: that image
     text: str | None = None  # None: the first of DEFAULT_TEXT_COLUMNS in the results
     include_degenerate: bool = False  # keep rows whose text its stage marked degenerate
+    dedupe: bool = False  # leave out near-duplicates of an earlier exported row (catalogen/duplicates.py)
     where: tuple[str, ...] = ()  # "COLUMN>=VALUE" filters, all must hold
     split: str = "train=1"  # "train=0.9,val=0.1"
     shard_size: int = 1000  # rows per shard
@@ -274,24 +278,26 @@ def where_mask(table: pa.Table, clause: str, source: str = "results.parquet") ->
 # --- rows and columns ------------------------------------------------------------------------
 
 
-def load_results(run_dir: Path) -> pa.Table:
-    path = Path(run_dir) / "results.parquet"
-    if not Path(run_dir).is_dir():
+def load_results(run_dir: Location) -> pa.Table:
+    path = run_dir / "results.parquet"
+    if not run_dir.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist")
     if not path.is_file():
         raise ExportError(f"{run_dir} has no results.parquet: is it a catalogen run folder (what `catalogen run` "
                           "wrote), and has a run finished there?")
     try:
-        return pq.read_table(path)
+        return read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ExportError(f"{path} cannot be read ({exc})") from None
 
 
 def image_columns(table: pa.Table, image: str | None, run_dir: Path) -> tuple[str, str]:
     """The (path, sha256) columns of the chosen image: the summary's, a stage's own (`generate`), or
-    another image a stage wrote (`remove_bg.canvas`)."""
+    another image a stage wrote (`remove_bg.canvas`); `rendition:NAME` is `renditions.NAME` (tasks/renditions.py)."""
     if image is None:
         return "image_path", "image_sha256"
+    if image.startswith("rendition:"):
+        image = "renditions." + image.removeprefix("rendition:")
     recorded = recorded_images(table)
     if image not in recorded:
         raise ExportError(f"--image-stage {image}: no stage {image!r} made images in {run_dir} "
@@ -366,6 +372,19 @@ def _count(mask: pa.Array | pa.ChunkedArray) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
+def dedupe_distance(results: pa.Table, run_dir: Path) -> int:
+    """The distance the run judged near-duplicates by (see catalogen/duplicates.py), or why --dedupe cannot work."""
+    recorded, max_distance = recorded_max_distance(results)
+    if "phash" not in results.column_names or not recorded:
+        raise ExportError(f"--dedupe: {run_dir}/results.parquet has no pHash column (made by a catalogen without "
+                          "near-duplicate detection): run the same `catalogen run` again, which hashes the images "
+                          "and recomputes nothing else")
+    if max_distance is None:
+        raise ExportError(f"--dedupe: near-duplicate detection was off in the run that wrote {run_dir}/results.parquet "
+                          "(duplicates.max_distance null); run it again with --set duplicates.max_distance=6")
+    return max_distance
+
+
 def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Selection:
     """Apply status, filters, image and text presence; attach key and split. Checks options first."""
     # 1. Check every option against the results before dropping any row.
@@ -374,6 +393,7 @@ def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Sel
     text_col = text_column(results, options.text, run_dir)
     source = f"{run_dir}/results.parquet"
     masks = [where_mask(results, clause, source) for clause in options.where]
+    distance = dedupe_distance(results, run_dir) if options.dedupe else None
 
     # 2. Keep ok rows, then those every filter keeps, then those with an image and a text.
     kept = pc.fill_null(pc.equal(results.column("status"), "ok"), False)
@@ -396,6 +416,10 @@ def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Sel
         usable = pc.fill_null(pc.not_equal(table.column(status_col), "degenerate"), True)
         excluded["degenerate_text"] = table.num_rows - _count(usable)
         table = table.filter(usable)
+    if distance is not None:  # last: judged among the rows every other rule kept
+        keep = first_of_each(table, distance)
+        excluded["near_duplicate"] = table.num_rows - int(keep.sum())
+        table = table.filter(pa.array(keep))
 
     # 3. Key, text and provenance; the split of each row from its id.
     ids = pc.cast(table.column("id"), pa.string()).to_pylist()
@@ -737,14 +761,15 @@ def clear_previous(out: Path, records: list[dict[str, Any]]) -> None:
     _remove_empty_folders(out)
 
 
-def check_out(out: Path, run_dir: Path) -> None:
+def check_out(out: Path, run_dir: Location) -> None:
     """Refuse a path that cannot be an export folder before anything is created there: the
     filesystem root, the run folder or a folder inside it (its files would mix with the run's), a
     file, or a path under a file."""
-    target, run = out.resolve(), run_dir.resolve()
+    target = out.resolve()
     if target == Path(target.anchor):
         raise ExportError(f"--out {out} is the filesystem root; name a folder for the export")
-    if target == run or run in target.parents:
+    run = None if is_remote(run_dir) else run_dir.resolve()  # a bucket's run folder cannot hold a local path
+    if run is not None and (target == run or run in target.parents):
         raise ExportError(f"--out {out} is inside the run folder {run_dir}; choose a folder outside it")
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
@@ -798,7 +823,7 @@ def _create(out: Path) -> None:
 # --- the export ------------------------------------------------------------------------------
 
 
-def read_image(run_dir: Path, relative: str, expected: str | None) -> bytes:
+def read_image(run_dir: Location, relative: str, expected: str | None) -> bytes:
     """An image of the run, checked against the sha256 the run recorded for it."""
     path = run_dir / relative
     try:
@@ -824,7 +849,8 @@ def _extension(relative: str) -> str:
 def fingerprint_of(options: ExportOptions, results_sha256: str) -> str:
     """What decides the files an export writes: the same fingerprint may resume the same folder."""
     return stable_hash("export", EXPORT_VERSION, options.format, results_sha256, options.image_stage, options.text,
-                       list(options.where), parse_split(options.split), options.shard_size, options.include_degenerate)
+                       list(options.where), parse_split(options.split), options.shard_size, options.include_degenerate,
+                       *(("dedupe",) if options.dedupe else ()))  # absent when off: earlier fingerprints stay valid
 
 
 def _file_entry(out: Path, relative: str, rows: int) -> dict[str, Any]:
@@ -855,7 +881,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     Raises `ExportError` naming the run folder, column or option at fault, before writing anything
     when the options do not fit the run.
     """
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = location(run_dir), Path(out)
     # 1. Check the options against the run, and choose the rows and their splits.
     writer = writer_for(options.format)
     if options.shard_size < 1:
@@ -902,10 +928,10 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
         # 4. The manifest, last: its presence says the export is complete.
         manifest = {
             "catalogen": catalogen.__version__, "export_version": EXPORT_VERSION, "format": options.format,
-            "created_at": datetime.now(timezone.utc).isoformat(), "run": str(run_dir.resolve()),
+            "created_at": datetime.now(timezone.utc).isoformat(), "run": absolute(run_dir),
             "results_sha256": results_sha256, "fingerprint": fingerprint,
             "options": {"image_stage": options.image_stage, "text": options.text, "where": list(options.where),
-                        "include_degenerate": options.include_degenerate,
+                        "include_degenerate": options.include_degenerate, "dedupe": options.dedupe,
                         "split": fractions, "shard_size": options.shard_size},
             "text_column": selection.text_column, "image_column": selection.image_column,
             "rows": total, "splits": _split_counts(fractions, members, shards), "excluded": selection.excluded,
@@ -917,7 +943,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     return manifest
 
 
-def _write_shard(writer: Any, run_dir: Path, selection: Selection, rows: list[int], done: int, total: int,
+def _write_shard(writer: Any, run_dir: Location, selection: Selection, rows: list[int], done: int, total: int,
                  progress: Callable[[int, int], None] | None) -> None:
     """Feed one shard's rows to its writer, then close it."""
     metadata = selection.table.take(pa.array(rows, pa.int64())).to_pylist()

@@ -148,7 +148,7 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with (Path(path) if isinstance(path, str) else path).open("rb") as fh:  # a Path, or a UPath in a bucket
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()

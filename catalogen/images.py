@@ -35,6 +35,7 @@ import re
 import stat
 import threading
 from dataclasses import dataclass
+import posixpath
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -47,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from catalogen import stopping
 from catalogen.catalog import Fault, RowLabels, column_or_nulls
 from catalogen.hashing import sha256_bytes
+from catalogen.locations import is_remote
 
 IMAGE = "image"  # the catalog column, normalised to an absolute path or URL (null for binary rows)
 IMAGE_BYTES = "image_bytes"  # the bytes of binary rows (null for the others)
@@ -159,7 +161,11 @@ class _Places:
     name: str = "the catalog's folder"  # what `folder` is, in messages
 
     @classmethod
-    def of(cls, folder: Path, settings: ImageSettings, name: str = "the catalog's folder") -> "_Places":
+    def of(cls, folder: Path | None, settings: ImageSettings, name: str = "the catalog's folder") -> "_Places":
+        """`folder` None: a catalog read from a URL, whose paths may lead into `images.roots` only."""
+        if folder is None:
+            roots = [os.path.abspath(root) for root in settings.roots]
+            return cls("", roots, [os.path.realpath(f) for f in roots], "images.roots")
         base = os.path.abspath(folder)
         folders = [base, *(os.path.normpath(os.path.join(base, root)) for root in settings.roots)]
         return cls(base, folders, [os.path.realpath(f) for f in folders], name)
@@ -167,6 +173,8 @@ class _Places:
 
 def _resolve(value: str, places: _Places, parents: dict[str, str]) -> tuple[str | None, str | None]:
     """(absolute resolved path, None) for a usable file, else (None, the fault's message)."""
+    if not places.folder and not os.path.isabs(value):
+        return None, "is a relative path in a catalog read from a URL: give image URLs, or absolute paths in images.roots"
     lexical = os.path.normpath(os.path.join(places.folder, value))
     if not _within(lexical, places.lexical) and not _within(lexical, places.real):
         return None, f"points outside {places.name} and images.roots"
@@ -239,7 +247,7 @@ def _faults_by_message(messages: pa.Array, text: pa.Array, labels: RowLabels) ->
 
 
 def check_images(
-    table: pa.Table, folder: Path, settings: ImageSettings, required: bool = False
+    table: pa.Table, folder: Path | None, settings: ImageSettings, required: bool = False
 ) -> tuple[pa.Table, list[Fault]]:
     """Check the catalog's `image` column and normalise it; returns the table and every fault.
 
@@ -277,7 +285,7 @@ def check_images(
     return normalised.append_column(IMAGE_GIVEN, given), faults
 
 
-def check_paths(table: pa.Table, column: str, folder: Path, settings: ImageSettings) -> tuple[pa.Table, list[Fault]]:
+def check_paths(table: pa.Table, column: str, folder: Path | None, settings: ImageSettings) -> tuple[pa.Table, list[Fault]]:
     """A catalog column of file paths (e.g. a row's `style_image`) checked and made absolute.
 
     The same rules as `image` paths: relative to the catalog's folder or inside `images.roots`,
@@ -413,6 +421,11 @@ def _read_file(path: Path) -> bytes:
 
 def _inside_run(relative: str, run_root: Path) -> Path:
     """An upstream stage's image: a path inside the run folder, never outside it."""
+    if is_remote(run_root):  # a bucket has no links: the name alone decides
+        clean = posixpath.normpath(relative)
+        if clean == ".." or clean.startswith(("../", "/")):
+            raise ImageLoadError(f"{relative!r} leads outside the run folder {run_root}")
+        return run_root / clean
     root = run_root.resolve()
     path = (root / relative).resolve()
     if path != root and root not in path.parents:

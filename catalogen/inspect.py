@@ -7,16 +7,13 @@ model, so they answer in seconds even for runs of millions of rows.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from catalogen.hashing import sha256_file
-from catalogen.results import image_prefix, recorded_images
+from catalogen.results import image_prefix, is_image_list, recorded_images
 from catalogen.stage import SHARED_COLUMNS
 from catalogen.store import STATUSES, SUCCEEDED, RunStateError, RunStore, now_utc
 
@@ -28,7 +25,7 @@ def _stages(info: dict[str, Any]) -> list[str]:
 
 
 def _parts(store: RunStore, stage: str, schema: pa.Schema) -> pa.Table:
-    return ds.dataset([str(p) for p in store.part_files(stage)], format="parquet", schema=schema).to_table()
+    return store.dataset(store.part_files(stage), schema).to_table()
 
 
 def _newest(rows: pa.Table, by: list[str]) -> pa.Table:
@@ -77,7 +74,7 @@ def verify_images(
     """
     if not store.results_path.exists():
         raise RunStateError(f"{store.results_path} does not exist yet: finish a run before verifying")
-    results = pq.read_table(store.results_path)
+    results = store.read_table(store.results_path)
     ids = pc.cast(results.column("id"), pa.string()).to_pylist()
     variants = results.column("variant").to_pylist()
     checks = []
@@ -139,12 +136,12 @@ def _mark_results(store: RunStore, results: pa.Table, bad: list[dict[str, Any]])
     store.write_results(results)
 
 
-def orphan_images(store: RunStore) -> list[Path]:
-    """Files under images/ that no current row points at: not in results.parquet (any stage's file
-    column), nor in a part written since."""
+def orphan_images(store: RunStore) -> list[tuple[str, int]]:
+    """Files under images/ that no current row points at (not in results.parquet, in any stage's file
+    column, nor in a part written since): their paths relative to the folder, and their sizes."""
     if not store.results_path.exists():
         raise RunStateError(f"{store.results_path} does not exist yet: finish a run before cleaning")
-    results = pq.read_table(store.results_path)
+    results = store.read_table(store.results_path)
     referenced = set()
     for name in results.column_names:
         if name.endswith("_path"):
@@ -153,9 +150,17 @@ def orphan_images(store: RunStore) -> list[Path]:
     for stage in _stages(store.read_run_json()):
         for part in store.part_files(stage):
             if part.stat().st_mtime > written:
-                table = pq.read_table(part)
+                table = store.read_table(part)
                 for name in (c for c in table.column_names if c.endswith("_path")):
                     referenced.update(p for p in table.column(name).to_pylist() if isinstance(p, str))
-    images = store.root / "images"
-    files = sorted(p for p in images.rglob("*") if p.is_file()) if images.is_dir() else []
-    return [p for p in files if str(p.relative_to(store.root)) not in referenced]
+                for name in (c for c in table.column_names if is_image_list(table.schema.field(c).type)):
+                    referenced.update(_listed_paths(table.column(name)))  # renditions, as a part holds them
+    return [(path, size) for path, size in store.files_under("images") if path not in referenced]
+
+
+def _listed_paths(column: pa.ChunkedArray) -> set[str]:
+    """The `path` of every item of a list-of-images column (see `results.is_image_list`)."""
+    paths = set()
+    for items in column.to_pylist():
+        paths.update(item["path"] for item in items or () if item.get("path"))
+    return paths

@@ -1,7 +1,9 @@
 """Provenance inside the image file.
 
 Every PNG carries an A1111-style `parameters` text chunk, which existing tools (web UIs, image
-browsers, metadata viewers) already read, and a `catalogen` chunk with the full provenance as JSON.
+browsers, metadata viewers) already read, a `catalogen` chunk with the full provenance as JSON, and
+an XMP packet with the IPTC digital source type and the generator (catalogen.labels, which also
+writes the other formats).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import json
 import re
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
+
+from catalogen import labels
 
 # Our scheduler names -> A1111's sampler name and schedule type.
 A1111_SAMPLERS: dict[str, tuple[str, str | None]] = {
@@ -101,14 +105,13 @@ def parse_parameters(text: str) -> dict[str, Any]:
     }
 
 
-def encode_png(image: Image.Image, parameters: str, provenance: dict[str, Any]) -> bytes:
-    """PNG bytes with both text chunks; deterministic for the same pixels and provenance."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    info.add_text("catalogen", json.dumps(provenance, sort_keys=True, ensure_ascii=False))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
-    return buffer.getvalue()
+def encode_png(
+    image: Image.Image, parameters: str | None, provenance: dict[str, Any], source_type: str = labels.TRAINED
+) -> bytes:
+    """PNG bytes with both text chunks (no `parameters` when None) and the XMP label; deterministic
+    for the same pixels and provenance. `source_type`: labels.TRAINED for a generated image,
+    labels.COMPOSITE for one that keeps a product photo's own pixels."""
+    return labels.encode(image, "png", labels.Label(source_type, parameters, provenance))
 
 
 def read_png_text(path_or_bytes: Any) -> dict[str, str]:

@@ -37,10 +37,11 @@ import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 import catalogen
+from catalogen.locations import Location, absolute, is_remote, location, put, read_table
+from catalogen.duplicates import duplicate_groups, recorded_max_distance
 from catalogen.placement import alpha_box
 from catalogen.pngmeta import A1111_SAMPLERS, format_parameters
 from catalogen.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
@@ -84,7 +85,7 @@ def read_run(run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
         raise RunStateError(f"{results_path} does not exist: run `catalogen run` into {run_dir} first")
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return pq.read_table(results_path), info
+    return read_table(results_path), info
 
 
 def run_stages(results: pa.Table, info: dict[str, Any]) -> list[str]:
@@ -122,9 +123,9 @@ def _crop_png(image: Image.Image, folder: Path) -> tuple[str, str, int, int]:
 def _product_crops(root: Path, final: str, box: list[int], source: str) -> list[tuple[str, str, int, int]]:
     """The product's crop of the final image, and the same product in its photo (the cut-out's own
     pixels at their own resolution, cropped at the product's box there)."""
-    with Image.open(root / final) as image:
+    with (root / final).open("rb") as fh, Image.open(fh) as image:
         final_crop = image.convert("RGB").crop(tuple(box))
-    with Image.open(Path(source) if os.path.isabs(source) else root / source) as cutout:
+    with (Path(source) if os.path.isabs(source) else root / source).open("rb") as fh, Image.open(fh) as cutout:
         cutout = cutout.convert("RGBA")
     photo_box = alpha_box(np.asarray(cutout.getchannel("A")))
     return [_crop_png(final_crop, root), _crop_png(cutout.convert("RGB").crop(photo_box), root)]
@@ -197,12 +198,24 @@ def _scalars(section: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def config_highlights(info: dict[str, Any], stages: list[str]) -> dict[str, dict[str, str]]:
     """The run-level settings, then each stage's own section (what someone reading the images asks)."""
     config = dict(info.get("config", {}))
-    run_level = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    run_level = {k: v for k, v in config.items() if not isinstance(v, dict) and k not in stages}
     highlights = {"run": _scalars(run_level)}
     for stage in stages:
         if isinstance(config.get(stage), dict):
             highlights[stage] = _scalars(config[stage])
+        elif isinstance(config.get(stage), list):  # a section that is a list (renditions): an item a line
+            highlights[stage] = _list_section(config[stage])
     return highlights
+
+
+def _list_section(items: list[Any]) -> dict[str, str]:
+    """Each item of a list section by its `name`, its other settings on one line."""
+    lines = {}
+    for index, item in enumerate(items):
+        settings = _scalars(item) if isinstance(item, dict) else {"": str(item)}
+        name = settings.pop("name", str(index))
+        lines[name] = ", ".join(f"{key} {value}" for key, value in settings.items())
+    return lines
 
 
 def error_reasons(errors: Iterable[str | None]) -> tuple[list[tuple[str, int]], list[int]]:
@@ -246,9 +259,41 @@ def summary(results: pa.Table, info: dict[str, Any], stages: list[str]) -> dict[
     }
 
 
+DUPLICATE_GROUPS_SHOWN = 24
+DUPLICATE_MEMBERS_SHOWN = 8
+
+
+def near_duplicates(results: pa.Table, thumbs: set[str]) -> dict[str, Any] | None:
+    """The near-duplicate groups (catalogen/duplicates.py) for the summary: each chain of
+    `near_duplicate_of` followed to the row it ends at (the one `export --dedupe` keeps), largest
+    groups first; None when the results hold no such column."""
+    if "near_duplicate_of" not in results.column_names:
+        return None
+    _, max_distance = recorded_max_distance(results)
+    groups = duplicate_groups(results)
+    shown = groups[:DUPLICATE_GROUPS_SHOWN]
+    wanted = sorted({i for g in shown for i in g[:DUPLICATE_MEMBERS_SHOWN]})
+    columns = ["id", "variant", "image_path", "image_sha256", "near_duplicate_distance"]
+    rows = dict(zip(wanted, results.select(columns).take(pa.array(wanted, pa.int64())).to_pylist()))
+    drawn = []
+    for members in shown:
+        figures = []
+        for i in members[:DUPLICATE_MEMBERS_SHOWN]:
+            row = rows[i]
+            figures.append({"id": str(row["id"]), "variant": row["variant"], "src": row["image_path"],
+                            "thumb": thumb_name(row["image_sha256"]) if row["image_sha256"] in thumbs else None,
+                            "distance": row["near_duplicate_distance"]})
+        drawn.append({"rows": len(members), "members": figures, "more": len(members) - len(figures)})
+    return {"max_distance": max_distance, "rows": sum(len(g) - 1 for g in groups), "groups": len(groups),
+            "shown": drawn, "more_groups": len(groups) - len(drawn)}
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Write under a temporary name, then rename: readers never see half a file. No fsync: every
-    file of the report is made again from the run folder if a crash loses it."""
+    file of the report is made again from the run folder if a crash loses it. In a bucket: one PUT."""
+    if is_remote(path):
+        put(path, data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, path.name)
     try:
@@ -284,7 +329,7 @@ def make_thumbnail(source: Path, target: Path, size: int = THUMB_SIZE) -> bool:
     if target.exists():
         return True
     try:
-        with Image.open(source) as image:
+        with source.open("rb") as fh, Image.open(fh) as image:
             image.draft("RGB", (size, size))  # JPEG decodes at a reduced scale: much faster
             image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
@@ -305,7 +350,8 @@ def make_thumbnails(jobs: list[ThumbJob], run_dir: Path, size: int = THUMB_SIZE,
     """Thumbnails of every job's image in parallel (Pillow decodes and resizes outside the GIL);
     returns the sha256s that have one. Missing or unreadable images are left out, not raised."""
     folder = run_dir / THUMB_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    if not is_remote(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     threads = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         outcomes = pool.map(_thumbnail_job, jobs, [folder] * len(jobs), [size] * len(jobs))
@@ -359,6 +405,14 @@ def _image(row: dict[str, Any], name: str, thumbs: set[str]) -> dict[str, Any] |
     }
 
 
+def _near_duplicate_of(row: dict[str, Any]) -> str | None:
+    """`b v0, 3 bits apart`: the earlier row this one's final image repeats (catalogen/duplicates.py)."""
+    if row.get("near_duplicate_of") is None:
+        return None
+    return (f"{row['near_duplicate_of']} v{row.get('near_duplicate_of_variant')}, "
+            f"{row.get('near_duplicate_distance')} bits apart (pHash)")
+
+
 def row_record(row: dict[str, Any], stages: list[str], shown_images: list[str], thumbs: set[str]) -> dict[str, Any]:
     """What the gallery shows for one row (short keys: 100,000 of these are written)."""
     after = _first(row, AFTER_COLUMNS) or row.get("prompt")
@@ -375,6 +429,7 @@ def row_record(row: dict[str, Any], stages: list[str], shown_images: list[str], 
         "after": after,
         "neg": row.get("generate_negative_prompt") or None,
         "cap": row.get(CAPTION_COLUMN),
+        "dup": _near_duplicate_of(row),
         "par": parameters_line(row),
         "ss": [row.get(f"{s}_status") for s in stages],
         "se": stage_errors or None,
@@ -385,7 +440,7 @@ def row_record(row: dict[str, Any], stages: list[str], shown_images: list[str], 
 
 def _row_columns(results: pa.Table, stages: list[str], shown_images: list[str]) -> list[str]:
     wanted = ["id", "variant", "status", "stage", "error", "prompt", "seed", *BEFORE_COLUMNS, *AFTER_COLUMNS,
-              CAPTION_COLUMN]
+              CAPTION_COLUMN, "near_duplicate_of", "near_duplicate_of_variant", "near_duplicate_distance"]
     wanted += [f"generate_{name}" for name in PARAMETER_COLUMNS]
     for stage in stages:
         wanted += [f"{stage}_{c}" for c in ("status", "error", "seed")]
@@ -464,13 +519,13 @@ def render_html(context: dict[str, Any]) -> str:
     return _environment().get_template("report.html.j2").render(**context, **assets)
 
 
-def write_report(run_dir: str | Path, *, workers: int | None = None) -> Path:
+def write_report(run_dir: str | Location, *, workers: int | None = None) -> Location:
     """Write report.html, its data files and the missing thumbnails into a run folder; returns the
     path of report.html. Reads only the folder (results.parquet, run.json, images).
 
     `workers`: threads making thumbnails (default: the CPU count, at most 8).
     """
-    root = Path(run_dir)
+    root = location(run_dir)
     results, info = read_run(root)
     for folder in (root / THUMB_DIR, root / DATA_DIR):
         for debris in folder.glob(".*.tmp"):  # left by a report that was killed
@@ -497,9 +552,10 @@ def write_report(run_dir: str | Path, *, workers: int | None = None) -> Path:
         "reasons": reasons[:REASONS_SHOWN],
         "more_reasons": max(0, len(reasons) - REASONS_SHOWN),
         "rows_with_reason": sum(count for _, count in reasons),
+        "duplicates": near_duplicates(results, thumbs),
         "statuses": STATUSES,
         "data_dir": DATA_DIR,
-        "folder": str(root.resolve()),
+        "folder": absolute(root),
         "catalogen_version": catalogen.__version__,
     }
     path = root / REPORT_FILE

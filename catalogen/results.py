@@ -2,7 +2,9 @@
 
 The catalog's own columns come first, in their own types (so the results join back to the
 catalog on `id` in pandas, DuckDB or `datasets`), then `variant`, then the summary, then each
-stage's columns under its name (`generate_seed`, `enhance_prompt`, …).
+stage's columns under its name (`generate_seed`, `enhance_prompt`, …). A stage's list of named
+images (renditions' `renditions` column) becomes columns per name (`renditions_<name>_path`,
+`_sha256`, `_bytes`, `_width`, `_height`, `_format`), so every image is a `_path` column.
 
 The summary describes the last stage a row reached: `status` is `ok` when every stage succeeded
 (a stage may record `fallback` or `degenerate` and still let the row go on), `failed` at the
@@ -98,7 +100,12 @@ def assemble_results(plan: RunPlan, pending_label: str | None = None) -> pa.Tabl
         table = table.append_column(column, values)
     for name, found in stage_tables.items():
         for column in stage_modules(plan.config)[name].OUTPUT_SCHEMA.names:
-            if column in found.column_names:
+            if column not in found.column_names:
+                continue
+            if is_image_list(found.schema.field(column).type):
+                for flat, values in image_list_columns(name, found.column(column)).items():
+                    table = table.append_column(flat, values)
+            else:
                 table = table.append_column(f"{name}_{column}", found.column(column))
     if plan.scope is None:
         return table
@@ -106,6 +113,33 @@ def assemble_results(plan: RunPlan, pending_label: str | None = None) -> pa.Tabl
     recorded = np.logical_or.reduce([t.column("status").is_valid().to_numpy(zero_copy_only=False)
                                      for t in stage_tables.values()])
     return table.filter(pa.array(plan.scope | recorded))
+
+
+IMAGE_LIST_FIELDS = ("path", "sha256", "bytes", "width", "height", "format")
+
+
+def is_image_list(typ: pa.DataType) -> bool:
+    """A stage's list of named images (renditions: name, path, sha256, width, …), see `image_list_columns`."""
+    return (pa.types.is_list(typ) and pa.types.is_struct(typ.value_type)
+            and {"name", "path", "sha256", "width"} <= {f.name for f in typ.value_type})
+
+
+def image_list_columns(stage: str, values: pa.ChunkedArray) -> dict[str, pa.Array]:
+    """A list of named images per row as columns per name, `<stage>_<name>_path`, `_sha256`, … (so
+    `recorded_images` finds each as `<stage>.<name>`), names in order of first appearance."""
+    struct = values.type.value_type
+    fields = [f for f in IMAGE_LIST_FIELDS if struct.get_field_index(f) >= 0]
+    by_name: list[dict[str, dict]] = []  # per row: its images by name
+    names: dict[str, None] = {}  # every name, in order of first appearance
+    for items in values.to_pylist():
+        by_name.append({item["name"]: item for item in items or ()})
+        names.update(dict.fromkeys(by_name[-1]))
+    columns = {}
+    for name in names:
+        for field_name in fields:
+            found = [row[name][field_name] if name in row else None for row in by_name]
+            columns[f"{stage}_{name}_{field_name}"] = pa.array(found, struct.field(field_name).type)
+    return columns
 
 
 def error_reason(error: str) -> str:
@@ -173,7 +207,8 @@ def recorded_images(results: pa.Table) -> list[str]:
 
 def summarize(results: pa.Table, stages: tuple[str, ...] = ()) -> dict[str, Any]:
     """Row counts by summary status, rows any stage marked fallback or degenerate, the reasons of
-    failed, fallback and degenerate rows (reason -> rows), and counts by status within each stage."""
+    failed, fallback and degenerate rows (reason -> rows), counts by status within each stage, and
+    the rows whose final image is a near-duplicate of an earlier row's (`near_duplicates`)."""
     counts = pc.value_counts(results.column("status")).to_pylist()
     by_status = {c["values"]: c["counts"] for c in counts}
     summary: dict[str, Any] = {"rows": results.num_rows, **{s: by_status.get(s, 0) for s in ("ok", "failed", "skipped")}}
@@ -188,4 +223,6 @@ def summarize(results: pa.Table, stages: tuple[str, ...] = ()) -> dict[str, Any]
         per_stage[name] = {s: found[s] for s in STATUSES if found.get(s)}
     if stages:
         summary["stages"] = per_stage
+    if "near_duplicate_of" in results.column_names:  # see catalogen/duplicates.py
+        summary["near_duplicates"] = int(pc.sum(pc.is_valid(results.column("near_duplicate_of"))).as_py() or 0)
     return summary

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,11 +43,13 @@ from catalogen.catalog import (
     validate_catalog,
 )
 from catalogen import registry
+from catalogen.credentials import credential_faults
 from catalogen.config import ConfigError, RunConfig, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
 from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS
 from catalogen.images import check_images, check_paths
+from catalogen.locations import absolute, is_remote, location
 from catalogen.models import (
     MissingModelsError,
     ModelIdentity,
@@ -79,13 +81,18 @@ def stage_modules(cfg: RunConfig) -> dict[str, Stage]:
 
 
 def upstreams(stages: Sequence[str]) -> dict[str, dict[str, str | None]]:
-    """For each stage and role it reads: the nearest earlier stage providing it, or None (the catalog)."""
+    """For each stage and role it reads: the nearest earlier stage providing it, or None (the catalog).
+
+    A role `<role>@<stage>` (e.g. `image@remove_bg`, see tasks/renditions.py) is read from that
+    stage when it runs earlier, else from nowhere (None, and nothing is required of the catalog).
+    """
     known = registry.stages()
     found: dict[str, dict[str, str | None]] = {}
     for position, name in enumerate(stages):
         found[name] = {}
         for role in known[name].READS:
-            providers = [s for s in stages[:position] if role in known[s].PROVIDES]
+            wanted, _, only = role.partition("@")
+            providers = [s for s in stages[:position] if wanted in known[s].PROVIDES and only in ("", s)]
             found[name][role] = providers[-1] if providers else None
     return found
 
@@ -109,6 +116,8 @@ def required_columns(cfg: RunConfig) -> dict[str, str]:
     needed = {}
     for roles in upstreams(cfg.stages).values():
         for role, provider in roles.items():
+            if "@" in role:  # a named stage's output, taken when that stage runs (see `upstreams`)
+                continue
             column, hint = ROLE_COLUMNS[role]
             if provider is None and not (role == "prompt" and _has_template(cfg)):
                 needed[column] = hint
@@ -133,6 +142,7 @@ def config_faults(cfg: RunConfig) -> list[str]:
     problems = []
     for name, module in stage_modules(cfg).items():
         problems += module.config_faults(cfg)
+    problems += credential_faults(cfg)  # the signing certificate and key, when outputs.credentials is set
     cache = cfg.resolved_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -193,14 +203,15 @@ class Selection:
         return f"--limit {self.limit}" if self.limit is not None else f"--sample {self.sample}"
 
 
-def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", folder: Path | None = None) -> pa.Table:
+def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", folder: Path | None | str = "") -> pa.Table:
     """Validate a catalog table against this run's stages and template; refuse it with every fault.
 
-    `folder` is where the catalog's relative image paths start (default: the folder of `source`).
+    `folder` is where the catalog's relative image paths start (default: the folder of `source`;
+    None: a catalog read from a URL, which has none).
     """
     required = required_columns(cfg)
     needs_images = required.pop("image", None) is not None  # a path or bytes: check_images knows both
-    folder = Path(source).parent if folder is None else folder
+    folder = Path(source).parent if folder == "" else folder
     table, image_faults = check_images(table, folder, cfg.images, needs_images)
     for column in path_columns(cfg):
         table, path_faults = check_paths(table, column, folder, cfg.images)
@@ -231,9 +242,15 @@ def _brings_image(table: pa.Table) -> np.ndarray:
     return has
 
 
+def catalog_folder(catalog: Path | Any) -> Path | None:
+    """Where a catalog's relative paths start: its folder; none for a catalog read from a URL."""
+    return None if is_remote(catalog) else catalog.parent
+
+
 def load_checked_catalog(catalog_path: str | Path, cfg: RunConfig) -> pa.Table:
     """Read and validate the catalog file."""
-    return validate_for_run(read_catalog(catalog_path), cfg, source=str(catalog_path), folder=Path(catalog_path).parent)
+    where = location(catalog_path)
+    return validate_for_run(read_catalog(where), cfg, source=str(where), folder=catalog_folder(where))
 
 
 def check(catalog_path: str | Path, cfg: RunConfig) -> tuple[pa.Table, dict]:
@@ -276,8 +293,8 @@ def default_out(catalog_path: str | Path, cfg: RunConfig, root: str | Path = "ou
     The same command resumes the same folder, and two catalogs with the same file name (in
     different folders) never share one.
     """
-    path = Path(catalog_path).resolve()
-    return Path(root) / f"{path.name.split('.')[0]}-{stable_hash(str(path))[:8]}-{cfg.profile}"
+    path = location(catalog_path)
+    return Path(root) / f"{path.name.split('.')[0]}-{stable_hash(absolute(path))[:8]}-{cfg.profile}"
 
 
 def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]:
@@ -356,9 +373,9 @@ def prepare(
     The last plan is remembered per process, so the CLI's pre-flight and the flow it then runs
     read and plan a large catalog once, not twice.
     """
-    catalog_path = Path(catalog_path)
+    catalog_path = location(catalog_path)
     stat = catalog_path.stat() if catalog_path.exists() else None
-    memo_key = (str(catalog_path.resolve()), stat and (stat.st_mtime_ns, stat.st_size),
+    memo_key = (absolute(catalog_path), stat and (getattr(stat, "st_mtime_ns", stat.st_mtime), stat.st_size),
                 cfg.model_dump_json(), str(out), selection)
     if memo_key in _memo:
         return _memo[memo_key]
@@ -428,8 +445,10 @@ def rerun_command(store: RunStore, *flags: str) -> str:
     """The command that runs this folder again with the settings it was made with (see run_settings)."""
     import shlex
 
-    catalog = store.read_run_json().get("catalog", {}).get("path", "CATALOG")
-    return shlex.join(["catalogen", "run", catalog, "--out", str(store.root), *flags])
+    info = store.read_run_json()
+    catalog = info.get("catalog", {}).get("path", "CATALOG")
+    trial = shlex.split(info["trial"]["selection"]) if isinstance(info.get("trial"), dict) else []  # stay within it
+    return shlex.join(["catalogen", "run", catalog, "--out", str(store.root), *trial, *flags])
 
 
 class CatalogChanged(RuntimeError):
@@ -443,7 +462,7 @@ def check_folder_catalog(store: RunStore, catalog_path: Path, accept_new: bool) 
     recorded = store.read_run_json().get("catalog", {}).get("path")
     if recorded is None or accept_new:
         return
-    if Path(recorded).resolve() != catalog_path.resolve():
+    if absolute(location(recorded)) != absolute(location(catalog_path)):
         raise CatalogChanged(
             f"{store.root} was made from {recorded}, not {catalog_path}; its results would be replaced "
             "by this catalog's. Use another --out, or pass --new-catalog to run this catalog into it."
@@ -482,13 +501,15 @@ def record_invocation(plan: RunPlan, pending: Mapping[str, int], retry_failed: b
         {
             "created_at": previous.get("created_at", now),
             "updated_at": now,
-            "catalog": {"path": str(plan.catalog_path.resolve()), "ids": plan.catalog.num_rows,
+            "catalog": {"path": absolute(plan.catalog_path), "ids": plan.catalog.num_rows,
                         "rows": plan.rows.num_rows},
             "trial": _trial(plan, previous),
             "config": plan.config.model_dump(mode="json"),
             "models": {stage: {role: i.to_dict() for role, i in roles.items()} for stage, roles in plan.models.items()},
             "versions": _versions(),
             "invocations": previous.get("invocations", []) + [invocation],
+            # seconds and bytes per row, per stage and device kind, measured by earlier runs (catalogen.dryrun)
+            "throughput": previous.get("throughput", {}),
         },
     )
 
@@ -709,6 +730,21 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
         index = table.schema.get_field_index(column)
         table = table.set_column(index, column, pc.coalesce(pc.cast(values, table.schema.field(column).type), table.column(column)))
     blocked = pa.array([r for r, keep in zip(blocked_reason(plan, outcomes, stage), mine) if keep], pa.string())
+    from catalogen.recipe import chain, recipe_columns
+
+    # Each row's catalog fields, for the provenance its images carry (`catalogen reproduce`); the
+    # runner takes these columns off before the stage sees the rows. Only the columns of this stage
+    # and those before it: a later stage's column (style's scene_prompt) must not change the bytes
+    # of generate's image.
+    modules = stage_modules(plan.config)
+    before = chain(plan.config.stages, stage)
+    own = {c for name in before for c in modules[name].rules(plan.config)} | set(CORE_RULES)
+    later = {c for name, module in modules.items() if name not in before
+             for c in (*module.rules(plan.config), *getattr(module, "PATH_COLUMNS", ()))} - own
+    rows = plan.rows.take(pa.array(outcomes.shard.rows[mine]))
+    rows = rows.drop_columns([c for c in rows.column_names if c in later])
+    for name, values in recipe_columns(rows, plan.config, stage).items():
+        table = table.append_column(name, values)
     if SKIP_COLUMN in table.column_names:
         own = table.column(SKIP_COLUMN)
         return table.set_column(table.schema.get_field_index(SKIP_COLUMN), SKIP_COLUMN, pc.coalesce(blocked, own))

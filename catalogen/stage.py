@@ -11,14 +11,18 @@ catalogen/registry.py), with a `plan` and a `process`:
   raising for a bad row (its `status` is `failed`, with the reason in `error`).
 
 Chaining is the pipeline's job, not the stage's (see catalogen/runplan.py): a stage declares
-what it `READS` ("prompt", "image") and `PROVIDES`, and `FROM_UPSTREAM` maps its planned columns
-to the provider's output columns. The pipeline extends each key with the keys of the rows it
+what it `READS` ("prompt", "image"; or "image@remove_bg": that stage's, when it runs earlier) and
+`PROVIDES`, and `FROM_UPSTREAM` maps its planned columns to the provider's output columns. The pipeline extends each key with the keys of the rows it
 reads from upstream, fills those columns from the upstream results before `process`, and marks
 a row `skipped` when its upstream did not succeed.
 
 Optional: `POSITION` (its place in pipeline order, see catalogen/registry.py; default last),
-`PATH_COLUMNS` (catalog columns of file paths, checked and made absolute like catalog images) and
-`needs_device(cfg)` (False: the stage's shards take no device lease, e.g. a server).
+`PATH_COLUMNS` (catalog columns of file paths, checked and made absolute like catalog images),
+`PATH_SETTINGS` (its settings that name a file, e.g. style's `style_image`), `SETTINGS_FROM` (other
+sections it reads, e.g. `generate` for its model) and `needs_device(cfg)` (False: the stage's shards
+take no device lease, e.g. a server). `PATH_COLUMNS`, `PATH_SETTINGS` and `SETTINGS_FROM` also decide
+what each image's recipe holds (catalogen/recipe.py); a stage that makes images puts
+`**ctx.recipe_entry(row)` in their provenance, so `catalogen reproduce` can make them again.
 
 Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes images adds
 `IMAGE_COLUMNS` (use `output_schema`). The results and resume read nothing else.
@@ -27,7 +31,7 @@ Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import pyarrow as pa
 from pydantic import BaseModel
@@ -80,10 +84,16 @@ class StageContext:
     device: Device
     dtype: "torch.dtype"
     progress: Callable[[int], None] = _ignore  # rows finished so far in this table
+    recipes: Any = None  # catalogen.recipe.Recipes of these rows, inside a run (None when called directly)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    def recipe_entry(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """`{"recipe": …}` for an image's provenance: what `catalogen reproduce` makes it again from
+        (catalogen/recipe.py); empty outside a run."""
+        return self.recipes.entry(row) if self.recipes is not None else {}
 
 
 class Stage(Protocol):

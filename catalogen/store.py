@@ -12,7 +12,9 @@
 
 The folder, not Prefect's database, is the source of truth. Every file is written under a
 temporary name in `work/tmp/` and renamed into place, so a file that exists is complete and a
-killed invocation leaves its debris in one folder, swept by the next. A stage's part files are
+killed invocation leaves its debris in one folder, swept by the next. In a bucket (`s3://…`, see
+catalogen/locations.py) each file is one PUT instead, whole or absent, and the folder's lock is a
+lease object (catalogen/lease.py) instead of an flock. A stage's part files are
 never rewritten: a later result for the same row (a retry, `catalogen verify`) is a new part,
 and the newest result per row and key wins.
 
@@ -35,13 +37,16 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from upath import UPath
 
+from catalogen import lease, stopping
 from catalogen.hashing import sha256_bytes
+from catalogen.locations import Location, arrow_path, is_remote, location, put, read_table
 
 # A row's outcome in a stage. The first three count as success: `fallback` (an answer that could
 # not be used, replaced by the input) and `degenerate` (a caption flagged as useless) still let the
@@ -154,19 +159,15 @@ def id_hash(row_id: str) -> str:
     return sha256_bytes(row_id.encode())[:16]
 
 
-# Folders locked by this process (flock is per open file, so a second flock would block itself).
-_held: dict[Path, int] = {}
+# Folders locked by this process, by lock name (flock is per open file, so a second flock would
+# block itself; a second lease would be refused as busy).
+_held: dict[str, int] = {}
 _held_lock = threading.Lock()
 
 
 @contextmanager
-def hold_folder(lock: Path, user: str) -> Iterator[None]:
-    """An exclusive `flock` on `lock` (a file in the folder it guards), refused at once when held.
-
-    Re-entrant within a process; the holder's pid, host and start time are written into the file
-    for `lock_holder`. The lock dies with its process, however that ends.
-    """
-    key = lock.resolve()
+def once_per_process(key: str, take: Callable[[], ContextManager[None]]) -> Iterator[None]:
+    """`take()` the first time this process asks for `key`; nested requests only count."""
     with _held_lock:
         reentered = key in _held
         if reentered:
@@ -178,6 +179,29 @@ def hold_folder(lock: Path, user: str) -> Iterator[None]:
             with _held_lock:
                 _held[key] -= 1
         return
+    with take():
+        with _held_lock:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held.pop(key, None)
+
+
+@contextmanager
+def hold_folder(lock: Path, user: str) -> Iterator[None]:
+    """An exclusive `flock` on `lock` (a file in the folder it guards), refused at once when held.
+
+    Re-entrant within a process; the holder's pid, host and start time are written into the file
+    for `lock_holder`. The lock dies with its process, however that ends.
+    """
+    with once_per_process(str(lock.resolve()), lambda: _flock(lock, user)):
+        yield
+
+
+@contextmanager
+def _flock(lock: Path, user: str) -> Iterator[None]:
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -191,15 +215,24 @@ def hold_folder(lock: Path, user: str) -> Iterator[None]:
                 from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        with _held_lock:
-            _held[key] = 1
-        try:
-            yield
-        finally:
-            with _held_lock:
-                _held.pop(key, None)
+        yield
     finally:
         os.close(fd)  # releases the lock, also when the process dies
+
+
+@contextmanager
+def _lease(lock: Any, user: str) -> Iterator[None]:
+    def lost() -> None:  # another run took the folder over: stop writing into it
+        stopping.STOPPING.set()
+        stopping.ABANDON.set()
+
+    try:
+        with lease.hold(lock, on_lost=lost):
+            yield
+    except lease.LeaseBusy as exc:
+        raise RunFolderBusy(f"{lock.parent} is in use by another {user} ({exc})") from None
+    except lease.LeaseError as exc:
+        raise RunStateError(str(exc)) from None
 
 
 def lock_holder(lock: Path) -> str | None:
@@ -222,15 +255,16 @@ class RunStore:
     """One run's output folder (layout in the module docstring)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root: Location = location(root)  # a Path, or a UPath for a URL (see catalogen/locations.py)
+        self.remote = is_remote(self.root)
 
     # -- layout --
     @property
-    def run_json(self) -> Path:
+    def run_json(self) -> Location:
         return self.root / "run.json"
 
     @property
-    def results_path(self) -> Path:
+    def results_path(self) -> Location:
         return self.root / "results.parquet"
 
     def is_run(self) -> bool:
@@ -240,6 +274,9 @@ class RunStore:
     def check_usable(self) -> None:
         """Refuse, before anything is created, an output folder that cannot be one: an existing
         file, a path under a file, or a folder whose nearest existing parent cannot be written."""
+        if self.remote:
+            self._check_usable_remote()
+            return
         if self.root.exists() and not self.root.is_dir():
             raise RunStateError(f"--out {self.root} is a file, not a folder")
         parent = self.root
@@ -250,17 +287,30 @@ class RunStore:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunStateError(f"--out {self.root} cannot be made or written: {parent} is not writable")
 
+    def _check_usable_remote(self) -> None:
+        """The bucket must exist and answer with these credentials (their values are never shown)."""
+        try:
+            if self.root.is_file():
+                raise RunStateError(f"--out {self.root} is an object, not a folder")
+            name = f"{self.root.protocol}://{self.root.path.split('/')[0]}"
+            if not UPath(name, **self.root.storage_options).exists():
+                raise RunStateError(f"--out {self.root}: the bucket {name} does not exist or cannot be seen")
+        except RunStateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every backend has its own errors (no credentials, no network)
+            raise RunStateError(f"--out {self.root} cannot be used: {type(exc).__name__}: {exc}") from None
+
     @property
     def tmp_dir(self) -> Path:
         return self.root / "work" / "tmp"
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str) -> Location:
         return self.root / "stages" / stage
 
-    def part_path(self, stage: str, shard: str) -> Path:
+    def part_path(self, stage: str, shard: str) -> Location:
         return self.stage_dir(stage) / f"part-{shard}.parquet"
 
-    def shard_input_path(self, stage: str, shard: str) -> Path:
+    def shard_input_path(self, stage: str, shard: str) -> Location:
         return self.root / "work" / stage / f"shard-{shard}.parquet"
 
     def image_path(self, stage: str, row_id: str, variant: int, key: str, ext: str = "png") -> str:
@@ -274,20 +324,30 @@ class RunStore:
         """Hold the folder for one invocation; a second one at the same time is refused at once.
 
         Re-entrant within a process (the CLI takes the lock before Prefect starts, and the flow
-        it runs takes it again); released when the process ends, however it ends.
+        it runs takes it again); released when the process ends, however it ends. On object
+        storage the lock is a lease (catalogen/lease.py) that a killed holder's successor takes over.
         """
-        with hold_folder(self.root / ".lock", "run"):
-            yield
+        lock = self.root / ".lock"
+        if self.remote:
+            with once_per_process(str(lock), lambda: _lease(lock, "run")):
+                yield
+        else:
+            with hold_folder(lock, "run"):
+                yield
 
     def holder(self) -> str | None:
         """Who holds the folder now (None if nobody)."""
-        return lock_holder(self.root / ".lock")
+        return lease.holder(self.root / ".lock") if self.remote else lock_holder(self.root / ".lock")
 
     def clear_leftovers(self) -> None:
         """Remove shard inputs and temporary files (what a killed invocation leaves behind).
 
         Only safe while holding `exclusive()`: then no other invocation can be using them.
         """
+        if self.remote:  # objects are written whole, so only shard inputs are left over
+            if (self.root / "work").exists():
+                self.root.fs.rm((self.root / "work").path, recursive=True)
+            return
         shutil.rmtree(self.root / "work", ignore_errors=True)
         for tmp in self.root.glob(".*.tmp"):  # results.parquet and run.json of older versions
             tmp.unlink(missing_ok=True)
@@ -295,21 +355,53 @@ class RunStore:
             tmp.unlink(missing_ok=True)
 
     # -- writing --
+    def write_file(self, path: Location, data: bytes) -> None:
+        """A file of the folder, complete or absent: renamed into place on a disk, one PUT on a bucket."""
+        if self.remote:
+            put(path, data)
+        else:
+            write_atomic(path, data, self.tmp_dir)
+
     def write_shard_input(self, stage: str, shard: str, rows: pa.Table) -> None:
-        write_parquet_atomic(rows, self.shard_input_path(stage, shard), self.tmp_dir)
+        self.write_file(self.shard_input_path(stage, shard), parquet_bytes(rows))
 
     def write_part(self, stage: str, shard: str, table: pa.Table) -> None:
-        write_parquet_atomic(table, self.part_path(stage, shard), self.tmp_dir)
+        self.write_file(self.part_path(stage, shard), parquet_bytes(table))
 
     def write_image(self, relative: str, data: bytes) -> str:
-        write_atomic(self.root / relative, data, self.tmp_dir)
+        self.write_file(self.root / relative, data)
         return sha256_bytes(data)
 
-    def write_json(self, path: Path, value: Any) -> None:
-        write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode(), self.tmp_dir)
+    def read_bytes(self, relative: str) -> bytes:
+        """A file of the run folder by its path relative to the folder (as results record them)."""
+        return (self.root / relative).read_bytes()
+
+    def exists(self, relative: str) -> bool:
+        return (self.root / relative).exists()
+
+    def files_under(self, relative: str) -> list[tuple[str, int]]:
+        """Every file below a sub-folder: (path relative to the run folder, bytes), sorted; one
+        listing on a bucket, not a request per file."""
+        folder = self.root / relative
+        if self.remote:
+            base = self.root.path.rstrip("/") + "/"
+            found = self.root.fs.find(folder.path, detail=True)
+            return sorted((name[len(base):], int(info.get("size") or 0)) for name, info in found.items()
+                          if info.get("type") != "directory")
+        files = (p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else ()
+        return sorted((str(p.relative_to(self.root)), p.stat().st_size) for p in files)
+
+    def delete(self, relative: str) -> None:
+        (self.root / relative).unlink(missing_ok=True)
+
+    def write_json(self, path: Location, value: Any) -> None:
+        self.write_file(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
     def write_results(self, table: pa.Table) -> None:
-        write_parquet_atomic(table, self.results_path, self.tmp_dir)
+        self.write_file(self.results_path, parquet_bytes(table))
+
+    def read_table(self, path: Location, **kwargs: Any) -> pa.Table:
+        return read_table(path, **kwargs)
 
     def read_run_json(self) -> dict[str, Any]:
         try:
@@ -326,30 +418,38 @@ class RunStore:
         return value
 
     # -- what is done --
-    def part_files(self, stage: str) -> list[Path]:
+    def part_files(self, stage: str) -> list[Location]:
         folder = self.stage_dir(stage)
         return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
 
-    def set_aside_unreadable(self, stage: str) -> list[Path]:
+    def set_aside_unreadable(self, stage: str) -> list[Location]:
         """Move parts whose Parquet footer cannot be read (a truncated or garbled file) aside.
 
         Their rows then read as not done and are recomputed. Returns the new paths.
         """
         moved = []
         for path in self.part_files(stage):
+            where, filesystem = arrow_path(path)
             try:
-                pq.read_metadata(path)
+                pq.read_metadata(where, filesystem=filesystem)
             except (pa.ArrowInvalid, OSError):
                 target = self.stage_dir(stage) / "set-aside" / f"{path.name}.{int(time.time())}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+                if self.remote:
+                    self.root.fs.mv(path.path, target.path)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
                 moved.append(target)
         return moved
 
     def stage_rows(self, stage: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
         """Every row of every finished part of a stage (columns a part lacks read as null)."""
-        files = [str(p) for p in self.part_files(stage)]
-        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
+        return self.dataset(self.part_files(stage), schema).to_table(columns=columns)
+
+    def dataset(self, files: list[Location], schema: pa.Schema) -> ds.Dataset:
+        """Parquet files of this folder as one pyarrow dataset (read lazily, from a disk or a bucket)."""
+        return ds.dataset([arrow_path(f)[0] for f in files], format="parquet", schema=schema,
+                          filesystem=self.root.fs if self.remote else None)
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)

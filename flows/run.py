@@ -20,11 +20,11 @@ import queue
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -37,6 +37,8 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
+from catalogen.dryrun import record_throughput
+from catalogen.duplicates import add_duplicate_columns
 from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
 from catalogen.report import write_report
@@ -199,7 +201,7 @@ def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
         name = state.outcomes.shard.name
         try:
             counts = future.result()
-            absorb_part(plan, state.outcomes, stage, pq.read_table(plan.store.part_path(stage, name)))
+            absorb_part(plan, state.outcomes, stage, plan.store.read_table(plan.store.part_path(stage, name)))
             # Removed here, not by the task: a task whose worker died after its part was written runs
             # again elsewhere, and must find its input (it writes the same part again).
             plan.store.shard_input_path(stage, name).unlink(missing_ok=True)
@@ -231,6 +233,9 @@ def _artifact(plan: RunPlan, results, summary: dict[str, Any]) -> str:
     for stage, counts in summary["stages"].items():
         cells = " | ".join(str(counts.get(s, 0)) for s in ("ok", "fallback", "degenerate", "failed", "skipped"))
         lines.append(f"| {stage} | {cells} |")
+    if summary.get("near_duplicates"):
+        lines += ["", f"{summary['near_duplicates']} ok row(s) repeat an earlier row's final image (pHash within "
+                  f"{plan.config.duplicates.max_distance} bits; column `near_duplicate_of`, groups in the report)"]
     lines += ["", "**Models**", ""]
     for stage, roles in plan.models.items():
         for role, identity in roles.items():
@@ -252,6 +257,36 @@ def _stage_table(summary: dict[str, Any], results) -> list[dict[str, Any]]:
         table.append({"stage": stage, **{s: counts.get(s, 0) for s in STATUSES},
                       "seconds": round(sum(v for v in seconds if v is not None), 2)})
     return table
+
+
+def _with_duplicates(plan: RunPlan, results, hash_new: bool):
+    """The results with `phash` and `near_duplicate_of` (catalogen/duplicates.py): the final images
+    not hashed by the results this run replaces are decoded once; a stopped run hashes none (it has
+    its grace period to finish), and a stop while hashing ends it: the rest is left to the next run.
+    Failing here is logged, not fatal."""
+    max_distance = plan.config.duplicates.max_distance
+    try:
+        previous = plan.store.read_bytes("results.parquet") if plan.store.exists("results.parquet") else None
+        results, counts = add_duplicate_columns(results, plan.store.read_bytes, max_distance, previous, hash_new,
+                                                stop=stopping.STOPPING.is_set)
+    except Exception as exc:  # noqa: BLE001 - the results stand without the columns
+        log.error("could not look for near-duplicates in %s: %s: %s", plan.store.root, type(exc).__name__, exc)
+        return results
+    if max_distance is not None:
+        log.info("near-duplicates (pHash within %d bits): %d row(s); %d image(s) hashed, %d reused%s%s",
+                 max_distance, counts["near_duplicates"], counts["hashed"], counts["reused"],
+                 f", {counts['unreadable']} unreadable" if counts["unreadable"] else "",
+                 f", {counts['not_hashed']} left for the next run" if counts["not_hashed"] else "")
+    return results
+
+
+def _record_throughput(plan: RunPlan, results, started) -> None:
+    """Seconds and bytes per row, per stage and device kind, into run.json (what `run --dry-run` prices
+    with); one that cannot be recorded is logged, not fatal."""
+    try:
+        record_throughput(plan.store, results, plan.config.stages, started)
+    except Exception as exc:  # noqa: BLE001 - the run's outputs are complete without it
+        log.warning("could not record throughput in %s: %s: %s", plan.store.run_json, type(exc).__name__, exc)
 
 
 def _write_report(plan: RunPlan) -> Path | None:
@@ -398,12 +433,15 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
     for name in cfg.stages:
         tracker.begin(name, scope)
         tracker.shard(name, "(done before)", scope - pending[name])
+    started = datetime.now(timezone.utc)
     driven = _drive(plan, masks, done, placement(cfg))
     record_workers(plan.store, driven.workers)
     for name in cfg.stages:
         tracker.end(name)
     results = assemble_results(plan, pending_label="pending" if driven.stopped else None)
+    results = _with_duplicates(plan, results, hash_new=not driven.stopped)
     plan.store.write_results(results)
+    _record_throughput(plan, results, started)
     plan.store.clear_leftovers()
     report = _write_report(plan)
     summary = {**summarize(results, cfg.stages), "out": str(plan.store.root), "crashed_shards": len(driven.crashed),

@@ -42,6 +42,7 @@ import catalogen
 from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.conditioning import prompt_arguments
+from catalogen.credentials import sign_stage_image
 from catalogen.config import DiffusionSpec, ModelSpec, RunConfig, Strict, field_bounds
 from catalogen.diffusion import (
     SAFETENSORS,
@@ -755,6 +756,7 @@ def _provenance(row: dict[str, Any], run: _Run, flagged: bool | None) -> dict[st
         "dtype": ctx.dtype_name,
         "safety_flagged": flagged,
         "catalogen_version": catalogen.__version__,
+        **ctx.recipe_entry(row),  # what `catalogen reproduce` makes it again from (inside a run)
     }
     # Only when present, so the files of runs without add-ons stay byte-identical to before.
     for name in ("loras", "embeddings"):
@@ -804,6 +806,7 @@ def _save(job: _Job, image: Image.Image, flagged: bool | None, run: _Run) -> dic
     store = run.ctx.store
     relative = store.image_path(NAME, row["id"], row["variant"], row["key"])
     data = encode_png(image, _a1111_parameters(row, run), _provenance(row, run, flagged))
+    data = sign_stage_image(data, relative, run.ctx)  # C2PA content credentials, when outputs.credentials is set
     return {
         "status": "ok",
         "image_path": relative,

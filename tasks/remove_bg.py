@@ -8,6 +8,9 @@ Per row it records the mask's coverage (the share of pixels more than half opaqu
 box, what was read (`source_image`, its real `source_sha256`), and the onnxruntime provider that
 ran (`provider`; `requested_provider` says what the device lease asked for, so a GPU run that fell
 back to the CPU shows it). A mask that covers almost nothing or almost everything fails the row.
+Both files carry the XMP label (catalogen.labels: compositeWithTrainedAlgorithmicMedia for a
+catalog photo's cut-out, trainedAlgorithmicMedia for a generated one) and the source's A1111
+`parameters`, when it has them.
 
 Key: the model (name and file SHA-256), every setting that changes the output or the outcome
 (alpha matting, coverage limits, canvas), `VERSION`, and the catalog image's identity (see
@@ -22,7 +25,6 @@ row only.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -31,14 +33,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 import catalogen
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.credentials import sign_stage_image
 from catalogen.hashing import column_keys, sha256_bytes
 from catalogen.images import ImageLoadError, catalog_sources, read_planned
+from catalogen.labels import read_label, source_type
 from catalogen.models import TINY_PREFIX, ModelIdentity, cached
 from catalogen.placement import (
     alpha_box,
@@ -49,6 +53,7 @@ from catalogen.placement import (
     parse_color,
     place,
 )
+from catalogen.pngmeta import encode_png
 from catalogen.rembg_models import KIND, REMBG_MODELS, home_of, u2net_home
 from catalogen.stage import StageContext, output_schema
 
@@ -324,15 +329,19 @@ def _bbox_columns(box: tuple[int, int, int, int] | None) -> dict[str, int | None
     return {"bbox_x0": x0, "bbox_y0": y0, "bbox_x1": x1, "bbox_y1": y1}
 
 
-def _png(image: Image.Image, provenance: dict[str, Any]) -> bytes:
-    """PNG bytes with the provenance in a `catalogen` text chunk; the same for the same pixels and provenance."""
-    import io
+def _png(image: Image.Image, provenance: dict[str, Any], from_photo: bool, parameters: str | None) -> bytes:
+    """PNG bytes with the provenance in a `catalogen` text chunk, the source's A1111 `parameters` (if it
+    had any) and the XMP label (a photo's cut-out keeps the photo's pixels); the same for the same
+    pixels and provenance."""
+    return encode_png(image, parameters, provenance, source_type(from_photo))
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("catalogen", json.dumps(provenance, sort_keys=True, ensure_ascii=False))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
-    return buffer.getvalue()
+
+def _source_parameters(data: bytes) -> str | None:
+    """The A1111 parameters the source image carries (a generated image's), so its cut-out keeps them."""
+    try:
+        return read_label(data).parameters
+    except Exception:  # noqa: BLE001 - a catalog image's broken metadata is no reason to fail the row
+        return None
 
 
 def _read(row: dict[str, Any], ctx: StageContext) -> tuple[bytes, Image.Image]:
@@ -341,13 +350,16 @@ def _read(row: dict[str, Any], ctx: StageContext) -> tuple[bytes, Image.Image]:
                         ctx.config.images)
 
 
-def _write_canvas(cutout: Image.Image, row: dict[str, Any], provenance: dict[str, Any], ctx: StageContext) -> dict:
+def _write_canvas(cutout: Image.Image, row: dict[str, Any], provenance: dict[str, Any], parameters: str | None,
+                  ctx: StageContext, photo: bytes | None = None) -> dict:
     settings = ctx.config.remove_bg.canvas
     size = canvas_size(settings.size, settings.aspect)
     canvas, box = place(cutout, size, settings.fill, parse_color(settings.color))
     reached = fill_ratio(box, size)
     relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"], ext="canvas.png")
-    data = _png(canvas, {**provenance, "canvas": settings.model_dump(), "canvas_fill": reached})
+    data = _png(canvas, {**provenance, "canvas": settings.model_dump(), "canvas_fill": reached},
+                row["source_identity"] is not None, parameters)
+    data = sign_stage_image(data, relative, ctx, ingredient=photo)  # C2PA, when outputs.credentials is set
     return {"canvas_path": relative, "canvas_sha256": ctx.store.write_image(relative, data),
             "canvas_width": size[0], "canvas_height": size[1], "canvas_fill": reached}
 
@@ -379,13 +391,18 @@ def _process_row(row: dict[str, Any], session, ctx: StageContext) -> dict[str, A
         "provider": session.inner_session.get_providers()[0],
         "alpha_matting": settings.alpha_matting.model_dump() if settings.alpha_matting.enabled else None,
         "catalogen_version": catalogen.__version__,
+        **ctx.recipe_entry(row),  # what `catalogen reproduce` makes it again from (inside a run)
     }
     try:
         relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
-        record.update({"image_path": relative, "image_sha256": ctx.store.write_image(relative, _png(cutout, provenance)),
+        parameters = _source_parameters(data)
+        png = _png(cutout, provenance, row["source_identity"] is not None, parameters)
+        photo = data if row["source_identity"] is not None else None  # the catalog's photo: the C2PA ingredient
+        png = sign_stage_image(png, relative, ctx, ingredient=photo)  # C2PA, when outputs.credentials is set
+        record.update({"image_path": relative, "image_sha256": ctx.store.write_image(relative, png),
                        "image_width": cutout.width, "image_height": cutout.height})
         if settings.canvas.enabled:
-            record.update(_write_canvas(cutout, row, provenance, ctx))
+            record.update(_write_canvas(cutout, row, provenance, parameters, ctx, photo))
     except OSError as exc:
         return {**record, "status": "failed", "error": f"could not write image: {exc}"}
     return {**record, "status": "ok"}

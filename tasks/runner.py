@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -27,6 +26,7 @@ from catalogen.config import RunConfig
 from catalogen.devices import Device, default_dtype, lease, visible_devices
 from catalogen.models import load_mark, loads_since
 from catalogen.progress import tracker
+from catalogen.recipe import run_catalog, take_recipes
 from catalogen.runplan import read_config
 from catalogen.stage import SKIP_COLUMN, StageContext
 from catalogen.store import STATUSES, RunStore, now_utc
@@ -72,7 +72,7 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     cfg, models = read_config(store)
     module = STAGES[stage]
     source = store.shard_input_path(stage, shard)
-    rows = pq.read_table(source)
+    rows, recipes = take_recipes(store.read_table(source), cfg, models, stage, run_catalog(store.read_run_json()))
     blocked = rows.filter(rows.column(SKIP_COLUMN).is_valid())
     todo = rows.filter(rows.column(SKIP_COLUMN).is_null()).drop_columns([SKIP_COLUMN])
     parts = [_skipped(blocked, module.OUTPUT_SCHEMA)] if blocked.num_rows else []
@@ -85,6 +85,7 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
             ctx = StageContext(
                 config=cfg, store=store, models=models[stage], device=device,
                 dtype=default_dtype(device, cfg.dtype), progress=_progress(stage, shard, blocked.num_rows),
+                recipes=recipes,
             )
             parts.append(module.process(todo, ctx))
             seconds = time.perf_counter() - started

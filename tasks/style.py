@@ -44,6 +44,7 @@ from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.credentials import sign_stage_image
 from catalogen.diffusion import finite
 from catalogen.hashing import column_keys, sha256_bytes, sha256_file
 from catalogen.images import (
@@ -57,6 +58,7 @@ from catalogen.images import (
 )
 from catalogen.models import ModelIdentity, cached
 from catalogen.placement import composite, place, product_pixels_equal
+from catalogen.labels import source_type
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
@@ -69,6 +71,8 @@ VERSION = 2  # 2: records the product's box and source (`product_bbox`, `product
 
 READS = ("image", "prompt")
 PATH_COLUMNS = ("style_image",)  # catalog paths, checked like catalog images (catalogen.images.check_paths)
+PATH_SETTINGS = ("style_image",)  # settings naming a file: each image's recipe holds it by path and sha256
+SETTINGS_FROM = ("generate",)  # other sections it reads (generate.model): in each image's recipe too
 PROVIDES = ("image",)
 FROM_UPSTREAM = {
     "source_image": ("image", "image_path"),
@@ -454,6 +458,7 @@ def _provenance(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         "device": ctx.device.name,
         "dtype": ctx.dtype_name,
         "catalogen_version": catalogen.__version__,
+        **ctx.recipe_entry(row),  # what `catalogen reproduce` makes it again from (inside a run)
     }
 
 
@@ -470,12 +475,13 @@ def _save(job: _Job, generated: np.ndarray, ctx: StageContext) -> dict[str, Any]
         extra={"Denoising strength": row["strength"], "IP-Adapter": adapter.repo, "IP-Adapter scale": row["scale"],
                "Style image hash": row["style_image_sha256"][:10], "Version": f"catalogen {catalogen.__version__}"},
     )
-    data = encode_png(image, parameters, _provenance(row, ctx))
+    data = encode_png(image, parameters, _provenance(row, ctx), source_type(row["source_identity"] is not None))
     product = {"product_bbox": list(job.box), "product_source": row["source_image"]}
     if not product_pixels_equal(data, job.placed):
         return {**product, "status": "failed", "error": "the product's pixels changed while styling",
                 "product_identical": False}
     relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
+    data = sign_stage_image(data, relative, ctx, row=row)  # C2PA, when outputs.credentials is set
     return {
         "status": "ok",
         "image_path": relative,

@@ -54,11 +54,13 @@ from catalogen.batching import AdaptiveBatcher, Outcome
 from catalogen.catalog import Rule, column_or_nulls
 from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.credentials import sign_stage_image
 from catalogen.diffusion import finite, load_pipeline
 from catalogen.hashing import MAX_SEED, column_keys, stable_hash
 from catalogen.images import ImageLoadError, catalog_sources, open_input, read_planned
 from catalogen.models import ModelIdentity, cached
 from catalogen.placement import Box, alpha_box, composite, product_layer, product_pixels_equal, scale_box
+from catalogen.labels import source_type
 from catalogen.pngmeta import encode_png, format_parameters
 from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
@@ -79,6 +81,7 @@ FROM_UPSTREAM = {
     "input_product_bbox": ("image", "product_bbox"),
 }
 MAKES_IMAGES = True
+SETTINGS_FROM = ("generate",)  # other sections it reads (generate.model): in each image's recipe too
 
 # The tile ControlNet per profile; the base pipeline is the profile's generate model, and the tile
 # size defaults to its native size (the tiny profile's 64, so small test images are tiled too).
@@ -580,6 +583,7 @@ def _provenance(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         "device": ctx.device.name,
         "dtype": ctx.dtype_name,
         "catalogen_version": catalogen.__version__,
+        **ctx.recipe_entry(row),  # what `catalogen reproduce` makes it again from (inside a run)
     }
 
 
@@ -611,12 +615,13 @@ def _finish(work: _Work, ctx: StageContext) -> dict[str, Any]:
                "ControlNet weight": row["controlnet_conditioning_scale"], "Upscale factor": row["factor"],
                "Tile": f"{row['tile_size']}/{row['tile_overlap']}", "Version": f"catalogen {catalogen.__version__}"},
     )
-    data = encode_png(image, parameters, _provenance(row, ctx))
+    data = encode_png(image, parameters, _provenance(row, ctx), source_type(row["source_identity"] is not None))
     if layer is not None and not product_pixels_equal(data, layer):
         return {**facts, "status": "failed", "error": "the product's pixels changed while upscaling",
                 "product_identical": False}
     relative = ctx.store.image_path(NAME, row["id"], row["variant"], row["key"])
     try:
+        data = sign_stage_image(data, relative, ctx, row=row)  # C2PA, when outputs.credentials is set
         digest = ctx.store.write_image(relative, data)
     except OSError as exc:
         return {**facts, "status": "failed", "error": f"could not write image: {exc}"}

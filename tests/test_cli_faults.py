@@ -114,8 +114,8 @@ def test_limit_and_sample_together_are_a_usage_error(tmp_path: Path):
     (["validate", "catalogs/demo_prompts.parquet", "--set", "stages=[generate,generate]"],
      "stages: a stage is listed twice in ['generate', 'generate'] (from --set stages=[generate,generate])"),
     (["run", "catalogs/demo_prompts.parquet", "--stages", "generate,foo", "--out", "{tmp}/out"],
-     "stages: unknown stage(s) foo; choose from enhance, generate, remove_bg, style, upscale, caption "
-     "(from --stages generate,foo)"),
+     "stages: unknown stage(s) foo; choose from enhance, generate, remove_bg, style, upscale, caption, "
+     "renditions (from --stages generate,foo)"),
 ])
 def test_a_bad_stage_list_names_the_flag_it_came_from(tmp_path: Path, args: list[str], origin: str):
     result = invoke(*(a.format(tmp=tmp_path) for a in args))

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import BIN, REPO, cli_env
 
 from flows.runners import local_cpu_cluster
@@ -124,3 +125,52 @@ def test_ctrl_c_stops_a_dask_run_and_keeps_what_is_done(tmp_path: Path):
     # A cancelled task may still finish its part before its worker is stopped; the next run takes it.
     assert 1 <= (results.generate_status == "ok").sum() <= len(parts) and (results.generate_status == "ok").sum() < 6
     assert [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+
+
+@pytest.mark.timeout(400)
+def test_the_product_path_makes_the_same_bytes_on_a_local_cluster(tmp_path: Path):
+    """The photos demo (remove_bg -> style -> upscale -> renditions) on 2 worker processes: every
+    image and rendition the same bytes as with threads. With the dataset demo above this covers
+    every stage of the products demo."""
+    args = ["catalogs/demo_photos.parquet", "--config", "configs/photos.yaml", "--limit", "2",
+            "--set", "style.steps=2", "--set", "upscale.steps=2"]
+
+    def run(out: Path, *runner: str) -> pd.DataFrame:
+        result = subprocess.run([str(BIN / "catalogen"), "run", *args, "--out", str(out), *runner], env=cli_env(),
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return made(out)
+
+    threads = run(tmp_path / "threads", "--runner", "threads")
+    assert len(threads) == 2 and threads.filter(like="sha256").notna().all().all()
+    pd.testing.assert_frame_equal(run(tmp_path / "dask", "--runner", "dask", "--dask-workers", "2"), threads)
+
+
+@pytest.mark.timeout(420)
+def test_the_dask_deployment_runs_on_a_cluster_through_a_worker(prefect_server: str, tmp_path: Path, threads,
+                                                                   environ_kept):
+    """prefect.yaml's `dataset-on-dask` as deployed: a real server, a process worker, and a Dask
+    cluster whose address is the deployment's parameter; the same bytes as the CLI with threads."""
+    from distributed import Client
+    from test_unattended import api, deploy, final, prefect, wait_for, worker
+
+    shipped = next(d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "dataset-on-dask")
+    out = tmp_path / "out"
+    settings = {"generate.width": 32, "generate.height": 32, "generate.steps": 2, "rows_per_shard": 1}
+    os.environ["PREFECT_API_URL"] = prefect_server  # the cluster's workers report their task runs there
+    with local_cpu_cluster(2) as cluster, Client(cluster) as client, \
+            worker(prefect_server, "catalogen-dask", tmp_path / "worker.log"):
+        parameters = {**shipped["parameters"], "dask_address": cluster.scheduler_address, "out": str(out),
+                      "overrides": settings, "limit": 6}
+        deployment = deploy(prefect_server, tmp_path, "on-dask", "catalogen-dask", parameters,
+                            entrypoint=shipped["entrypoint"])
+        prefect("deployment", "run", "catalogen-run-on-dask/on-dask", api_url=prefect_server)
+        done = wait_for(lambda: final(prefect_server, deployment, 1), 300, "the run to end", every=1)
+        ran = set(client.run(os.getpid).values())
+    log = (tmp_path / "worker.log").read_text()
+    assert done[0]["state"]["type"] == "COMPLETED", log[-3000:]
+    assert done[0]["state"]["message"].startswith("6 rows: 6 ok"), done[0]["state"]
+    pd.testing.assert_frame_equal(made(out), threads)
+    assert {int(w.rsplit(":", 1)[1]) for w in workers(out)} <= ran  # the shards ran in the cluster's workers
+    api(prefect_server, f"deployments/{deployment['id']}", method="DELETE")

@@ -23,8 +23,8 @@ FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "
 @pytest.mark.parametrize(
     "catalog, config, stages",
     [
-        ("demo_products.parquet", "products.yaml", ["enhance", "generate", "remove_bg", "style", "upscale"]),
-        ("demo_photos.parquet", "photos.yaml", ["remove_bg", "style", "upscale"]),
+        ("demo_products.parquet", "products.yaml", ["enhance", "generate", "remove_bg", "style", "upscale", "renditions"]),
+        ("demo_photos.parquet", "photos.yaml", ["remove_bg", "style", "upscale", "renditions"]),
         ("demo_prompts.parquet", "dataset.yaml", ["generate", "caption"]),
     ],
 )

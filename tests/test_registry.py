@@ -16,7 +16,7 @@ from conftest import BIN, REPO, prompts, write_catalog
 import tasks
 from catalogen.registry import GROUP, stages
 
-BUILT_INS = ["enhance", "generate", "remove_bg", "style", "upscale", "caption"]
+BUILT_INS = ["enhance", "generate", "remove_bg", "style", "upscale", "caption", "renditions"]
 CORE = sorted((REPO / "catalogen").glob("*.py"))
 
 # A stage another package ships: it adds each row's prompt in capitals, as text.

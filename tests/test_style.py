@@ -236,7 +236,7 @@ def test_the_products_configuration_plans_the_demo_catalog(tmp_path: Path, monke
     monkeypatch.chdir(REPO)  # its style image is relative to the folder a run starts from
     cfg = load_config(REPO / "configs" / "products.yaml")
     plan = prepare(REPO / "catalogs" / "demo_products.parquet", cfg, tmp_path / "out", Selection(limit=2))
-    assert list(plan.planned) == ["enhance", "generate", "remove_bg", "style", "upscale"]
+    assert list(plan.planned) == ["enhance", "generate", "remove_bg", "style", "upscale", "renditions"]
     planned = plan.planned["style"].to_pylist()
     warm = REPO / "catalogs" / "styles" / "warm-gradient.png"
     assert {row["style_image_sha256"] for row in planned} == {sha256_file(warm)}

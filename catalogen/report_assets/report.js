@@ -186,6 +186,7 @@
     field(fields, row.before ? "prompt after" : "prompt", row.after, "after");
     field(fields, "negative", row.neg);
     field(fields, "caption", row.cap, "caption");
+    field(fields, "near-duplicate of", row.dup, "duplicate");
     field(fields, "error", row.e, "error");
     if (row.se) {
       Object.keys(row.se).forEach(function (stage) {

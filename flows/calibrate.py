@@ -1,0 +1,51 @@
+"""`catalogen run --dry-run --calibrate`: measure throughput on this machine with one batch.
+
+The catalog's first rows (one batch: the largest `batch_size` among the stages) run through every
+stage with the run's settings, by the same flow as `catalogen run`, into a temporary folder that
+is removed afterwards; the seconds and bytes per row that run records (catalogen.dryrun) price the
+dry run. Nothing is written into the output folder; the model cache may be filled, as by any run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from catalogen.config import RunConfig
+from catalogen.prefect_api import prefect_environment, start_prefect_api
+from catalogen.store import RunStore
+
+DEFAULT_BATCH = 4
+
+
+def batch_rows(cfg: RunConfig) -> int:
+    """One batch: the largest `batch_size` any of the run's stages has."""
+    sizes = [getattr(getattr(cfg, name, None), "batch_size", None) for name in cfg.stages]
+    return max([s for s in sizes if isinstance(s, int) and s > 0] or [DEFAULT_BATCH])
+
+
+def calibrate(catalog: Any, cfg: RunConfig) -> tuple[dict[str, Any], int]:
+    """Run one batch of the catalog's first rows in a temporary folder; its throughput and row count."""
+    rows = batch_rows(cfg)
+    prefect_environment()
+    api = start_prefect_api()
+    with tempfile.TemporaryDirectory(prefix="catalogen-calibrate-") as folder:
+        settings = cfg.model_dump(mode="json")
+        if isinstance(settings.get("enhance"), dict):  # the LLM answers anew, not from the shared cache
+            settings["enhance"]["answer_cache"] = str(Path(folder) / "enhance-answers.sqlite")
+        config = Path(folder) / "config.yaml"
+        config.write_text(yaml.safe_dump(settings, sort_keys=True, allow_unicode=True))
+        out = Path(folder) / "out"
+        url = api.ready()
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+        from flows.run import catalogen_run
+
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}):
+            catalogen_run(catalog=str(catalog), out=str(out), config=str(config), limit=rows, return_state=True)
+        store = RunStore(out)
+        history = store.read_run_json().get("throughput") if store.is_run() else None
+    return (history if isinstance(history, dict) else {}), rows
