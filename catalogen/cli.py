@@ -132,7 +132,11 @@ def _settings(items: list[str] | None, **named: tuple[Any, str]) -> tuple[dict[s
 
 def _require_run(run_dir: str) -> None:
     """Refuse a folder that `catalogen run` did not make, before anything (a lock file) is created in it."""
-    if not RunStore(run_dir).is_run():
+    try:
+        made = RunStore(run_dir).is_run()
+    except RunStateError as exc:
+        _fail(exc)
+    if not made:
         _fail(f"{run_dir} is not a catalogen run folder (no run.json)")
 
 

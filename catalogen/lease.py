@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from upath import UPath
 
@@ -128,7 +128,7 @@ def take(lock: UPath, ttl: float = LEASE_S) -> str:
 
 
 @contextmanager
-def hold(lock: UPath, ttl: float = LEASE_S, on_lost: Any = None) -> Iterator[None]:
+def hold(lock: UPath, ttl: float = LEASE_S, on_lost: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the lease while the block runs, renewing it in a background thread."""
     etag = take(lock, ttl)
     done = threading.Event()

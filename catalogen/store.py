@@ -221,7 +221,7 @@ def _flock(lock: Path, user: str) -> Iterator[None]:
 
 
 @contextmanager
-def _lease(lock: Any, user: str) -> Iterator[None]:
+def _lease(lock: UPath, user: str) -> Iterator[None]:
     def lost() -> None:  # another run took the folder over: stop writing into it
         stopping.STOPPING.set()
         stopping.ABANDON.set()
@@ -268,8 +268,16 @@ class RunStore:
         return self.root / "results.parquet"
 
     def is_run(self) -> bool:
-        """Whether `catalogen run` made this folder (it writes run.json first)."""
-        return self.run_json.is_file()
+        """Whether `catalogen run` made this folder (it writes run.json first). A bucket that cannot
+        be asked (no network, an endpoint that never answers) is a RunStateError, not a "no"."""
+        if not self.remote:
+            return self.run_json.is_file()
+        try:
+            return self.root.fs.info(self.run_json.path).get("type") == "file"
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - every backend has its own errors
+            raise RunStateError(f"{self.root} cannot be read: {type(exc).__name__}: {exc}") from None
 
     def check_usable(self) -> None:
         """Refuse, before anything is created, an output folder that cannot be one: an existing
