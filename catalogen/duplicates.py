@@ -58,14 +58,15 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from catalogen.locations import Location, read_table
 
 log = logging.getLogger("catalogen.duplicates")
 
@@ -384,12 +385,11 @@ def roots(pointers: np.ndarray) -> np.ndarray:
 # --- the run's columns ------------------------------------------------------------------------------
 
 
-def previous_hashes(data: bytes | None) -> dict[str, str]:
-    """sha256 -> phash from an earlier results.parquet's bytes (empty when absent, unreadable or without them)."""
-    if not data:
-        return {}
+def previous_hashes(path: Location) -> dict[str, str]:
+    """sha256 -> phash from an earlier results.parquet (empty when absent, unreadable or without
+    them); only those two columns are read, not a million rows' every column."""
     try:
-        table = pq.read_table(io.BytesIO(data), columns=["image_sha256", "phash"])
+        table = read_table(path, columns=["image_sha256", "phash"])
     except (pa.ArrowInvalid, OSError, KeyError):
         return {}
     table = table.filter(pc.and_(pc.is_valid(table.column("image_sha256")), pc.is_valid(table.column("phash"))))
@@ -421,12 +421,12 @@ def hash_images(jobs: dict[str, str], read_bytes: Callable[[str], bytes], worker
 
 
 def add_duplicate_columns(results: pa.Table, read_bytes: Callable[[str], bytes], max_distance: int | None,
-                          previous: bytes | None = None, hash_new: bool = True,
+                          previous: Mapping[str, str] | None = None, hash_new: bool = True,
                           workers: int | None = None, stop: Callable[[], bool] | None = None,
                           ) -> tuple[pa.Table, dict[str, int]]:
     """The results with `phash`, `near_duplicate_of`, `near_duplicate_of_variant` and
     `near_duplicate_distance` appended (replaced if present), and counts: `hashed` (images decoded
-    now), `reused` (hashes taken from `previous`, the earlier results.parquet's bytes), `unreadable`,
+    now), `reused` (hashes taken from `previous`, the earlier results.parquet's), `unreadable`,
     `not_hashed` (left for the next run: `hash_new` False, as on a stopped run that must finish
     within its grace period), `near_duplicates` (rows pointing at an earlier one).
 
@@ -435,7 +435,7 @@ def add_duplicate_columns(results: pa.Table, read_bytes: Callable[[str], bytes],
         read_bytes: reads a file of the run folder by its relative path (`RunStore.read_bytes`).
         max_distance: see `group`; None: detection off: no image is decoded, `near_duplicate_*`
             are null, `phash` keeps the hashes `previous` knows (turned on again, nothing is redone).
-        previous: the bytes of the results.parquet this run replaces, whose hashes are reused.
+        previous: sha256 -> phash of the results.parquet this run replaces (`previous_hashes`), reused.
         hash_new: False decodes no image (what `previous` does not know stays null).
         stop: asked now and then while images are decoded; True leaves the rest for the next run.
     """
@@ -451,7 +451,7 @@ def add_duplicate_columns(results: pa.Table, read_bytes: Callable[[str], bytes],
     if n and (max_distance is not None or previous):
         shas = results.column("image_sha256").to_pylist()
         paths = results.column("image_path").to_pylist()
-        known = previous_hashes(previous)
+        known = dict(previous or {})
         jobs = {sha: path for sha, path in zip(shas, paths) if sha and path and sha not in known}
         if max_distance is None:
             jobs = {}

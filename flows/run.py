@@ -38,7 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
 from catalogen.dryrun import record_throughput
-from catalogen.duplicates import add_duplicate_columns
+from catalogen.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
 from catalogen.report import write_report
@@ -266,7 +266,7 @@ def _with_duplicates(plan: RunPlan, results, hash_new: bool):
     Failing here is logged, not fatal."""
     max_distance = plan.config.duplicates.max_distance
     try:
-        previous = plan.store.read_bytes("results.parquet") if plan.store.exists("results.parquet") else None
+        previous = previous_hashes(plan.store.results_path)
         results, counts = add_duplicate_columns(results, plan.store.read_bytes, max_distance, previous, hash_new,
                                                 stop=stopping.STOPPING.is_set)
     except Exception as exc:  # noqa: BLE001 - the results stand without the columns

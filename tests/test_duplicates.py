@@ -36,6 +36,7 @@ from catalogen.duplicates import (
     group,
     group_brute_force,
     phash,
+    previous_hashes,
 )
 from catalogen.export import ExportError, ExportOptions, export_run
 from catalogen.store import RunStore
@@ -242,7 +243,7 @@ def test_a_rerun_hashes_no_image_again(run):
         read.append(path)
         return store.read_bytes(path)
 
-    again, counts = add_duplicate_columns(table, reading, 6, previous=(run.out / "results.parquet").read_bytes())
+    again, counts = add_duplicate_columns(table, reading, 6, previous=previous_hashes(run.out / "results.parquet"))
     assert read == [] and counts["hashed"] == 0 and counts["reused"] == len(IDS)
     assert again.column("near_duplicate_of").to_pylist() == table.column("near_duplicate_of").to_pylist()
     fresh, counts = add_duplicate_columns(table, reading, 6)
