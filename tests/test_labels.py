@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO, write_catalog
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from typer.testing import CliRunner
 
 from catalogen import __version__, labels
@@ -25,6 +25,7 @@ from catalogen.cli import app
 from catalogen.pngmeta import format_parameters, parse_parameters
 
 CODES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
+FULL_CHROMA = "1 1"  # exiftool's YCbCrSubSampling of a 4:4:4 JPEG ("YCbCr4:4:4 (1 1)"; -n prints the factors)
 PARAMETERS = format_parameters("a mug, «blue» glaze: 100% \"quoted\"\nsecond line", "blurry",
                                steps=3, scheduler="euler_a", guidance_scale=7.5, seed=42, width=64, height=48,
                                model="tiny:sd15", extra={"Version": "catalogen test"})
@@ -36,6 +37,14 @@ def exif_read(paths: list[Path]) -> list[dict]:
     """What exiftool reads (values as written, -n), by `Group:Tag`."""
     with exiftool.ExifToolHelper() as tool:
         return tool.get_metadata([str(p) for p in paths])
+
+
+def assert_full_chroma(path: Path, found: dict) -> None:
+    """A JPEG written 4:4:4, as labels.encode promises (no chroma subsampling: flat colours stay flat up
+    to a product's edge), read back by Pillow (0 is 4:4:4, 2 is 4:2:0) and by exiftool (`found`)."""
+    with Image.open(path) as image:
+        assert JpegImagePlugin.get_sampling(image) == 0, path
+    assert found["File:YCbCrSubSampling"] == FULL_CHROMA, path
 
 
 def sd_parsers_parameters(path: Path) -> str | None:
@@ -73,6 +82,8 @@ def test_every_format_carries_the_label_parameters_and_provenance(tmp_path: Path
     assert written == PARAMETERS
     if format == "png":
         assert json.loads(found["PNG:Catalogen"]) == PROVENANCE
+    if format == "jpeg":
+        assert_full_chroma(path, found)
     # existing readers of A1111 metadata still read it, and it parses back to the same settings
     assert sd_parsers_parameters(path) == PARAMETERS
     parsed = parse_parameters(sd_parsers_parameters(path))
