@@ -221,10 +221,13 @@ class ConfigError(ValueError):
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`generate.steps=30` -> ("generate.steps", 30); the value is read as (safe) YAML."""
+    """`generate.steps=30` -> ("generate.steps", 30); the value is read as (safe) YAML, except one
+    starting with `#` (`color=#000000`), which YAML would read as a comment, i.e. as no value at all."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r} is not of the form key.path=value")
+    if raw.strip().startswith("#"):
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:

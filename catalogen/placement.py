@@ -55,9 +55,28 @@ def parse_aspect(text: str) -> tuple[int, int]:
 
 
 def parse_color(text: str) -> tuple[int, int, int]:
-    """A CSS colour ("#FFFFFF", "white", "rgb(250, 250, 250)") as RGB; raises ValueError otherwise."""
-    red, green, blue, *_ = ImageColor.getrgb(text)
+    """A CSS colour ("#FFFFFF", "white", "rgb(250, 250, 250)", "hsl(40, 100%, 50%)") as RGB; raises
+    ValueError otherwise. Settings are checked with this same function that paints them, because
+    Pillow's parser passes channels out of 0..255 through (`rgb(300,0,0)`, `hsl(0,150%,50%)`), and
+    an alpha the canvas would drop (`rgba(0,0,0,0)` painted black) is refused too."""
+    try:
+        channels = ImageColor.getrgb(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a colour: give #RRGGBB, #RGB, a CSS name, rgb(R, G, B) "
+                         "or hsl(H, S%, L%)") from None
+    wrong = [f"{name} {value}" for name, value in zip(("red", "green", "blue", "alpha"), channels)
+             if not 0 <= value <= 255]
+    if wrong:
+        raise ValueError(f"{text!r} is not a colour: {', '.join(wrong)} (each channel is 0 to 255)")
+    if len(channels) == 4 and channels[3] != 255:
+        raise ValueError(f"{text!r} has alpha {channels[3]}, but the colour is painted opaque: give it without alpha")
+    red, green, blue = channels[:3]
     return red, green, blue
+
+
+def color_hex(text: str) -> str:
+    """A colour setting as it is stored: `#RRGGBB` of `parse_color` (which refuses what it cannot paint)."""
+    return "#{:02X}{:02X}{:02X}".format(*parse_color(text))
 
 
 def canvas_size(size: int, aspect: str) -> tuple[int, int]:

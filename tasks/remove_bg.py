@@ -47,6 +47,7 @@ from catalogen.models import TINY_PREFIX, ModelIdentity, cached
 from catalogen.placement import (
     alpha_box,
     canvas_size,
+    color_hex,
     coverage,
     fill_ratio,
     parse_aspect,
@@ -114,7 +115,7 @@ class Canvas(Strict):
     @field_validator("color")
     @classmethod
     def _color(cls, value: str) -> str:
-        return "#{:02X}{:02X}{:02X}".format(*parse_color(value))
+        return color_hex(value)
 
 
 class Settings(Strict):

@@ -50,7 +50,7 @@ from catalogen.hashing import column_keys, sha256_bytes
 from catalogen.images import ImageLoadError, catalog_sources, read_planned
 from catalogen.labels import EXTENSIONS, Label, encode, read_label
 from catalogen.models import ModelIdentity
-from catalogen.placement import parse_color, place
+from catalogen.placement import color_hex, parse_color, place
 from catalogen.stage import StageContext, output_schema
 
 NAME = "renditions"
@@ -159,7 +159,7 @@ class Rendition(Strict):
     def _background(cls, value: str) -> str:
         if value.strip().lower() == TRANSPARENT:
             return TRANSPARENT
-        return "#{:02X}{:02X}{:02X}".format(*parse_color(value))
+        return color_hex(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Rendition":

@@ -20,12 +20,12 @@ import pytest
 import yaml
 from conftest import REPO, write_catalog
 from PIL import Image
-from test_labels import CODES, exif_read, sd_parsers_parameters
+from test_labels import CODES, assert_full_chroma, exif_read, sd_parsers_parameters
 from typer.testing import CliRunner
 
 from catalogen import labels
 from catalogen.cli import app
-from catalogen.config import ConfigError, load_config
+from catalogen.config import ConfigError, load_config, parse_override
 from catalogen.pngmeta import parse_parameters
 from catalogen.runplan import config_faults
 
@@ -139,7 +139,9 @@ def test_marketplace_main_is_2000_px_white_255_product_85_percent_jpeg_q90_srgb(
         outside = np.ones((2000, 2000), dtype=bool)
         outside[max(0, y0 - 16):y1 + 16, max(0, x0 - 16):x1 + 16] = False
         assert outside.sum() > 0.2 * outside.size and (pixels[outside] == 255).all()  # white 255 wherever it is not
-        assert exif_read([path])[0]["ICC_Profile:ProfileDescription"] == "sRGB built-in"
+        found = exif_read([path])[0]
+        assert found["ICC_Profile:ProfileDescription"] == "sRGB built-in"
+        assert_full_chroma(path, found)  # the preset's 4:4:4, not 4:2:0
 
 
 def test_shop_square_is_a_2048_px_webp_with_srgb(products):
@@ -189,6 +191,9 @@ def test_sizes_fits_backgrounds_and_formats(tmp_path: Path):
     with Image.open(out / df.loc["tall", "renditions_pad_path"]) as pad:
         pixels = np.asarray(pad)
         assert (pixels[:, :100] < 8).all()  # black bars, and the cut-out's transparency on black
+    pads = [out / df.loc[row_id, "renditions_pad_path"] for row_id in ("wide", "tall")]
+    for path, found in zip(pads, exif_read(pads)):
+        assert_full_chroma(path, found)  # every JPEG rendition, not the preset's alone
     with Image.open(out / df.loc["tall", "renditions_thumb_path"]) as thumb:
         assert np.asarray(thumb)[2, 2].min() >= 250  # the cut-out's transparency became white
     found = exif_read([out / df.loc["wide", "renditions_thumb_path"]])[0]
@@ -231,8 +236,21 @@ def test_a_change_of_rendition_settings_redoes_renditions_only_and_verify_export
 
 # --- hostile settings and inputs ------------------------------------------------------------------
 
+# Colours Pillow's parser reads but no canvas can paint (or does not read at all), and what the refusal says.
+BAD_COLOURS = [
+    ("rgb(300,0,0)", "is not a colour: red 300 (each channel is 0 to 255)"),
+    ("rgb(256,255,255)", "is not a colour: red 256 (each channel is 0 to 255)"),  # one level past the edge
+    ("hsl(0,150%,50%)", "is not a colour: red 319, green -63, blue -63 (each channel is 0 to 255)"),
+    ("rgb(-1,0,0)", "is not a colour: give #RRGGBB"),
+    ("#12345", "is not a colour: give #RRGGBB"),
+    ("#GGGGGG", "is not a colour: give #RRGGBB"),
+    ("rgba(0,0,0,0)", "has alpha 0, but the colour is painted opaque"),
+]
+
 
 @pytest.mark.parametrize("item, setting, words", [
+    *((f"{{name: c, background: '{value}'}}", "renditions.0.background", f"'{value}' {why}")
+      for value, why in BAD_COLOURS),
     ("{name: huge, size: 1000000}", "renditions.0.size", "less than or equal to 8192"),
     ("{name: huge, box: 1000000x1000000}", "renditions.0.box", "16 to 8192"),
     ("{name: gif, format: gif}", "renditions.0.format", "'png', 'jpeg', 'webp' or 'avif'"),
@@ -249,6 +267,59 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path: Path, item: str
     output = cli("run", str(catalog_pictures(tmp_path)), "--out", str(out), "--stages", "renditions",
                  "--set", f"renditions=[{item}]", code=1)
     assert setting in output and not out.exists()
+
+
+@pytest.mark.parametrize("value, why", BAD_COLOURS)
+def test_a_canvas_colour_that_cannot_be_painted_is_refused(value: str, why: str):
+    """remove_bg's canvas colour goes through the same check: no run starts to crash in every shard."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, {"stages": ["remove_bg"], "remove_bg": {"canvas": {"enabled": True, "color": value}}})
+    assert f"remove_bg.canvas.color: '{value}' {why}" in str(refused.value)
+
+
+def test_validate_names_the_colour_in_one_line_and_a_hash_value_is_not_a_yaml_comment(tmp_path: Path):
+    catalog = str(catalog_pictures(tmp_path))
+    output = cli("validate", catalog, "--set", "stages=[renditions]",
+                 "--set", "renditions=[{name: c, size: 64, background: 'rgb(300,0,0)'}]", code=1)
+    assert "renditions.0.background: 'rgb(300,0,0)' is not a colour: red 300" in output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 2  # the heading and the setting
+    # unquoted, `#12345` was a YAML comment, i.e. no value: validate passed and the canvas stayed white
+    output = cli("validate", catalog, "--set", "stages=[remove_bg]", "--set", "remove_bg.canvas.color=#12345", code=1)
+    assert "remove_bg.canvas.color: '#12345' is not a colour" in output
+    cfg = load_config(None, dict([parse_override("remove_bg.canvas.color=#0a0b0c")]))
+    assert cfg.remove_bg.canvas.color == "#0A0B0C"
+
+
+# Every form a colour may take, and the exact RGB it must paint (worked out by hand, not by Pillow).
+GOOD_COLOURS = {
+    "#0A0B0C": (10, 11, 12), "#abc": (170, 187, 204), "rebeccapurple": (102, 51, 153), "rgb(1, 2, 3)": (1, 2, 3),
+    "rgb(255,255,255)": (255, 255, 255), "rgb(0,0,0)": (0, 0, 0), "rgb(100%, 0%, 50%)": (255, 0, 128),
+    "hsl(400, 100%, 50%)": (255, 170, 0), "hsv(120, 100%, 100%)": (0, 255, 0), "rgba(4, 5, 6, 255)": (4, 5, 6),
+}
+
+
+def test_every_accepted_colour_form_paints_exactly_its_rgb(tmp_path: Path):
+    """The bars of a pad rendition (PNG: lossless) are exactly the colour; a canvas gets it too."""
+    from conftest import context, plan_table
+
+    from catalogen.placement import parse_color, place
+    from tasks import renditions
+
+    catalog = pq.read_table(catalog_pictures(tmp_path)).slice(0, 1)  # the 640x480 photo: 64x48 in a 64x64 box
+    items = [{"name": f"c{i}", "box": "64x64", "fit": "pad", "background": v} for i, v in enumerate(GOOD_COLOURS)]
+    plan = plan_table(catalog, load_config(None, {"stages": ["renditions"], "renditions": items}), tmp_path / "run")
+    row = renditions.process(plan.planned["renditions"], context(plan, "renditions")).to_pylist()[0]
+    assert row["status"] == "ok" and len(row["renditions"]) == len(GOOD_COLOURS)
+    for made, (value, rgb) in zip(row["renditions"], GOOD_COLOURS.items()):
+        with Image.open(tmp_path / "run" / made["path"]) as image:
+            pixels = np.asarray(image)
+        assert pixels.shape == (64, 64, 3)
+        assert (pixels[:8] == rgb).all() and (pixels[56:] == rgb).all(), value  # 8 rows above and below
+        assert not (pixels[8:56] == rgb).all(), value  # the photo between them
+        canvas = load_config(None, {"remove_bg": {"canvas": {"enabled": True, "color": value}}}).remove_bg.canvas
+        cutout = Image.new("RGBA", (20, 20), (9, 9, 9, 255))
+        painted, _ = place(cutout, (40, 40), 0.5, parse_color(canvas.color))  # as remove_bg paints its canvas
+        assert painted.getpixel((0, 0)) == rgb and painted.getpixel((20, 20)) == (9, 9, 9), value
 
 
 def test_a_source_that_does_not_run_first_is_refused():
