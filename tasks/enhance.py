@@ -179,14 +179,15 @@ def _local_backend(identity: ModelIdentity, settings: LLMSettings, ctx: StageCon
         backend.catalogen_nbytes = sum(p.numel() * p.element_size() for p in backend.model.parameters())
         return backend
 
-    key = ("llm", identity.repo, identity.revision, ctx.device.name, str(ctx.dtype), settings.max_new_tokens,
-           settings.batch_size, settings.temperature, settings.top_p)
+    # A backend decodes with the settings it was built with: all of them key it, so a later run of this
+    # process with another temperature (or anything else) never gets one built for the earlier run.
+    key = ("llm", identity.repo, identity.revision, ctx.device.name, str(ctx.dtype), settings)
     return cached(key, ctx.device.name, build, ctx.config.model_memory_gb)
 
 
 def _server_backend(settings: LLMSettings) -> OpenAIBackend:
-    key = ("openai", settings.base_url or "api.openai.com", settings.model, settings.timeout_s, settings.max_retries,
-           settings.concurrency, settings.max_response_bytes)
+    """A client per server and settings (each request sends the settings' temperature, top_p, …)."""
+    key = ("openai", settings.base_url or "api.openai.com", settings)
     return cached(key, "remote", partial(OpenAIBackend, settings), None)
 
 

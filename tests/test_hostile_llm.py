@@ -166,6 +166,36 @@ def test_two_temperatures_are_two_answers(server, state, tmp_path: Path):
 
 
 @pytest.mark.timeout(300)
+def test_a_run_at_another_temperature_asks_the_server_again(server, state, tmp_path: Path):
+    """Runs of one process, one answer cache: the same rows at another temperature are new requests
+    (sent with that temperature), and only the same temperature again reuses the cached answers."""
+    import pandas as pd
+    from conftest import FAST, write_catalog
+    from flows.run import catalogen_run, run_summary
+
+    catalog = write_catalog(tmp_path / "products.parquet", {"id": ["MUG-1", "VASE-2"], "title": ["Mug", "Vase"]})
+
+    def run(out: Path, temperature: float) -> tuple[list[float], pd.DataFrame]:
+        settings = {**FAST, "stages": ["enhance"], "template.preset": "product-photo", "enhance.backend": "openai",
+                    "enhance.model": "normal", "enhance.base_url": server.url, "enhance.timeout_s": 5,
+                    "enhance.answer_cache": str(tmp_path / "answers.sqlite"), "enhance.temperature": temperature}
+        before = len(state.bodies)
+        summary = run_summary(catalogen_run(catalog=str(catalog), out=str(out), overrides=settings, return_state=True))
+        assert not isinstance(summary, BaseException), summary
+        assert summary["stages"]["enhance"] == {"ok": 2}
+        return [body["temperature"] for body in state.bodies[before:]], pd.read_parquet(out / "results.parquet")
+
+    sent, first = run(tmp_path / "out", 0.5)
+    assert sent == [0.5, 0.5] and not first.enhance_cached.any()
+    sent, second = run(tmp_path / "out", 0.9)  # the same folder and cache; only the temperature changed
+    assert sent == [0.9, 0.9] and not second.enhance_cached.any()
+    assert set(second.enhance_key).isdisjoint(first.enhance_key)
+    sent, third = run(tmp_path / "again", 0.9)  # another folder, the same temperature: the cached answers
+    assert sent == [] and third.enhance_cached.all()
+    assert list(third.enhance_prompt) == list(second.enhance_prompt)
+
+
+@pytest.mark.timeout(300)
 def test_an_echoed_key_is_kept_nowhere(server, state, tmp_path: Path, monkeypatch):
     from conftest import FAST, write_catalog
     from flows.run import catalogen_run, run_summary

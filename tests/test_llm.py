@@ -193,7 +193,7 @@ def test_parser_falls_back_on_unusable_answers(raw: str, reason: str):
 # --- keys and the system prompt --------------------------------------------------------------------
 
 
-def test_cache_key_covers_what_changes_an_answer(tmp_path: Path):
+def test_cache_key_ignores_what_cannot_change_a_greedy_answer():
     greedy = LLMSettings()
     system = system_prompt(greedy)
     base = cache_key(greedy, "rev-a", system, Request("mug", 1))
@@ -201,19 +201,61 @@ def test_cache_key_covers_what_changes_an_answer(tmp_path: Path):
     assert base == cache_key(greedy, "rev-a", system, Request("mug", 2)), "greedy answers ignore the seed"
     parse_only = LLMSettings(top_p=0.5, max_prompt_chars=10, batch_size=1)  # top_p counts only when sampling
     assert base == cache_key(parse_only, "rev-a", system, Request("mug", 1))
-    changed = [
-        cache_key(greedy, "rev-b", system, Request("mug", 1)),
-        cache_key(greedy, "rev-a", system + ".", Request("mug", 1)),
-        cache_key(greedy, "rev-a", system, Request("cup", 1)),
-        cache_key(LLMSettings(model="other/model"), "rev-a", system, Request("mug", 1)),
-        cache_key(LLMSettings(max_new_tokens=64), "rev-a", system, Request("mug", 1)),
-        cache_key(LLMSettings(backend="openai", base_url="http://x/v1"), "rev-a", system, Request("mug", 1)),
-    ]
-    assert base not in changed and len(set(changed)) == len(changed)
-    sampling = LLMSettings(temperature=0.7)
-    sampled_key = cache_key(sampling, "rev-a", system, Request("mug", 1))
-    assert sampled_key != cache_key(sampling, "rev-a", system, Request("mug", 2))
-    assert sampled_key != base
+    # what does change an answer: test_every_sampling_setting_is_in_both_keys
+
+
+# The enhance stage's settings (a sampling server); each case below changes one thing from them.
+SAMPLING = {"backend": "openai", "model": "normal", "base_url": "http://127.0.0.1:1/v1", "temperature": 0.7,
+            "top_p": 0.9, "max_new_tokens": 100}
+RESOLVED = "sha256:" + "0" * 64  # a local model's resolved revision
+
+
+def stage_keys(folder: Path, changes: dict) -> tuple[str, str]:
+    """(the enhance stage's row key, the answer cache's key) of one row, as the stage computes them.
+    `changes` may also hold the row's `seed` and `text`, the local model's `resolved` revision and a
+    `system` prompt's text (written to a file)."""
+    import pyarrow as pa
+
+    from catalogen.config import load_config
+    from catalogen.model_identity import ModelIdentity
+    from tasks import enhance as stage
+
+    settings = {**SAMPLING, **changes}
+    seed, text, resolved = settings.pop("seed", 1), settings.pop("text", "a mug"), settings.pop("resolved", RESOLVED)
+    if "system" in settings:
+        (folder / "system.txt").write_text(settings.pop("system"))
+        settings["system_prompt_file"] = str(folder / "system.txt")
+    cfg = load_config(None, {"stages": ["enhance"], "enhance": settings})
+    llm = stage.effective(cfg)
+    models = {"llm": ModelIdentity(llm.model, resolved, str(folder), "llm")} if llm.backend == "local" else {}
+    rows = pa.table({"id": ["a"], "variant": pa.array([0], pa.int32()), "prompt": [text],
+                     "seed": pa.array([seed], pa.int64())})
+    row_key = stage.plan(rows, cfg, models).column("key")[0].as_py()
+    return row_key, cache_key(llm, stage._identity(llm, models), system_prompt(llm), Request(text, seed))
+
+
+@pytest.mark.parametrize("before, after", [
+    ({}, {"temperature": 0.8}),
+    ({}, {"temperature": 0.0}),  # greedy
+    ({"temperature": 0.0}, {"temperature": 0.01}),  # the least sampling
+    ({}, {"top_p": 0.8}),
+    ({}, {"max_new_tokens": 101}),
+    ({}, {"seed": 2}),
+    ({}, {"model": "other"}),
+    ({}, {"system": "Answer with Positive Prompt: and Negative Prompt: lines."}),
+    ({}, {"backend": "local"}),
+    ({}, {"base_url": "http://127.0.0.1:2/v1"}),
+    ({"backend": "local"}, {"backend": "local", "resolved": "sha256:" + "1" * 64}),
+    ({}, {"text": "a cup"}),
+], ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()) or "sampling")
+def test_every_sampling_setting_is_in_both_keys(tmp_path: Path, before: dict, after: dict):
+    """Settings that differ in one thing never share a row's result nor a cached answer: not the
+    stage's key (a re-run redoes the rows) and not the answer cache's (and so asks the model again)."""
+    first = stage_keys(tmp_path, before)
+    assert stage_keys(tmp_path, before) == first  # the keys are a function of the settings alone
+    second = stage_keys(tmp_path, after)
+    assert second[0] != first[0], "the stage's row key"
+    assert second[1] != first[1], "the answer cache's key"
 
 
 def test_system_prompt_file_is_shipped_and_replaceable(tmp_path: Path):
