@@ -387,12 +387,18 @@ def roots(pointers: np.ndarray) -> np.ndarray:
 
 def previous_hashes(path: Location) -> dict[str, str]:
     """sha256 -> phash from an earlier results.parquet (empty when absent, unreadable or without
-    them); only those two columns are read, not a million rows' every column."""
+    them); only those two columns are read, not a million rows' every column. A hash that is not
+    16 lower-case hex digits as `to_hex` writes them (edited, damaged) is left out, so its image is
+    hashed again: one bad cached value must not cost every row its near-duplicate columns."""
     try:
         table = read_table(path, columns=["image_sha256", "phash"])
     except (pa.ArrowInvalid, OSError, KeyError):
         return {}
-    table = table.filter(pc.and_(pc.is_valid(table.column("image_sha256")), pc.is_valid(table.column("phash"))))
+    hashes = table.column("phash")
+    if not pa.types.is_string(hashes.type) and not pa.types.is_large_string(hashes.type):
+        return {}
+    table = table.filter(pc.fill_null(pc.and_(pc.is_valid(table.column("image_sha256")),
+                                              pc.match_substring_regex(hashes, r"^[0-9a-f]{16}$")), False))
     return dict(zip(table.column("image_sha256").to_pylist(), table.column("phash").to_pylist()))
 
 

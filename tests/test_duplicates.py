@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import imagehash
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_catalog
@@ -286,6 +287,32 @@ def test_runs_again_reuse_the_hashes_and_off_keeps_them(run, tmp_path, caplog):
     assert "Near-duplicate detection is off" in (folder / "report.html").read_text()
     with pytest.raises(ExportError, match="--dedupe: near-duplicate detection was off"):
         export_run(folder, tmp_path / "x", ExportOptions(format="hf", dedupe=True))
+
+
+def test_bad_cached_hashes_are_hashed_again_not_fatal(run, tmp_path, caplog):
+    """A previous results.parquet whose `phash` was edited or damaged (not hex, a digit short, null):
+    those images are hashed again; every other hash is reused and no row loses its columns."""
+    folder = tmp_path / "tampered"
+    shutil.copytree(run.out, folder)
+    before = pq.read_table(folder / "results.parquet")
+    hashes = before.column("phash").to_pylist()
+    bad = {"d": "zz-not-hex", "a": hashes[IDS.index("a")][:15], "e": None}
+    tampered = [bad.get(row_id, value) for row_id, value in zip(IDS, hashes)]
+    index = before.schema.get_field_index("phash")
+    pq.write_table(before.set_column(index, "phash", pa.array(tampered, pa.string())), folder / "results.parquet")
+    known = previous_hashes(folder / "results.parquet")
+    assert len(known) == len(IDS) - len(bad) and not set(known.values()) & set(bad.values())
+    with caplog.at_level(logging.INFO, logger="catalogen"):  # its ERROR line named the bad hash
+        summary = run_summary(catalogen_run(catalog=str(run.base / "catalog.parquet"), out=str(folder),
+                                            overrides=OVERRIDES, return_state=True))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("near-duplicates")]
+    assert lines == [f"near-duplicates (pHash within 6 bits): 3 row(s); {len(bad)} image(s) hashed, "
+                     f"{len(IDS) - len(bad)} reused"]
+    after = pq.read_table(folder / "results.parquet")
+    for name, _ in duplicates.COLUMNS:  # present, and as they were before the tampering
+        assert after.column(name).to_pylist() == before.column(name).to_pylist(), name
+    assert summary["near_duplicates"] == 3
 
 
 def test_a_missing_image_gets_no_hash_and_is_never_named(run, tmp_path):
