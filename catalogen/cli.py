@@ -582,35 +582,66 @@ def export(
 
 
 REPRODUCE_EXIT_CODES = ("Exit codes: 0 identical; 1 different (the largest pixel difference is printed); 2 the file "
-                        "cannot be made again here: not a catalogen image, or a model revision or input file it "
-                        "needs is missing (named).")
+                        "cannot be made again here: not a catalogen image, a malformed recipe, or a model revision "
+                        "or input file it needs is missing, not allowed or changed (named); 130 / 143 stopped by "
+                        "Ctrl-C / SIGTERM.")
 
 
 @app.command(epilog=REPRODUCE_EXIT_CODES)
 def reproduce(
     image: Path = typer.Argument(..., help="An image catalogen wrote (PNG; JPEG or WebP renditions)."),
+    inputs: Optional[list[str]] = typer.Option(
+        None, "--input", metavar="NAME=PATH",
+        help="The file for the recipe's input NAME (image, style_image, style.style_image …), checked against "
+        "its recorded sha256 (repeatable)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", dir_okay=False,
+        help="This machine's configuration: its images.roots are where recorded input paths may be read; its "
+        "cache_dir, device and size caps apply. Nothing else of it is used."),
 ) -> None:
     """Make IMAGE again from the provenance in the file alone, in a temporary folder, and compare.
 
     Runs the image's row through the stages that made it (the same check, plan and flow as `run`,
     offline, models at the revisions the image records) and prints `identical`, or the largest
-    pixel difference, where it is and how many pixels differ.
+    pixel difference, where it is and how many pixels differ. Of the recipe only what decides
+    pixels is used; files only where --input or the local images.roots allow.
+    Ctrl-C or SIGTERM stops it (exit 130 / 143), its temporary folder removed.
     """
     import os
     import tempfile
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the verdict is the output, not the flow's log
-    from catalogen.reproduce import Unusable
-    from flows.reproduce import reproduce_image
+    from catalogen.reproduce import Local, Unusable
+    from flows.reproduce import Stopped, reproduce_image
 
+    local = _local_settings(config, inputs)
+    stopping.reset()
     try:
-        with tempfile.TemporaryDirectory(prefix="catalogen-reproduce-") as folder:
-            job, verdict = reproduce_image(image, Path(folder))
+        with stopping.on_signals(), tempfile.TemporaryDirectory(prefix="catalogen-reproduce-") as folder:
+            job, verdict = reproduce_image(image, Path(folder), Local(*local))
     except Unusable as exc:
         err.print(Text.assemble(("error: ", "bold red"), f"{image}: {exc}"), soft_wrap=True)
         raise typer.Exit(2) from None
+    except Stopped as exc:
+        err.print(f"stopped by {exc}: nothing compared; the temporary folder is removed", soft_wrap=True, highlight=False)
+        raise typer.Exit(stopping.exit_code()) from None
     typer.echo(f"{verdict.line}: {job.describe()}" if verdict.identical else verdict.line)
     raise typer.Exit(0 if verdict.identical else 1)
+
+
+def _local_settings(config: Path | None, inputs: list[str] | None) -> tuple[RunConfig, dict[str, Path], str]:
+    """`reproduce`'s own settings (`--config`) and named files (`--input NAME=PATH`); a bad one: exit 2."""
+    given: dict[str, Path] = {}
+    for item in inputs or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path:
+            raise typer.BadParameter(f"{item!r} is not of the form NAME=PATH", param_hint="--input")
+        given[name.strip()] = Path(path).expanduser()
+    try:
+        return load_config(config), given, str(config) if config else "defaults"
+    except ConfigError as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

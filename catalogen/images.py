@@ -324,6 +324,13 @@ def image_file_fault(value: str, folder: Path, settings: ImageSettings, folder_n
     return None
 
 
+def file_in_roots(value: str, settings: ImageSettings) -> tuple[str | None, str | None]:
+    """(the resolved path, None) when the absolute path `value` is a file inside `images.roots`
+    (after `..` and links), else (None, why not): the rule for a catalog read from a URL, which has
+    no folder of its own (`catalogen reproduce` holds a recipe's recorded paths to it)."""
+    return _resolve(value, _Places.of(None, settings), {})
+
+
 def catalog_as_given(catalog: pa.Table) -> pa.Table:
     """A checked catalog with its `image` column as the user gave it (for results.parquet)."""
     if IMAGE_GIVEN not in catalog.column_names:

@@ -15,8 +15,11 @@ see catalogen/pngmeta.py), a `recipe`:
 - `inputs`: the files the row reads from outside the run folder, by reference: under the name of
   its column (`image`, a stage's `PATH_COLUMNS` such as `style_image`) or its setting
   (`stage.setting`, a stage's `PATH_SETTINGS` such as `style.style_image`), as `{path, sha256}` (a
-  URL as `{url}`); an image given as bytes inside the catalog as `{catalog, id, sha256}`. They are not embedded: `catalogen reproduce` needs them
-  readable, and names any that is missing or changed.
+  URL as `{url}`); an image given as bytes inside the catalog as `{catalog, id, sha256}`. They are
+  not embedded: `catalogen reproduce` reads them only from where its user allows, and checks each
+  against its sha256;
+- `enhanced` (when `enhance` ran before the stage): enhance's answer, `{prompt, negative_prompt}`,
+  as the later stages were given it, so `catalogen reproduce` needs no LLM (nor its server).
 
 The flow hands each row's catalog fields to the runner in the shard input's `RECIPE_COLUMN`, and
 the file settings it resolved in `PATHS_COLUMN` (`recipe_columns`); the runner takes them off
@@ -39,17 +42,19 @@ from catalogen.hashing import sha256_bytes, sha256_file_remembered
 RECIPE_COLUMN = "catalogen_recipe_row"
 PATHS_COLUMN = "catalogen_recipe_paths"  # the same on every row: the path settings, resolved by the flow
 RECIPE_VERSION = 1
+ENHANCED = "enhanced"  # enhance's answer (`prompt`, `negative_prompt`): what the later stages were given
 # Settings that change how fast rows are made, never what they become.
 THROUGHPUT_ONLY = frozenset({"batch_size", "concurrency", "timeout_s", "max_retries", "retry_wait_max_s", "answer_cache"})
 # Columns of the planned rows that are not the row's own (the catalog position, bytes, the variant count).
 _LEFT_OUT = ("index", "image_bytes", "num_variants")
 
 
-def recipe_columns(rows: pa.Table, cfg: Any, stage: str) -> dict[str, pa.Array]:
-    """The shard input's recipe columns: each row's catalog fields, and the run's file settings
-    resolved where the flow runs (a worker's working folder may be another)."""
+def recipe_columns(rows: pa.Table, cfg: Any, stage: str, enhanced: pa.Table | None = None) -> dict[str, pa.Array]:
+    """The shard input's recipe columns: each row's catalog fields (with the prompt pair enhance
+    answered, when given), and the run's file settings resolved where the flow runs (a worker's
+    working folder may be another)."""
     paths = json.dumps(path_settings(cfg, stage), sort_keys=True)
-    return {RECIPE_COLUMN: recipe_rows(rows), PATHS_COLUMN: pa.array([paths] * rows.num_rows, pa.string())}
+    return {RECIPE_COLUMN: recipe_rows(rows, enhanced), PATHS_COLUMN: pa.array([paths] * rows.num_rows, pa.string())}
 
 
 def path_settings(cfg: Any, stage: str) -> dict[str, str]:
@@ -66,22 +71,26 @@ def path_settings(cfg: Any, stage: str) -> dict[str, str]:
     return found
 
 
-def recipe_rows(rows: pa.Table) -> pa.Array:
-    """Each planned row's catalog fields as JSON text (an image given as bytes: its sha256 only)."""
+def recipe_rows(rows: pa.Table, enhanced: pa.Table | None = None) -> pa.Array:
+    """Each planned row's catalog fields as JSON text (an image given as bytes: its sha256 only;
+    enhance's prompt pair under `ENHANCED`, when given)."""
     names = [c for c in rows.column_names if c not in _LEFT_OUT]
     values = rows.select(names).to_pylist()
     data = rows.column("image_bytes").to_pylist() if "image_bytes" in rows.column_names else [None] * rows.num_rows
+    answers = enhanced.to_pylist() if enhanced is not None else [None] * rows.num_rows
     texts = []
-    for row, blob in zip(values, data):
+    for row, blob, answer in zip(values, data, answers):
         if blob is not None:
             row["image_bytes_sha256"] = sha256_bytes(blob)
+        if answer is not None:
+            row[ENHANCED] = answer
         texts.append(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str))
     return pa.array(texts, pa.string())
 
 
-def _without_throughput(value: Any) -> Any:
+def without_throughput(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: _without_throughput(v) for k, v in value.items() if k not in THROUGHPUT_ONLY}
+        return {k: without_throughput(v) for k, v in value.items() if k not in THROUGHPUT_ONLY}
     return value
 
 
@@ -101,7 +110,7 @@ def recipe_settings(cfg: Any, stage: str) -> dict[str, Any]:
     for name in chain(cfg.stages, stage):
         for section in (name, *getattr(known.get(name), "SETTINGS_FROM", ())):
             if section in dump:
-                settings[section] = _without_throughput(dump[section])
+                settings[section] = without_throughput(dump[section])
     return settings
 
 
@@ -148,9 +157,12 @@ class Recipes:
         own = self.rows.get((row["id"], int(row["variant"])))
         if own is None:
             return {}
-        fields = {k: v for k, v in own.items() if k != "image_bytes_sha256"}
-        return {"recipe": {"version": RECIPE_VERSION, "stages": self.stages, "settings": self.settings,
-                           "models": self.models, "row": fields, "inputs": self._inputs(own)}}
+        fields = {k: v for k, v in own.items() if k not in ("image_bytes_sha256", ENHANCED)}
+        recipe = {"version": RECIPE_VERSION, "stages": self.stages, "settings": self.settings,
+                  "models": self.models, "row": fields, "inputs": self._inputs(own)}
+        if ENHANCED in own:
+            recipe[ENHANCED] = own[ENHANCED]
+        return {"recipe": recipe}
 
 
 def take_recipes(rows: pa.Table, cfg: Any, models: Mapping[str, Mapping[str, Any]], stage: str,

@@ -710,6 +710,14 @@ def blocked_reason(plan: RunPlan, outcomes: ShardOutcomes, stage: str) -> list[s
     return reasons
 
 
+def _enhanced(outcomes: ShardOutcomes, before: list[str], mine: np.ndarray) -> pa.Table | None:
+    """enhance's prompt pair for these rows when it ran before this stage: each image's recipe
+    records it, so `catalogen reproduce` makes the image again without asking an LLM."""
+    answers = outcomes.tables.get("enhance") if "enhance" in before[:-1] else None
+    columns = [c for c in ("prompt", "negative_prompt") if answers is not None and c in answers.column_names]
+    return answers.select(columns).filter(pa.array(mine)) if columns else None
+
+
 def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mapping[str, np.ndarray]) -> pa.Table | None:
     """The planned rows of `stage` that this shard must (re)compute, with upstream values filled in.
 
@@ -743,7 +751,7 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
              for c in (*module.rules(plan.config), *getattr(module, "PATH_COLUMNS", ()))} - own
     rows = plan.rows.take(pa.array(outcomes.shard.rows[mine]))
     rows = rows.drop_columns([c for c in rows.column_names if c in later])
-    for name, values in recipe_columns(rows, plan.config, stage).items():
+    for name, values in recipe_columns(rows, plan.config, stage, _enhanced(outcomes, before, mine)).items():
         table = table.append_column(name, values)
     if SKIP_COLUMN in table.column_names:
         own = table.column(SKIP_COLUMN)

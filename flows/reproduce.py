@@ -2,9 +2,12 @@
 `catalogen run`, in its own folder, and compare the image it makes with the original.
 
 Models: every Hub model is pinned to the commit the image records (`hub_pins`: the stage's model
-setting, `generate.model`, `style.ip_adapter`, `upscale.controlnet`, `enhance.model`/`revision`),
-resolved offline; then every model's resolved revision must equal the recorded one, else each
-missing one is named and nothing runs.
+setting, `generate.model`, `style.ip_adapter`, `upscale.controlnet`), resolved offline; then every
+model's resolved revision must equal the recorded one, else each missing one is named and nothing
+runs. enhance is not run again (its recorded answer is the row's prompt), so no LLM is resolved.
+
+A stop (SIGINT, SIGTERM; the caller holds `stopping.on_signals()`) ends it between steps, or the
+flow's shards at once (`stop_grace_s` 0), with `Stopped`.
 """
 
 from __future__ import annotations
@@ -12,43 +15,61 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from catalogen.config import ConfigError, load_config
+from catalogen import stopping
+from catalogen.config import ConfigError
 from catalogen.models import MissingModelsError
 from catalogen.prefect_api import prefect_environment, start_prefect_api
-from catalogen.reproduce import Reproduction, Unusable, Verdict, compare, missing_named, model_faults, read_provenance, rebuild
+from catalogen.reproduce import (RECORDED_BY, Local, Reproduction, Unusable, Verdict, compare, missing_named, model_faults,
+                                 read_provenance, rebuild)
 from catalogen.runplan import prepare
 from catalogen.store import RunStore
 
 
-def reproduce_image(image: str | Path, folder: Path) -> tuple[Reproduction, Verdict]:
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived (catalogen.stopping): nothing is compared."""
+
+
+def _check_stop() -> None:
+    if stopping.STOPPING.is_set():
+        raise Stopped(stopping.signal_name() or "a stop")
+
+
+def reproduce_image(image: str | Path, folder: Path, local: Local | None = None) -> tuple[Reproduction, Verdict]:
     """Make `image` again in `folder` (empty, temporary) from its provenance; the verdict.
 
-    Raises Unusable when the file cannot be made again here (see catalogen/reproduce.py).
+    Raises Unusable when the file cannot be made again here (see catalogen/reproduce.py), Stopped
+    when a stop arrived (the caller holds `stopping.on_signals()`: a signal sets its flags).
     """
     from catalogen.catalog import CatalogError
     from catalogen.devices import DeviceError
     from catalogen.models import ModelError
 
-    job = rebuild(image, read_provenance(image), folder)
+    job = rebuild(image, read_provenance(image), folder, local)
+    _check_stop()
     prefect_environment()
     api = start_prefect_api()
     try:
-        cfg = pin_hub_models(job.config, job.recipe.get("models") or {})
+        cfg = pin_hub_models(job)
         plan = prepare(job.catalog, cfg, job.out)
+        _check_stop()
     except MissingModelsError as exc:
         api.abandon()
-        raise Unusable("needs model(s) this machine does not have: "
-                       + "; ".join(missing_named(job.recipe.get("models") or {}, exc.missing))) from None
-    except (ConfigError, CatalogError, DeviceError, ModelError) as exc:
+        raise Unusable("needs model(s) this machine does not have: " + "; ".join(missing_named(job.models, exc.missing))) from None
+    except CatalogError as exc:  # the one-row catalog is the recipe's row: name that, not a temporary file
+        api.abandon()
+        raise Unusable(f"its recipe's row cannot be run here ({RECORDED_BY}): {'; '.join(map(str, exc.faults))}") from None
+    except (ConfigError, DeviceError, ModelError) as exc:
         api.abandon()
         raise Unusable(f"its recipe cannot be run here: {' '.join(str(exc).split())}") from None
-    faults = model_faults(job.recipe.get("models") or {}, plan.models)
+    except Stopped:
+        api.abandon()
+        raise
+    faults = model_faults(job.models, plan.models)
     if faults:
         api.abandon()
         raise Unusable("needs model(s) at the revision it records: " + "; ".join(faults))
     url = api.ready()
+    _check_stop()
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     from flows.run import catalogen_run, run_summary
@@ -56,6 +77,7 @@ def reproduce_image(image: str | Path, folder: Path) -> tuple[Reproduction, Verd
     settings = {PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}
     with plan.store.exclusive(), temporary_settings(settings):
         state = catalogen_run(catalog=str(job.catalog), out=str(job.out), config=str(job.config), return_state=True)
+    _check_stop()
     summary = run_summary(state)
     if isinstance(summary, BaseException):
         return job, Verdict(False, f"different: the re-run failed: {summary}")
@@ -63,8 +85,7 @@ def reproduce_image(image: str | Path, folder: Path) -> tuple[Reproduction, Verd
 
 
 # The setting that names each model role's spec: pinned to the commit an image records.
-PIN_SETTINGS = {"pipeline": "generate.model", "ip_adapter": "style.ip_adapter", "controlnet": "upscale.controlnet",
-                "llm": "enhance.revision"}
+PIN_SETTINGS = {"pipeline": "generate.model", "ip_adapter": "style.ip_adapter", "controlnet": "upscale.controlnet"}
 
 
 def hub_pins(cfg: Any, recorded: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -87,25 +108,19 @@ def hub_pins(cfg: Any, recorded: Mapping[str, Mapping[str, Mapping[str, Any]]]) 
                 continue
             if spec.revision == revision:
                 continue
-            if setting == "enhance.revision":  # enhance's own revision counts with its own model only
-                pins.update({"enhance.model": spec.repo, "enhance.revision": revision})
-            else:
-                pins[setting] = {**spec.model_dump(mode="json", exclude_none=True), "revision": revision}
+            pins[setting] = {**spec.model_dump(mode="json", exclude_none=True), "revision": revision}
     return pins
 
 
-def pin_hub_models(config: Path, recorded: Mapping[str, Mapping[str, Mapping[str, Any]]]):
-    """The reproduction's configuration, its Hub models pinned (written back: the flow reads the file)."""
-    cfg = load_config(config)
-    pins = hub_pins(cfg, recorded)
-    if not pins:
-        return cfg
-    data = yaml.safe_load(config.read_text())
-    for dotted, value in pins.items():
+def pin_hub_models(job: Reproduction) -> Any:
+    """The reproduction's configuration, its Hub models pinned (written: the flow reads the file)."""
+    cfg = job.load()
+    for dotted, value in hub_pins(cfg, job.models).items():
         section, name = dotted.split(".")
-        data.setdefault(section, {})[name] = value
-    config.write_text(yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
-    return load_config(config)
+        job.settings.setdefault(section, {})[name] = value
+    cfg = job.load()
+    job.write(cfg)
+    return cfg
 
 
 def _verdict(job: Reproduction) -> Verdict:
@@ -119,8 +134,8 @@ def _verdict(job: Reproduction) -> Verdict:
                               + (f" ({error})" if error else ""))
     remade = store.read_bytes(relative)
     made_on = _made_on(job.provenance), _made_on(read_provenance(remade))
-    if isinstance(job.provenance.get("rendition"), dict):
-        remade = _rendition(job.provenance["rendition"], remade)
+    if job.rendition is not None:
+        remade = _rendition(job.rendition, remade)
     verdict = compare(job.source, remade)
     if not verdict.identical and made_on[0] != made_on[1]:  # e.g. float16 on a GPU, float32 on this CPU
         verdict.line += f" (made on {made_on[0]}, made again on {made_on[1]})"
@@ -131,13 +146,13 @@ def _made_on(provenance: dict) -> str:
     return " ".join(str(provenance[k]) for k in ("device", "dtype") if provenance.get(k)) or "an unrecorded device"
 
 
-def _rendition(made: dict, source: bytes) -> bytes:
-    """The rendition `made` describes, rendered and encoded from the re-made source image as the
-    renditions stage does (its label aside: metadata changes no pixel)."""
+def _rendition(rendition: Any, source: bytes) -> bytes:
+    """The rendition (tasks.renditions.Rendition, validated before the run) rendered and encoded
+    from the re-made source image as the renditions stage does (its label aside: metadata changes
+    no pixel)."""
     from catalogen.images import ImageSettings, decode_image
     from catalogen.labels import Label, encode
-    from tasks.renditions import Rendition, render
+    from tasks.renditions import render
 
-    rendition = Rendition.model_validate({k: v for k, v in made.items() if k not in ("source_path", "source_sha256")})
     image = decode_image(source, ImageSettings(), "the re-made source image")
     return encode(render(image, rendition), rendition.format, Label(None), rendition.quality, rendition.icc)

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import struct
+import subprocess
 import time
 import tracemalloc
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+import yaml
+from conftest import BIN, REPO, cli_env
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from catalogen.reproduce import MAX_PROVENANCE_BYTES, Unusable, read_provenance
+from catalogen.reproduce import MAX_PROVENANCE_BYTES, Unusable, read_capped, read_provenance
 
 FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "upscale.steps=2"]
 
@@ -34,8 +39,16 @@ def run_cli(catalog: str, config: str, out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "results.parquet")
 
 
-def reproduce(path: Path):
-    return CliRunner().invoke(app, ["reproduce", str(path)])
+def reproduce(path: Path, *options: str):
+    return CliRunner().invoke(app, ["reproduce", str(path), *options])
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> list[str]:
+    """`--config` with this machine's images.roots: the repository's catalogs (photos, style images)."""
+    config = tmp_path_factory.mktemp("local") / "local.yaml"
+    config.write_text(yaml.safe_dump({"images": {"roots": [str(REPO / "catalogs")]}}))
+    return ["--config", str(config)]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +71,10 @@ def products(tmp_path_factory) -> tuple[Path, pd.Series]:
     return out, df.iloc[0]
 
 
-def rewrite_png(source: Path, target: Path, provenance: dict | None = None, pixel: tuple[int, int] | None = None) -> Path:
-    """The PNG again with its text chunks (the provenance replaced when given), a pixel changed when given."""
+def rewrite_png(source: Path, target: Path, provenance: dict | None = None, pixel: tuple[int, int] | None = None,
+                by: int = 1) -> Path:
+    """The PNG again with its text chunks (the provenance replaced when given), a pixel's colour
+    channels changed `by` levels when given (down where up would pass 255)."""
     with Image.open(source) as image:
         image.load()
         texts = dict(image.text)
@@ -68,7 +83,7 @@ def rewrite_png(source: Path, target: Path, provenance: dict | None = None, pixe
         texts["catalogen"] = json.dumps(provenance)
     if pixel is not None:
         value = copy.getpixel(pixel)
-        copy.putpixel(pixel, tuple((v + 7) % 256 for v in value[:3]) + tuple(value[3:]))
+        copy.putpixel(pixel, tuple(v + by if v + by <= 255 else v - by for v in value[:3]) + tuple(value[3:]))
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
         info.add_text(key, value)
@@ -97,21 +112,11 @@ def png_with_chunk(kind: bytes, body: bytes) -> bytes:
     # a JPEG rendition: its source made again, then rendered and encoded as the renditions stage does
     ("renditions_marketplace-main_path", "rendition marketplace-main of the remove_bg"),
 ])
-def test_photo_stage_images_are_identical_when_made_again(photos, column: str, said: str):
+def test_photo_stage_images_are_identical_when_made_again(photos, local, column: str, said: str):
     out, row = photos
-    result = reproduce(out / row[column])
+    result = reproduce(out / row[column], *local)
     assert result.exit_code == 0, result.output
     assert f"identical: {said}" in result.output
-
-
-def test_a_generated_image_is_identical_when_made_again(products):
-    out, row = products
-    provenance = read_provenance(out / row.generate_image_path)
-    assert provenance["recipe"]["stages"] == ["enhance", "generate"]
-    assert provenance["recipe"]["row"]["prompt"]  # the template's prompt, before enhancement
-    result = reproduce(out / row.generate_image_path)
-    assert result.exit_code == 0, result.output
-    assert "identical: generate image of row 'MUG-001' v0 (enhance -> generate)" in result.output
 
 
 def test_a_later_variant_is_made_again_from_its_own_seed(tmp_path: Path, monkeypatch):
@@ -146,12 +151,19 @@ def test_a_photo_given_as_bytes_and_a_rows_own_style_image_are_found_again(tmp_p
     inputs = read_provenance(styled)["recipe"]["inputs"]
     assert inputs["image"] == {"catalog": str(catalog), "id": "P1", "sha256": __import__("hashlib").sha256(photo).hexdigest()}
     assert inputs["style_image"]["path"] == str(tmp_path / "stripes.png")
-    result = reproduce(styled)
+    roots = tmp_path / "local.yaml"
+    roots.write_text(yaml.safe_dump({"images": {"roots": [str(tmp_path)]}}))
+    result = reproduce(styled, "--config", str(roots))
     assert result.exit_code == 0, result.output
     assert "identical: style image of row 'P1' v0 (remove_bg -> style)" in result.output
     (tmp_path / "stripes.png").write_bytes((REPO / "catalogs" / "styles" / "sage-dots.png").read_bytes())
-    result = reproduce(styled)
-    assert result.exit_code == 2 and f"needs its style_image file {tmp_path / 'stripes.png'}, which changed" in result.output
+    result = reproduce(styled, "--config", str(roots))
+    assert result.exit_code == 2 and "input style_image does not match the recorded sha256" in result.output
+    # the photo named by hand instead of its catalog: the same check, by its own bytes
+    photo_file = tmp_path / "photo.png"
+    photo_file.write_bytes(photo)
+    result = reproduce(styled, "--input", f"image={photo_file}", "--input", f"style_image={tmp_path / 'stripes.png'}")
+    assert result.exit_code == 2 and "input style_image does not match the recorded sha256" in result.output
 
 
 def test_the_recipe_holds_what_makes_the_row_and_references_its_photo(photos):
@@ -170,12 +182,17 @@ def test_the_recipe_holds_what_makes_the_row_and_references_its_photo(photos):
 # --- what does not reproduce ------------------------------------------------------------------------
 
 
-def test_a_tampered_image_reports_its_largest_difference(photos, tmp_path: Path):
+def test_one_pixel_one_level_off_is_different_and_found(photos, local, tmp_path: Path):
     out, row = photos
-    tampered = rewrite_png(out / row.remove_bg_image_path, tmp_path / "tampered.png", pixel=(5, 3))
-    result = reproduce(tampered)
+    original = out / row.remove_bg_image_path
+    tampered = rewrite_png(original, tmp_path / "tampered.png", pixel=(5, 3), by=1)
+    assert read_provenance(tampered) == read_provenance(original)  # the provenance chunk is intact
+    with Image.open(original) as a, Image.open(tampered) as b:  # exactly one pixel, by exactly one level
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+    assert diff.max() == 1 and list(zip(*np.nonzero(diff.max(axis=2)))) == [(3, 5)]
+    result = reproduce(tampered, *local)
     assert result.exit_code == 1, result.output
-    assert "max pixel difference 7 at (5, 3), 1 pixels differ" in result.output
+    assert "max pixel difference 1 at (5, 3), 1 pixels differ" in result.output.splitlines()
 
 
 def test_a_png_catalogen_did_not_write_is_refused_in_one_line(tmp_path: Path):
@@ -202,38 +219,56 @@ def test_provenance_without_a_recipe_is_refused(photos, tmp_path: Path):
     assert result.exit_code == 2 and "without a recipe" in result.output
 
 
-def test_a_model_revision_not_present_is_named(photos, tmp_path: Path):
+def test_a_model_revision_not_present_is_named(photos, local, tmp_path: Path):
     out, row = photos
     provenance = read_provenance(out / row.remove_bg_image_path)
     provenance["recipe"]["models"]["remove_bg"]["segmenter"]["revision"] = "sha256:00000000000000000000000000000000"
-    result = reproduce(rewrite_png(out / row.remove_bg_image_path, tmp_path / "other-model.png", provenance))
+    result = reproduce(rewrite_png(out / row.remove_bg_image_path, tmp_path / "other-model.png", provenance), *local)
     assert result.exit_code == 2, result.output
     assert "remove_bg.segmenter: tiny:rembg @ sha256:00000000000000000000000000000000 is not present" in result.output
 
 
-def test_a_hub_model_is_pinned_to_its_recorded_commit_and_named_when_absent(photos, tmp_path: Path):
+def test_a_hub_model_is_pinned_to_its_recorded_commit_and_named_when_absent(photos, local, tmp_path: Path):
     out, row = photos
     provenance = read_provenance(out / row.style_image_path)
     commit = "0123456789abcdef0123456789abcdef01234567"
     provenance["recipe"]["settings"]["profile"] = "sd15"
     provenance["recipe"]["models"]["style"]["pipeline"] = {"repo": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                                            "revision": commit, "kind": "sd15"}
-    result = reproduce(rewrite_png(out / row.style_image_path, tmp_path / "hub.png", provenance))
+    result = reproduce(rewrite_png(out / row.style_image_path, tmp_path / "hub.png", provenance), *local)
     assert result.exit_code == 2, result.output
     assert f"style.pipeline: stable-diffusion-v1-5/stable-diffusion-v1-5 @ {commit} is not present" in result.output
 
 
-def test_a_missing_or_changed_photo_is_named(photos, tmp_path: Path):
+def test_a_photo_is_read_only_where_allowed_and_a_changed_one_reveals_nothing(photos, tmp_path: Path):
     out, row = photos
     provenance = read_provenance(out / row.remove_bg_image_path)
+    photo = Path(provenance["recipe"]["inputs"]["image"]["path"])
     moved = tmp_path / "moved" / "MUG-001.png"
     provenance["recipe"]["inputs"]["image"]["path"] = str(moved)
-    result = reproduce(rewrite_png(out / row.remove_bg_image_path, tmp_path / "moved.png", provenance))
-    assert result.exit_code == 2 and f"needs its catalog image {moved}, which is missing" in result.output
-    moved.parent.mkdir()
-    moved.write_bytes(b"\x89PNG other bytes")
-    result = reproduce(tmp_path / "moved.png")
-    assert result.exit_code == 2 and "which changed since the image was made" in result.output
+    image = rewrite_png(out / row.remove_bg_image_path, tmp_path / "moved.png", provenance)
+    # no --config: no images.roots, so a recorded path is not read, whether or not it exists
+    for exists in (False, True):
+        result = reproduce(image)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert f"input image is recorded at {moved}, which" in result.output
+        assert "--input image=PATH" in result.output
+        moved.parent.mkdir(exist_ok=True)
+        moved.write_bytes(photo.read_bytes())
+    roots = tmp_path / "local.yaml"
+    roots.write_text(yaml.safe_dump({"images": {"roots": [str(moved.parent)]}}))
+    moved.unlink()
+    result = reproduce(image, "--config", str(roots))
+    assert result.exit_code == 2 and "file does not exist" in result.output, result.output
+    # another file (inside the roots, or named by hand): it does not match, and nothing of its hash is shown
+    other = REPO / "catalogs" / "photos" / "TEA-002.png"
+    moved.write_bytes(other.read_bytes())
+    digest = __import__("hashlib").sha256(other.read_bytes()).hexdigest()
+    for options in (["--config", str(roots)], ["--input", f"image={other}"]):
+        result = reproduce(image, *options)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().endswith("input image does not match the recorded sha256"), result.output
+        assert not any(digest[i:i + 6] in result.output for i in range(0, 64 - 6)), result.output
 
 
 # --- hostile files ----------------------------------------------------------------------------------
@@ -289,3 +324,240 @@ def test_renditions_without_provenance_or_with_a_huge_xmp_chunk_are_refused(tmp_
     riff = data[12:] + chunk
     reason = refused_quickly(b"RIFF" + struct.pack("<I", 4 + len(riff)) + b"WEBP" + riff, tmp_path, "huge.webp")
     assert "refused unread" in reason
+
+
+# --- hostile recipes: a recipe is obeyed only where it decides pixels ---------------------------------
+
+
+class Listener:
+    """An HTTP server on 127.0.0.1 that answers every request 200 and remembers each one."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                seen.append((self.command, self.path, str(self.headers), self.rfile.read(length)))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_PUT = do_HEAD = _any
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def listener():
+    running = Listener()
+    yield running
+    running.server.shutdown()
+    running.server.server_close()
+
+
+SECRET = "sk-catalogen-test-secret-7f3a91"
+
+
+def hostile_enhance(provenance: dict, listener: Listener, elsewhere: Path) -> dict:
+    """The generate image's recipe, rewritten to send secrets and files to `listener`, fetch from it,
+    write into `elsewhere` and run big batches; its base prompt changed (its recorded enhance answer kept)."""
+    recipe = provenance["recipe"]
+    recipe["settings"]["enhance"].update({"backend": "openai", "base_url": f"{listener.url}/v1", "model": "gpt",
+                                          "api_key_env": "REPRODUCE_TEST_SECRET", "system_prompt_file": "/proc/self/environ"})
+    recipe["settings"]["images"]["url_schemes"] = ["http", "https"]
+    recipe["settings"]["generate"]["batch_size"] = 256
+    recipe["settings"].update({"cache_dir": str(elsewhere), "runner": "dask", "rows_per_shard": 100_000,
+                               "dask": {"address": listener.url.replace("http", "tcp")}})
+    recipe["row"]["prompt"] = "a base prompt the enhance step rewrote"
+    return provenance
+
+
+def test_an_enhance_recipe_asks_no_server_and_reads_nothing_it_names(products, listener, tmp_path: Path, monkeypatch):
+    """A generated image made again identical from its recipe, although the recipe sends its enhance
+    step to a server with a key and a file, asks for URLs, a cache elsewhere, Dask and big batches."""
+    monkeypatch.setenv("REPRODUCE_TEST_SECRET", SECRET)
+    out, row = products
+    original = out / row.generate_image_path
+    provenance = read_provenance(original)
+    assert provenance["recipe"]["stages"] == ["enhance", "generate"]
+    assert provenance["recipe"]["row"]["prompt"]  # the template's prompt, before enhancement
+    assert provenance["recipe"]["enhanced"]["prompt"] == row.enhance_prompt == row.generate_prompt  # enhance's answer
+    # every later stage's image records enhance's answer too (what its generate image was made from)
+    assert read_provenance(out / row.upscale_image_path)["recipe"]["enhanced"] == provenance["recipe"]["enhanced"]
+    elsewhere = tmp_path / "elsewhere"
+    crafted = rewrite_png(original, tmp_path / "crafted.png", hostile_enhance(provenance, listener, elsewhere))
+    result = reproduce(crafted)
+    assert result.exit_code == 0, result.output
+    assert "identical: generate image of row 'MUG-001' v0 (enhance -> generate)" in result.output
+    assert listener.seen == []  # no LLM request, no fetch, no Dask scheduler
+    assert SECRET not in result.output
+    assert not elsewhere.exists()
+
+
+def test_the_rerun_takes_throughput_and_places_from_this_machine(products, listener, tmp_path: Path):
+    """What the flow is given for a hostile recipe: the recipe's pixel settings, this machine's others."""
+    from catalogen.config import RunConfig, config_model, load_config
+    from catalogen.reproduce import rebuild
+
+    out, row = products
+    provenance = hostile_enhance(read_provenance(out / row.generate_image_path), listener, tmp_path / "elsewhere")
+    provenance["recipe"]["settings"]["generate"]["steps"] = 3
+    (tmp_path / "job").mkdir()
+    job = rebuild(out / row.generate_image_path, provenance, tmp_path / "job")
+    cfg = load_config(job.config)
+    defaults = config_model()()
+    assert cfg.stages == ("generate",)  # enhance is not run again
+    assert cfg.enhance == defaults.enhance  # no server, key or system prompt file from the recipe
+    assert cfg.generate.steps == 3  # what decides pixels is the recipe's
+    assert cfg.generate.batch_size == defaults.generate.batch_size
+    assert (cfg.cache_dir, cfg.runner, cfg.rows_per_shard, cfg.dask) == (None, "threads", RunConfig().rows_per_shard, defaults.dask)
+    assert cfg.images.url_schemes == () and cfg.images.roots == (tmp_path / "job" / "inputs",)
+    assert cfg.offline and cfg.stop_grace_s == 0
+    catalog = pd.read_parquet(job.catalog).iloc[0]
+    assert catalog.prompt == row.generate_prompt  # enhance's recorded answer, not the base prompt
+    assert not (tmp_path / "elsewhere").exists() and listener.seen == []
+
+
+def test_a_url_input_is_never_fetched(photos, listener, tmp_path: Path):
+    out, row = photos
+    provenance = read_provenance(out / row.remove_bg_image_path)
+    url = f"{listener.url}/internal-admin"
+    provenance["recipe"]["settings"]["images"]["url_schemes"] = ["http"]
+    provenance["recipe"]["row"]["image"] = url
+    provenance["recipe"]["inputs"]["image"] = {"url": url}
+    result = reproduce(rewrite_png(out / row.remove_bg_image_path, tmp_path / "url.png", provenance))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"input image has no recorded sha256 (the URL {url}: reproduce fetches nothing)" in result.output
+    assert listener.seen == []
+
+
+def write_roots(folder: Path, *roots: str) -> Path:
+    config = folder / "roots.yaml"
+    config.write_text(yaml.safe_dump({"images": {"roots": list(roots)}}))
+    return config
+
+
+def test_inputs_are_read_capped_from_regular_files_only(photos, tmp_path: Path):
+    out, row = photos
+    provenance = read_provenance(out / row.remove_bg_image_path)
+    photo = provenance["recipe"]["inputs"]["image"]["path"]
+    provenance["recipe"]["inputs"]["image"]["path"] = "/proc/self/pagemap"
+    image = rewrite_png(out / row.remove_bg_image_path, tmp_path / "pagemap.png", provenance)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [
+        ([], "input image is recorded at /proc/self/pagemap, which"),  # no images.roots: not read at all
+        (["--config", str(write_roots(tmp_path, "/"))], "input image is recorded at /proc/self/pagemap, which is an empty file"),
+        (["--input", "image=/proc/self/pagemap"], "input image /proc/self/pagemap reads past its size"),
+        (["--input", f"image={fifo}"], f"input image {fifo} is not a regular file: refused unread"),
+        (["--input", f"style_image={photo}"], "--input style_image: the image's recipe has no input of that name"),
+    ]
+    for options, said in cases:
+        result = reproduce(image, *options)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (options, result.output)
+        assert said in result.output, (options, result.output)
+    tracemalloc.start()
+    with pytest.raises(Unusable, match="reads past its size"):
+        read_capped(Path("/proc/self/pagemap"), 256 * 2**20, "input image")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, peak  # one read's worth, not the 256 MB cap (nor the 40 GB it would give)
+
+
+def test_an_input_without_a_recorded_hash_is_refused_even_when_named(photos, tmp_path: Path):
+    out, row = photos
+    provenance = read_provenance(out / row.remove_bg_image_path)
+    photo = provenance["recipe"]["inputs"]["image"]["path"]
+    provenance["recipe"]["inputs"]["image"]["sha256"] = None
+    image = rewrite_png(out / row.remove_bg_image_path, tmp_path / "unhashed.png", provenance)
+    for options in ([], ["--input", f"image={photo}"], ["--config", str(write_roots(tmp_path, str(REPO)))]):
+        result = reproduce(image, *options)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "input image has no recorded sha256: refused" in result.output
+
+
+# --- malformed recipes: one line, before anything runs ----------------------------------------------
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda r: r.update(inputs=[{"path": "/etc/hostname"}]), "its recipe's inputs is a list, not a mapping"),
+    (lambda r: r.update(settings=["generate", "steps"]), "its recipe's settings is a list, not a mapping"),
+    (lambda r: r.update(models={"remove_bg": ["tiny:rembg"]}), "its recipe's models.remove_bg is a list, not a mapping"),
+    (lambda r: r.update(stages="remove_bg"), "its recipe's stages are not a list of stage names"),
+    # a setting a configuration refuses: named, and said to come from the recipe (not a temporary file)
+    (lambda r: r["settings"]["remove_bg"].update(min_coverage=7),
+     "remove_bg.min_coverage: Input should be less than or equal to 1 (from the image's recipe)"),
+    (lambda r: r["settings"].update(profile="sd99"), "profile: Input should be 'tiny', 'tiny-sdxl', 'sd15' or 'sdxl' "
+                                                     "(from the image's recipe)"),
+    (lambda r: r["row"].update(seed=-5), "its recipe's row cannot be run here (the image's recipe): column 'seed'"),
+])
+def test_a_malformed_recipe_is_refused_in_one_line(photos, local, tmp_path: Path, change, said: str):
+    out, row = photos
+    provenance = read_provenance(out / row.remove_bg_image_path)
+    change(provenance["recipe"])
+    result = reproduce(rewrite_png(out / row.remove_bg_image_path, tmp_path / "malformed.png", provenance), *local)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert said in result.output
+    assert "catalogen-reproduce-" not in result.output and "config.yaml" not in result.output
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"name": "Main Image!"}, "name: name 'Main Image!': use 1-40 lower-case letters"),
+    ({"size": 10**9}, "size: Input should be less than or equal to"),
+    ({"format": "gif"}, "format: Input should be 'png', 'jpeg', 'webp' or 'avif'"),
+])
+def test_a_renditions_bad_settings_are_refused_before_anything_runs(photos, local, tmp_path: Path, change, said: str):
+    from catalogen.reproduce import rebuild
+
+    out, row = photos
+    provenance = read_provenance(out / row["renditions_marketplace-main_path"])
+    provenance["rendition"].update(change)
+    (tmp_path / "job").mkdir()
+    with pytest.raises(Unusable, match="its rendition settings are not valid") as refused:
+        rebuild(out / row.remove_bg_image_path, provenance, tmp_path / "job")
+    assert said in str(refused.value)
+    assert not any((tmp_path / "job").iterdir())  # refused before a file of the re-run was written
+    image = rewrite_png(out / row.remove_bg_image_path, tmp_path / "rendition.png", provenance)
+    result = reproduce(image, *local)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert said in result.output
+
+
+# --- stopping -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code, after", [
+    (signal.SIGTERM, 143, "inputs/*"),  # while it prepares: its input already copied into the temporary folder
+    (signal.SIGINT, 130, "out/run.json"),  # while the flow runs
+], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_reproduction_exits_as_signalled_and_leaves_no_temporary_folder(
+        photos, local, tmp_path: Path, signum: signal.Signals, code: int, after: str):
+    out, row = photos
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.Popen([str(BIN / "catalogen"), "reproduce", str(out / row.upscale_image_path), *local],
+                            env={**cli_env(), "TMPDIR": str(temp)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(temp.glob(f"catalogen-reproduce-*/{after}")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, stderr
+    assert f"stopped by {signum.name}: nothing compared; the temporary folder is removed" in stderr
+    assert "different" not in stdout + stderr and "Traceback" not in stderr
+    assert list(temp.iterdir()) == []
