@@ -11,6 +11,8 @@ keep their leading zeros), and a blank cell means "not given", i.e. the run's se
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping, Sequence
@@ -20,13 +22,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
+import pyarrow.parquet as pq
 
+from catalogen import stopping
 from catalogen.hashing import MAX_SEED, derive_seeds, stable_hash
-from catalogen.locations import Location, is_remote, location, read_table
+from catalogen.locations import Location, LocationError, is_remote, location
 
 SHOWN_ROWS = 5  # row ids listed per fault before "and N more"
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 _TEXT_FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".ndjson": "JSON Lines"}
+# Reading a catalog by URL has a total deadline: a server that accepts and never answers (or trickles)
+# must not hold `validate` or `run` silently for good. Seconds, from this variable (default 300).
+URL_TIMEOUT_ENV = "CATALOGEN_CATALOG_TIMEOUT_S"
+URL_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,9 @@ class CatalogError(ValueError):
     def __init__(self, source: str, faults: list[Fault]):
         self.source = source
         self.faults = faults
+        if len(faults) == 1 and not faults[0].column and not faults[0].rows:  # the file itself: one line
+            super().__init__(f"{source}: {faults[0]}")
+            return
         lines = "\n".join(f"  - {f}" for f in faults)
         super().__init__(f"{source}: {len(faults)} problem(s) in the catalog:\n{lines}")
 
@@ -66,18 +77,18 @@ def catalog_format(path: str | Location) -> str:
     return _TEXT_FORMATS.get(Path(name).suffix, "Parquet")
 
 
-def _stream(path: Location) -> pa.NativeFile:
-    """The file's bytes, decompressed as its name says, from a disk or (read whole) from a bucket."""
-    if not is_remote(path):
-        return pa.input_stream(str(path), compression="detect")
-    codec = next((codec for suffix, codec in _COMPRESSION.items() if path.name.lower().endswith(suffix)), None)
-    return pa.input_stream(pa.py_buffer(path.read_bytes()), compression=codec)
+def _stream(source: Path | pa.Buffer, name: str) -> pa.NativeFile:
+    """The file's bytes, decompressed as its name says: from a disk, or a URL's bytes read whole."""
+    if isinstance(source, Path):
+        return pa.input_stream(str(source), compression="detect")
+    codec = next((codec for suffix, codec in _COMPRESSION.items() if name.lower().endswith(suffix)), None)
+    return pa.input_stream(source, compression=codec)
 
 
-def _read_delimited(path: Location, delimiter: str) -> pa.Table:
+def _read_delimited(source: Path | pa.Buffer, name: str, delimiter: str) -> pa.Table:
     """Every column as text (no type guessing), blank cells as null."""
     parse = pa_csv.ParseOptions(delimiter=delimiter)
-    with _stream(path) as stream:
+    with _stream(source, name) as stream:
         names = pa_csv.open_csv(stream, parse_options=parse).schema.names
     convert = pa_csv.ConvertOptions(
         column_types={name: pa.string() for name in names},
@@ -85,21 +96,56 @@ def _read_delimited(path: Location, delimiter: str) -> pa.Table:
         null_values=[""],
         quoted_strings_can_be_null=True,
     )
-    with _stream(path) as stream:
+    with _stream(source, name) as stream:
         return pa_csv.read_csv(stream, parse_options=parse, convert_options=convert)
 
 
+def url_timeout() -> float:
+    """The deadline of reading a catalog by URL, in seconds (URL_TIMEOUT_ENV, else URL_TIMEOUT_S)."""
+    text = os.environ.get(URL_TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else URL_TIMEOUT_S
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise CatalogError(f"{URL_TIMEOUT_ENV}={text}", [Fault("is not a positive number of seconds")])
+    return seconds
+
+
+def _fetch(url: Location) -> pa.Buffer:
+    """A catalog's bytes by URL, read whole in one GET (`open()` would ask for the size first) within
+    `url_timeout()` seconds in all. Only the download runs in the deadline's thread: a thread still
+    inside Arrow when the process ends would abort it."""
+    seconds = url_timeout()
+    deadline = time.monotonic() + seconds
+    try:
+        return stopping.bounded(lambda _cancelled: pa.py_buffer(url.fs.cat_file(url.path)), seconds, str(url))
+    except TimeoutError:
+        if time.monotonic() < deadline:
+            raise  # the backend's own timeout: an OSError like any other failed read
+        raise CatalogError(str(url), [Fault(f"no complete answer within {seconds:g} s (give a slow server longer "
+                                            f"with {URL_TIMEOUT_ENV}=SECONDS)")]) from None
+
+
+def _read(source: Path | pa.Buffer, name: str, kind: str) -> pa.Table:
+    if kind in ("CSV", "TSV"):
+        return _read_delimited(source, name, "\t" if kind == "TSV" else ",")
+    if kind == "JSON Lines":
+        with _stream(source, name) as stream:
+            return pa_json.read_json(stream)
+    return pq.read_table(str(source) if isinstance(source, Path) else pa.BufferReader(source))
+
+
 def read_catalog(path: str | Location) -> pa.Table:
-    """Read Parquet, or CSV / TSV / JSON Lines (optionally .gz, .bz2, .zst) by file name, from a path or a URL."""
-    path = location(path)
+    """Read Parquet, or CSV / TSV / JSON Lines (optionally .gz, .bz2, .zst) by file name, from a path or a URL
+    (within `url_timeout()` in all, however slowly its server answers)."""
+    try:
+        path = location(path)
+    except LocationError as exc:
+        raise CatalogError("catalog", [Fault(str(exc))]) from None
     kind = catalog_format(path)
     try:
-        if kind in ("CSV", "TSV"):
-            return _read_delimited(path, "\t" if kind == "TSV" else ",")
-        if kind == "JSON Lines":
-            with _stream(path) as stream:
-                return pa_json.read_json(stream)
-        return read_table(path)
+        return _read(_fetch(path) if is_remote(path) else path, path.name, kind)
     except FileNotFoundError:
         raise CatalogError(str(path), [Fault("file not found")]) from None
     except IsADirectoryError:

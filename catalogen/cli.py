@@ -37,7 +37,7 @@ from catalogen.config import (
 )
 from catalogen.devices import DeviceError
 from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
-from catalogen.locations import Location, is_remote, location
+from catalogen.locations import Location, LocationError, display, is_remote, location, storage_folder
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
 from catalogen import registry, stopping
@@ -79,9 +79,30 @@ SetOpt = typer.Option(
 )
 
 
+def _located(value: str, option: str | None = None) -> Location:
+    """A catalog (`option` None) or a folder named by `option` as a location, or one line saying why it
+    cannot be one (an http:// folder, an s3:// URL without a bucket), before any request is made."""
+    try:
+        return storage_folder(value, option) if option else location(value)
+    except LocationError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+
+
+def _catalog(value: str) -> str:
+    _located(value)
+    return value
+
+
+def _out_folder(value: str | None) -> str | None:
+    if value is not None:
+        _located(value, "--out")
+    return value
+
+
 def _run_folder(value: str) -> str:
     """A run folder's path or URL; a local one must be an existing folder (a bucket is asked later)."""
-    folder = location(value)
+    folder = _located(value, "RUN")
     if not is_remote(folder) and not folder.is_dir():
         raise typer.BadParameter(f"{value} is not a folder" if folder.exists() else f"{value} does not exist")
     return value
@@ -151,7 +172,7 @@ def _config(config: Optional[Path], items: list[str] | None, **named: tuple[Any,
 
 @app.command()
 def validate(
-    catalog: str = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz): a path or a URL."),
+    catalog: str = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz): a path or a URL.", callback=_catalog),
     config: Optional[Path] = ConfigOpt,
     profile: Optional[str] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -240,10 +261,10 @@ def _progress_bar() -> Progress:
 
 @app.command(epilog=EXIT_CODES)
 def run(
-    catalog: str = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz): a path, or a URL such as s3://bucket/catalog.parquet."),
+    catalog: str = typer.Argument(..., help="Parquet, CSV, TSV or JSON Lines catalog (optionally .gz): a path, or a URL such as s3://bucket/catalog.parquet.", callback=_catalog),
     config: Optional[Path] = typer.Option(None, "--config", "-c", dir_okay=False, help="YAML run configuration (default: the settings the output folder was last run with, else the defaults)."),
     profile: Optional[str] = ProfileOpt,
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder, a path or a URL such as s3://bucket/run (default outputs/<catalog>-<path hash>-<profile>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", callback=_out_folder, help="Output folder, a path or a URL such as s3://bucket/run (default outputs/<catalog>-<path hash>-<profile>)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute rows whose last attempt failed."),
     new_catalog: bool = typer.Option(False, "--new-catalog", help="Run a catalog other than the one the output folder was made from (its results are replaced)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial run: only the catalog's first N rows (rows done earlier stay in the results)."),
@@ -371,7 +392,7 @@ def _finish(state: Any, store: RunStore) -> None:
     if not isinstance(summary, dict):  # cancelled before it ran: another run holds the folder
         _fail(state.message or "the run was cancelled")
 
-    typer.echo(f"{outcome_line(summary)}\nresults: {Path(summary['out']) / 'results.parquet'}")
+    typer.echo(f"{outcome_line(summary)}\nresults: {display(location(summary['out']) / 'results.parquet')}")
     code = 0
     if summary.get("stopped"):
         err.print(state.message, soft_wrap=True, highlight=False)
@@ -397,7 +418,7 @@ def status(run_dir: str = RunArg) -> None:
         _fail(exc)
     trial = report["trial"]
     scope = f"trial subset ({trial['selection']}): {trial['rows']} of {report['rows']} rows" if trial else f"{report['rows']} rows"
-    table = Table(title=f"{run_dir} ({scope}, catalog {report['catalog']})")
+    table = Table(title=f"{display(run_dir)} ({scope}, catalog {report['catalog']})")
     for column in ("stage", "ok", "fallback", "degenerate", "failed", "skipped", "pending"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, counts in report["stages"].items():
@@ -480,7 +501,7 @@ def report(
             path = write_report(run_dir, workers=workers)
     except (RunStateError, RunFolderBusy) as exc:
         _fail(exc)
-    typer.echo(str(path))
+    typer.echo(display(path))
 
 
 EXPORT_EXIT_CODES = (
@@ -509,6 +530,7 @@ def _export_format(value: str) -> str:
 def _export_folder(value: str) -> str:
     if not value.strip():
         raise typer.BadParameter("is empty: name the export folder")
+    _located(value, "--out")
     return value
 
 
@@ -569,7 +591,7 @@ def export(
                             include_degenerate=include_degenerate, dedupe=dedupe)
     try:
         with _LateBar(f"export {format_}") as bar:
-            manifest = export_run(run_dir, Path(out), options, bar)
+            manifest = export_run(run_dir, out, options, bar)
     except (ExportError, RunFolderBusy, RunStateError) as exc:
         _fail(exc)
     splits = ", ".join(f"{name} {info['rows']} rows in {info['shards']} shard(s)" for name, info in manifest["splits"].items())
@@ -578,7 +600,7 @@ def export(
                f"image from {manifest['image_column']}")
     if left_out:
         typer.echo(f"left out: {left_out}")
-    typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
+    typer.echo(f"manifest: {display(location(out) / 'manifest.json')}")
 
 
 REPRODUCE_EXIT_CODES = ("Exit codes: 0 identical; 1 different (the largest pixel difference is printed); 2 the file "

@@ -39,7 +39,7 @@ The writers share one interface, as img2dataset's do: `Writer(layout, shard)`, `
 (benchmarks only: the command line offers `FORMATS`).
 
 The export folder is checked before anything is created in it: never the filesystem root, the run
-folder or a folder inside it, a file, or a path under a file.
+folder or a folder inside it, a file, a path under a file, or a bucket URL (`export_folder`).
 
     >>> manifest = export_run("outputs/demo", "exports/demo-hf", ExportOptions(format="hf", split="train=0.9,val=0.1"))
     >>> datasets.load_dataset("parquet", data_files={"train": "exports/demo-hf/data/train-*.parquet"})
@@ -70,7 +70,7 @@ import pyarrow.parquet as pq
 import catalogen
 from catalogen.duplicates import first_of_each, recorded_max_distance
 from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
-from catalogen.locations import Location, absolute, is_remote, location, read_table
+from catalogen.locations import Location, LocationError, absolute, is_remote, location, read_table
 from catalogen.results import image_prefix, recorded_images
 from catalogen.store import (
     fsync_path,
@@ -761,6 +761,20 @@ def clear_previous(out: Path, records: list[dict[str, Any]]) -> None:
     _remove_empty_folders(out)
 
 
+def export_folder(out: str | os.PathLike[str]) -> Path:
+    """`--out` as a local folder: a path, or a URL of this machine's disk (`file:///x`). A bucket is
+    refused before any work: an export renames each shard into place and locks its folder, which an
+    object store cannot do."""
+    try:
+        where = location(out)
+    except LocationError as exc:
+        raise ExportError(f"--out {exc}") from None
+    if is_remote(where):
+        raise ExportError(f"--out {out}: an export is written to a local folder (each shard is renamed into "
+                          f"place, which a bucket cannot do); export to a path, then copy that folder to {out}")
+    return where
+
+
 def check_out(out: Path, run_dir: Location) -> None:
     """Refuse a path that cannot be an export folder before anything is created there: the
     filesystem root, the run folder or a folder inside it (its files would mix with the run's), a
@@ -873,7 +887,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
 
     Args:
         run_dir: what `catalogen run` wrote (results.parquet + images).
-        out: the export folder: absent or empty, an interrupted run of this same export (resumed),
+        out: the export folder, a local path: absent or empty, an interrupted run of this same export (resumed),
             or, with `options.overwrite`, a folder of an earlier export (replaced).
         options: format, image stage, text column, filters, split, shard size.
         progress: called as `progress(rows_done, rows_total)` after each row.
@@ -881,7 +895,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     Raises `ExportError` naming the run folder, column or option at fault, before writing anything
     when the options do not fit the run.
     """
-    run_dir, out = location(run_dir), Path(out)
+    run_dir, out = location(run_dir), export_folder(out)
     # 1. Check the options against the run, and choose the rows and their splits.
     writer = writer_for(options.format)
     if options.shard_size < 1:

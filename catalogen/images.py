@@ -3,7 +3,8 @@
 A catalog's `image` column holds, per row, either text or bytes:
 - text: a path relative to the catalog file's folder, an absolute path, or a URL. A path must
   lead (after `..` and symbolic links are followed) into the catalog's folder or one of
-  `images.roots`; a URL's scheme must be listed in `images.url_schemes` (none is, by default).
+  `images.roots`; a URL's scheme must be listed in `images.url_schemes` (none is, by default), and
+  no scheme whose fsspec filesystem reaches local files (`file`, `local`, `zip`, …) can be listed.
 - binary: the image file's bytes. A Hugging Face `datasets` Image column (a struct of `bytes`
   and `path`) is read the same way: its bytes where given, else its path.
 
@@ -48,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from catalogen import stopping
 from catalogen.catalog import Fault, RowLabels, column_or_nulls
 from catalogen.hashing import sha256_bytes
-from catalogen.locations import is_remote
+from catalogen.locations import is_remote, reaches_local_files
 
 IMAGE = "image"  # the catalog column, normalised to an absolute path or URL (null for binary rows)
 IMAGE_BYTES = "image_bytes"  # the bytes of binary rows (null for the others)
@@ -93,8 +94,10 @@ class ImageSettings(BaseModel):
     @classmethod
     def _schemes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         schemes = tuple(s.strip().lower().removesuffix("://") for s in value)
-        if "file" in schemes:
-            raise ValueError("'file' URLs would reach any local file: give paths, and list their folders in images.roots")
+        for scheme in schemes:  # file, local, and any fsspec filesystem that opens local files (zip, simplecache, …)
+            if reaches_local_files(scheme):
+                raise ValueError(f"'{scheme}' URLs would reach any local file: give paths, and list their folders in "
+                                 "images.roots")
         return schemes
 
 
@@ -160,6 +163,11 @@ class _Places:
     real: list[str]
     name: str = "the catalog's folder"  # what `folder` is, in messages
 
+    @property
+    def allowed(self) -> str:
+        """The places paths may lead into, in messages."""
+        return self.name if self.name == "images.roots" else f"{self.name} and images.roots"
+
     @classmethod
     def of(cls, folder: Path | None, settings: ImageSettings, name: str = "the catalog's folder") -> "_Places":
         """`folder` None: a catalog read from a URL, whose paths may lead into `images.roots` only."""
@@ -177,7 +185,7 @@ def _resolve(value: str, places: _Places, parents: dict[str, str]) -> tuple[str 
         return None, "is a relative path in a catalog read from a URL: give image URLs, or absolute paths in images.roots"
     lexical = os.path.normpath(os.path.join(places.folder, value))
     if not _within(lexical, places.lexical) and not _within(lexical, places.real):
-        return None, f"points outside {places.name} and images.roots"
+        return None, f"points outside {places.allowed}"
     parent, name = os.path.split(lexical)
     if parent not in parents:
         parents[parent] = os.path.realpath(parent)
@@ -192,7 +200,7 @@ def _resolve(value: str, places: _Places, parents: dict[str, str]) -> tuple[str 
     except PermissionError:
         return None, "cannot be read (permission denied)"
     if not _within(path, places.real):
-        return None, f"leads through a symbolic link outside {places.name} and images.roots"
+        return None, f"leads through a symbolic link outside {places.allowed}"
     if not stat.S_ISREG(info.st_mode):
         return None, "is not a file"
     if info.st_size == 0:
@@ -200,7 +208,7 @@ def _resolve(value: str, places: _Places, parents: dict[str, str]) -> tuple[str 
     return path, None
 
 
-def _scheme_fault(scheme: str, settings: ImageSettings) -> str | None:
+def _scheme_fault(url: str, scheme: str, settings: ImageSettings) -> str | None:
     if scheme not in settings.url_schemes:
         allowed = ", ".join(settings.url_schemes) or "none"
         return f"is a {scheme}:// URL, a scheme images.url_schemes does not allow (allowed: {allowed})"
@@ -210,6 +218,8 @@ def _scheme_fault(scheme: str, settings: ImageSettings) -> str | None:
         fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError) as exc:
         return f"is a {scheme}:// URL, which fsspec cannot fetch here: {exc}"
+    if "::" in url:  # fsspec would chain it onto another filesystem (`zip://x::file:///…`), the local disk too
+        return "chains filesystems with '::': give one plain URL"
     return None
 
 
@@ -222,7 +232,7 @@ def _text_values(text: pa.Array, places: _Places, settings: ImageSettings) -> tu
     for value in distinct.to_pylist():
         url = _URL.match(value)
         if url:
-            message = _scheme_fault(url.group(1).lower(), settings)
+            message = _scheme_fault(value, url.group(1).lower(), settings)
             normalised.append(None if message else value)
             messages.append(message)
             continue
@@ -395,6 +405,8 @@ def _read_url(url: str, settings: ImageSettings) -> bytes:
     scheme = _URL.match(url).group(1).lower()
     if scheme not in settings.url_schemes:
         raise ImageLoadError(f"{url}: the {scheme}:// scheme is not in images.url_schemes")
+    if "::" in url:
+        raise ImageLoadError(f"{url}: chains filesystems with '::'; give one plain URL")
     import fsspec
 
     def fetch(cancelled: threading.Event) -> bytes:

@@ -49,7 +49,7 @@ from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
 from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS
 from catalogen.images import check_images, check_paths
-from catalogen.locations import absolute, is_remote, location
+from catalogen.locations import absolute, display, is_remote, location
 from catalogen.models import (
     MissingModelsError,
     ModelIdentity,
@@ -448,7 +448,7 @@ def rerun_command(store: RunStore, *flags: str) -> str:
     info = store.read_run_json()
     catalog = info.get("catalog", {}).get("path", "CATALOG")
     trial = shlex.split(info["trial"]["selection"]) if isinstance(info.get("trial"), dict) else []  # stay within it
-    return shlex.join(["catalogen", "run", catalog, "--out", str(store.root), *trial, *flags])
+    return shlex.join(["catalogen", "run", catalog, "--out", display(store.root), *trial, *flags])
 
 
 class CatalogChanged(RuntimeError):

@@ -46,7 +46,7 @@ from upath import UPath
 
 from catalogen import lease, stopping
 from catalogen.hashing import sha256_bytes
-from catalogen.locations import Location, arrow_path, is_remote, location, put, read_table
+from catalogen.locations import Location, arrow_path, is_remote, put, read_table, storage_folder
 
 # A row's outcome in a stage. The first three count as success: `fallback` (an answer that could
 # not be used, replaced by the input) and `degenerate` (a caption flagged as useless) still let the
@@ -255,7 +255,8 @@ class RunStore:
     """One run's output folder (layout in the module docstring)."""
 
     def __init__(self, root: str | Path):
-        self.root: Location = location(root)  # a Path, or a UPath for a URL (see catalogen/locations.py)
+        # a Path, or a UPath for a bucket URL (see catalogen/locations.py); http:// and the like refused
+        self.root: Location = storage_folder(root, "run folder")
         self.remote = is_remote(self.root)
 
     # -- layout --

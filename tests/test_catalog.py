@@ -92,8 +92,9 @@ def test_empty_and_unreadable_files(tmp_path: Path):
     garbage.write_text("not parquet at all")
     with pytest.raises(CatalogError, match="cannot read as Parquet"):
         read_catalog(garbage)
-    with pytest.raises(CatalogError, match="file not found"):
+    with pytest.raises(CatalogError) as info:
         read_catalog(tmp_path / "absent.parquet")
+    assert str(info.value) == f"{tmp_path / 'absent.parquet'}: file not found"  # the file itself: one line
 
 
 def test_csv_and_jsonl_catalogs(tmp_path: Path):
@@ -157,3 +158,43 @@ def test_cli_validate_accepts_the_demo_catalog():
     result = CliRunner().invoke(app, ["validate", "catalogs/demo_prompts.parquet"])
     assert result.exit_code == 0, result.output
     assert "24 ids, 25 rows" in result.output
+
+
+def test_a_catalog_url_is_read_once_within_its_deadline_and_the_deadline_is_a_setting(monkeypatch, tmp_path: Path):
+    """A server slower than nothing but within the deadline is read (one request); an unusable deadline is
+    refused by name (the silent server's side: tests/test_cli_faults.py)."""
+    import gzip
+    import http.server
+    import threading
+    import time
+
+    body = gzip.compress(b"id,prompt\n0012,a cat\nb,a dog\n")
+    requests = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            requests.append(self.path)
+            time.sleep(1)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CATALOGEN_CATALOG_TIMEOUT_S", "20")
+        table = read_catalog(f"http://127.0.0.1:{server.server_port}/catalog.csv.gz")
+        assert table.column("id").to_pylist() == ["0012", "b"]
+        assert requests == ["/catalog.csv.gz"]  # one download, though CSV is parsed twice (header, then rows)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for value in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("CATALOGEN_CATALOG_TIMEOUT_S", value)
+        with pytest.raises(CatalogError) as info:
+            read_catalog("http://127.0.0.1:9/catalog.csv")
+        assert str(info.value) == f"CATALOGEN_CATALOG_TIMEOUT_S={value}: is not a positive number of seconds"

@@ -1,12 +1,21 @@
 """Refused commands leave the filesystem as it was and say why in one line; usage errors exit 2;
-a configuration error names the flag or --set it came from."""
+a configuration error names the flag or --set it came from; a folder URL that is not storage is
+refused before any request, and a catalog URL on a silent server ends at its deadline."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
+from conftest import BIN, cli_env
 from test_degenerate import ROWS, write_run
 from typer.testing import CliRunner
 
@@ -134,3 +143,111 @@ def test_a_run_folder_that_cannot_be_one_is_one_line(tmp_path: Path, where: str)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(out) in lines[0], result.output
     assert sorted(tmp_path.rglob("*")) == before and blocker.read_text() == "not a folder"
+
+
+@contextmanager
+def listening(hold: bool) -> Iterator[SimpleNamespace]:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: `hold` keeps each one
+    open (a silent server), else closes it at once (a request refused quickly, only counted)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    seen: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            seen.append(connection)
+            if not hold:
+                connection.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(port=server.getsockname()[1], connections=seen)
+    finally:
+        stop.set()
+        thread.join()
+        for connection in seen:
+            connection.close()
+        server.close()
+
+
+STORAGE_HINT = "give a path, or a file://, s3://, gs:// or az:// URL"
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["run", "catalogs/demo_prompts.parquet", "--out", "http://{host}/run"],
+     "--out http://{host}/run: http:// is not storage a folder can live in; " + STORAGE_HINT),
+    (["run", "catalogs/demo_prompts.parquet", "--out", "ftp://{host}/run", "--dry-run"],
+     "--out ftp://{host}/run: ftp:// is not storage a folder can live in; " + STORAGE_HINT),
+    (["run", "catalogs/demo_prompts.parquet", "--out", "s3://"], "--out s3:// names no bucket: give s3://BUCKET/PATH"),
+    (["run", "catalogs/demo_prompts.parquet", "--out", "s3://", "--dry-run"],
+     "--out s3:// names no bucket: give s3://BUCKET/PATH"),
+    (["run", "catalogs/demo_prompts.parquet", "--out", "s3:///run"], "--out s3:///run names no bucket: give s3://BUCKET/PATH"),
+    (["run", "catalogs/demo_prompts.parquet", "--out", "file://otherhost{tmp}/run"],
+     "--out file://otherhost{tmp}/run names the host otherhost: a file:// URL reaches this machine's files only "
+     "(file:///PATH or file://localhost/PATH)"),
+    (["validate", "s3://"], "s3:// names no bucket: give s3://BUCKET/PATH"),
+    (["status", "http://{host}/run"], "RUN http://{host}/run: http:// is not storage a folder can live in; " + STORAGE_HINT),
+    (["verify", "s3://"], "RUN s3:// names no bucket: give s3://BUCKET/PATH"),
+    (["clean", "https://{host}/run"], "RUN https://{host}/run: https:// is not storage a folder can live in; " + STORAGE_HINT),
+    (["report", "memory://run"], "RUN memory://run: memory:// is not storage a folder can live in; " + STORAGE_HINT),
+    (["export", "s3:///run", "--format", "hf", "--out", "{tmp}/exp"], "RUN s3:///run names no bucket: give s3://BUCKET/PATH"),
+    (["export", "{run}", "--format", "hf", "--out", "http://{host}/exp"],
+     "--out http://{host}/exp: http:// is not storage a folder can live in; " + STORAGE_HINT),
+    (["export", "{run}", "--format", "hf", "--out", "s3://catalogen-test/exp"],
+     "--out s3://catalogen-test/exp: an export is written to a local folder (each shard is renamed into place, "
+     "which a bucket cannot do); export to a path, then copy that folder to s3://catalogen-test/exp"),
+])
+def test_a_folder_url_that_cannot_be_one_is_one_line_before_any_request(places, monkeypatch, args, line):
+    with listening(hold=False) as server:
+        host = f"127.0.0.1:{server.port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}")  # any bucket request would arrive here too
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+        before = tree(places["tmp"])
+        result = invoke(*(a.format(host=host, **places) for a in args))
+        time.sleep(0.2)  # a connection made at the end would be accepted by now
+        assert result.exit_code == 1, result.output
+        assert result.output == f"error: {line.format(host=host, **places)}\n"
+        assert server.connections == []
+    assert tree(places["tmp"]) == before  # nothing made, in the working folder (./s3:, ./http:) either
+
+
+def test_a_file_url_of_this_machine_is_its_path(places):
+    out = places["tmp"] / "exp"
+    result = invoke("export", f"file://{places['run']}", "--format", "imagefolder", "--include-degenerate",
+                    "--out", f"file://localhost{out}")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"manifest: {out}/manifest.json"
+    assert (out / "manifest.json").is_file()
+    assert list(places["cwd"].iterdir()) == []  # not <cwd>/localhost/…
+
+
+@pytest.mark.timeout(180)
+def test_a_catalog_url_on_a_silent_server_is_one_line_after_its_deadline(tmp_path: Path):
+    with listening(hold=True) as server:
+        url = f"http://127.0.0.1:{server.port}/catalog.parquet"
+        env = {**cli_env(), "CATALOGEN_CATALOG_TIMEOUT_S": "2"}
+        result = subprocess.run([str(BIN / "catalogen"), "validate", url], env=env, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=150)
+        assert len(server.connections) >= 1  # it asked, and the deadline (not a refusal) ended the wait
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {url}: no complete answer within 2 s (give a slow server longer with "
+                             "CATALOGEN_CATALOG_TIMEOUT_S=SECONDS)\n")
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_given_outside_the_cli_is_held_to_the_same_schemes():
+    """A deployment's `out` parameter reaches RunStore without the CLI's checks."""
+    from catalogen.locations import LocationError
+    from catalogen.store import RunStore
+
+    with pytest.raises(LocationError) as info:
+        RunStore("http://127.0.0.1:9/run")
+    assert str(info.value) == "run folder http://127.0.0.1:9/run: http:// is not storage a folder can live in; " + STORAGE_HINT
+    assert str(RunStore("file://localhost/srv/run").root) == "/srv/run"

@@ -154,6 +154,56 @@ def test_roots_expand_home_and_file_urls_are_refused():
         ImageSettings(url_schemes=["file"])
 
 
+@pytest.mark.parametrize("scheme", ["file", "local", "LOCAL://", "simplecache", "zip", "dir", "reference", "mydisk"])
+def test_every_url_scheme_that_reaches_local_files_is_refused_as_file_is(scheme: str, monkeypatch):
+    """Judged by fsspec's filesystem class, not by name: `mydisk` is the local disk registered under a
+    new name; zip, simplecache and dir open whatever filesystem they are given, the local disk too."""
+    import importlib
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    registry = importlib.import_module("fsspec.registry")  # the module (`fsspec.registry` is its read-only view)
+    monkeypatch.setitem(registry._registry, "mydisk", LocalFileSystem)
+    name = scheme.lower().removesuffix("://")
+    with pytest.raises(ValueError, match=f"'{name}' URLs would reach any local file: give paths, and list their "
+                                         "folders in images.roots"):
+        ImageSettings(url_schemes=[scheme])
+
+
+def test_a_local_url_cannot_bypass_images_roots(folder: Path):
+    """The hostile trial's case: `images.url_schemes: [local]` and `local:///…/secret.png` ran to ok."""
+    secret = folder.parent / "elsewhere" / "secret.png"
+    from typer.testing import CliRunner
+
+    from catalogen.cli import app
+
+    catalog = folder / "catalog.csv"
+    catalog.write_text(f"id,image\na,local://{secret}\n")
+    result = CliRunner().invoke(app, ["validate", str(catalog), "--set", "stages=[remove_bg]",
+                                      "--set", "images.url_schemes=[local]"])
+    assert result.exit_code == 1 and "'local' URLs would reach any local file" in result.output, result.output
+    faults = faults_of({"id": ["a"], "image": [f"local://{secret}"]}, folder)  # and with the default schemes
+    assert list(faults) == ["is a local:// URL, a scheme images.url_schemes does not allow (allowed: none) "
+                            f"(e.g. 'local://{secret}')"]
+    faults = faults_of({"id": ["a"], "image": [f"memory://x::file://{secret}"]}, folder, url_schemes=["memory"])
+    assert list(faults) == [f"chains filesystems with '::': give one plain URL (e.g. 'memory://x::file://{secret}')"]
+    with pytest.raises(ImageLoadError, match="chains filesystems"):
+        load_image(f"memory://x::file://{secret}", None, folder, ImageSettings(url_schemes=("memory",)))
+
+
+def test_a_path_outside_the_roots_of_a_catalog_read_from_a_url_names_the_roots_once(folder: Path):
+    cfg = fast_config(stages=STAGES, **{"images.roots": [str(folder / "photos")]})
+    outside = str(folder.parent / "elsewhere" / "secret.png")
+    with pytest.raises(CatalogError) as info:
+        validate_for_run(pa.table({"id": ["a"], "image": [outside]}), cfg, source="s3://b/catalog.parquet", folder=None)
+    assert [f.message for f in info.value.faults] == [f"points outside images.roots (e.g. {outside!r})"]
+    link = str(folder / "photos" / "link.png")  # inside the root, a link to a file outside it
+    with pytest.raises(CatalogError) as info:
+        validate_for_run(pa.table({"id": ["a"], "image": [link]}), cfg, source="s3://b/catalog.parquet", folder=None)
+    assert [f.message for f in info.value.faults] == [
+        f"leads through a symbolic link outside images.roots (e.g. {link!r})"]
+
+
 def test_an_allowed_url_scheme_is_fetched_with_fsspec(folder: Path):
     import fsspec
 

@@ -102,12 +102,17 @@ def test_a_run_in_a_bucket_equals_the_run_on_disk_and_every_folder_command_works
     assert info["catalog"]["path"] == f"s3://{BUCKET}/catalogs/demo_prompts.parquet"
     assert not fs.exists(f"{BUCKET}/runs/dask/.lock")  # released at the end
     assert not fs.exists(f"{BUCKET}/runs/dask/work")  # shard inputs removed once absorbed
-    assert f"report: {url}/report.html" in stdout
+    # every location printed is a URL to paste (a pathlib join printed `results: s3:/catalogen-test/…`)
+    assert stdout.splitlines()[-2:] == [f"results: {url}/results.parquet", f"report: {url}/report.html"]
     assert fs.exists(f"{BUCKET}/runs/dask/report.html")
+    report = catalogen("report", url)
+    assert report.returncode == 0 and report.stdout == f"{url}/report.html\n", report.stderr
 
     status = catalogen("status", url)
     assert status.returncode == 0, status.stderr
     assert "generate" in status.stdout and "6" in status.stdout
+    assert status.stdout.lstrip().startswith(f"{url} (")  # the table's title
+    assert all(f"--out {url} " in line for line in status.stdout.splitlines() if "--out" in line)
 
     verify = catalogen("verify", url)
     assert verify.returncode == 0, verify.stderr
@@ -134,11 +139,20 @@ def test_a_run_in_a_bucket_equals_the_run_on_disk_and_every_folder_command_works
     assert not fs.exists(f"{BUCKET}/runs/dask/images/generate/zz/orphan.png")
     assert catalogen("verify", url).returncode == 0
 
+    # an export into a bucket is refused in one line, before any work: nothing in the bucket, no ./s3:/…
+    refused = catalogen("export", url, "--format", "webdataset", "--out", f"s3://{BUCKET}/exports/wds")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == (f"error: --out s3://{BUCKET}/exports/wds: an export is written to a local folder (each "
+                              "shard is renamed into place, which a bucket cannot do); export to a path, then copy "
+                              f"that folder to s3://{BUCKET}/exports/wds\n")
+    assert not fs.exists(f"{BUCKET}/exports") and not (REPO / "s3:").exists()
+
     # an export from the bucket, read back by webdataset's own reader
     import webdataset as wds
 
     export = catalogen("export", url, "--format", "webdataset", "--include-degenerate", "--out", str(tmp_path / "wds"))
     assert export.returncode == 0, export.stderr
+    assert export.stdout.splitlines()[-1] == f"manifest: {tmp_path / 'wds' / 'manifest.json'}"
     shards = sorted(str(p) for p in (tmp_path / "wds").rglob("*.tar"))
     samples = list(wds.WebDataset(shards, shardshuffle=False))
     assert len(samples) == 6 and all("png" in s and "txt" in s for s in samples)
@@ -216,3 +230,14 @@ def test_a_bucket_that_does_not_exist_is_one_line_and_nothing_is_made(s3):
     assert "the bucket s3://no-such-bucket-here does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not bucket_fs().exists("no-such-bucket-here")
+
+
+def test_a_bucket_root_may_hold_a_run_folder(s3):
+    """A run folder needs a bucket, and the bucket's root is one (`s3://` and `s3:///x` are refused:
+    tests/test_cli_faults.py). A dry run plans into it and writes nothing."""
+    fs = bucket_fs()
+    before = sorted(fs.find(BUCKET))
+    result = catalogen("run", CATALOG, *DEMO, "--dry-run", "--out", f"s3://{BUCKET}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"dry run for s3://{BUCKET}/ (a new folder)"), result.stdout
+    assert sorted(fs.find(BUCKET)) == before
