@@ -57,7 +57,7 @@ from catalogen.models import (
     resolve_model,
 )
 from catalogen.stage import SKIP_COLUMN, Stage
-from catalogen.store import ROW_KEY, RunStore
+from catalogen.store import ROW_KEY, RunStore, folder_fault
 
 # Catalog columns every run understands, whatever its stages (a null means "the run's setting").
 CORE_RULES = {
@@ -144,14 +144,9 @@ def config_faults(cfg: RunConfig) -> list[str]:
         problems += module.config_faults(cfg)
     problems += credential_faults(cfg)  # the signing certificate and key, when outputs.credentials is set
     cache = cfg.resolved_cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        probe = cache / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        problems.append(f"cache_dir {str(cache)!r} is not a usable folder ({exc.strerror or exc}) "
-                        f"(from {cfg.origin('cache_dir')})")
+    fault = folder_fault(cache)  # asked, not made: `validate` writes nothing
+    if fault:
+        problems.append(f"cache_dir {str(cache)!r} is not a usable folder ({fault}) (from {cfg.origin('cache_dir')})")
     return problems
 
 

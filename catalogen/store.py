@@ -251,6 +251,19 @@ def lock_holder(lock: Path) -> str | None:
         os.close(fd)
 
 
+def folder_fault(folder: Path) -> str | None:
+    """Why a local folder could not be made (or written, when it exists), or None; found without
+    creating anything, from its nearest existing parent."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK) or os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is not writable"
+    return None
+
+
 class RunStore:
     """One run's output folder (layout in the module docstring)."""
 
@@ -287,13 +300,9 @@ class RunStore:
             return
         if self.root.exists() and not self.root.is_dir():
             raise RunStateError(f"--out {self.root} is a file, not a folder")
-        parent = self.root
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise RunStateError(f"--out {self.root} cannot be made: {parent} is a file")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunStateError(f"--out {self.root} cannot be made or written: {parent} is not writable")
+        fault = folder_fault(self.root)
+        if fault:
+            raise RunStateError(f"--out {self.root} cannot be made or written: {fault}")
 
     def _check_usable_remote(self) -> None:
         """The bucket must exist and answer with these credentials (their values are never shown)."""

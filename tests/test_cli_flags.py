@@ -236,6 +236,14 @@ def test_cache_dir_must_be_a_usable_folder_and_expands_home(tmp_path: Path, monk
     a_file.write_text("x")
     result = cli("validate", catalog, "--set", f"cache_dir={a_file}")
     assert result.exit_code == 1 and "cache_dir" in result.output and "Traceback" not in result.output
+    result = cli("validate", catalog, "--set", f"cache_dir={a_file}/models")
+    assert result.exit_code == 1 and f"({a_file} is a file)" in result.output
+    # validate writes nothing: a CATALOGEN_HOME that does not exist yet is checked, not made
+    home = tmp_path / "home" / "catalogen"
+    monkeypatch.setenv("CATALOGEN_HOME", str(home))
+    result = cli("validate", catalog)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "home").exists()
     from catalogen.config import load_config
 
     monkeypatch.setenv("HOME", str(tmp_path))
