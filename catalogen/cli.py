@@ -37,7 +37,7 @@ from catalogen.config import (
 )
 from catalogen.devices import DeviceError
 from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
-from catalogen.locations import Location, is_remote, location
+from catalogen.locations import Location, absolute, is_remote, location
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
 from catalogen import registry, stopping
@@ -578,7 +578,7 @@ def export(
                f"image from {manifest['image_column']}")
     if left_out:
         typer.echo(f"left out: {left_out}")
-    typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
+    typer.echo(f"manifest: {absolute(Path(out) / 'manifest.json')}")
 
 
 REPRODUCE_EXIT_CODES = ("Exit codes: 0 identical; 1 different (the largest pixel difference is printed); 2 the file "
