@@ -47,9 +47,9 @@ from catalogen.runplan import (
     Selection,
     check_folder_catalog,
     prepare,
+    repeat_trial_command,
     rerun_command,
     run_settings,
-    
 )
 from catalogen.store import RunFolderBusy, RunStateError, RunStore
 
@@ -80,10 +80,11 @@ SetOpt = typer.Option(
 
 
 def _run_folder(value: str) -> str:
-    """A run folder's path or URL; a local one must be an existing folder (a bucket is asked later)."""
+    """A run folder's path or URL; a local one must be an existing folder (a bucket is asked later).
+    Refused in one line, exit 1, as a folder without run.json is (not a usage error)."""
     folder = location(value)
     if not is_remote(folder) and not folder.is_dir():
-        raise typer.BadParameter(f"{value} is not a folder" if folder.exists() else f"{value} does not exist")
+        _fail(f"{absolute(folder)} is not a folder" if folder.exists() else f"{absolute(folder)} does not exist")
     return value
 
 
@@ -137,7 +138,7 @@ def _require_run(run_dir: str) -> None:
     except RunStateError as exc:
         _fail(exc)
     if not made:
-        _fail(f"{run_dir} is not a catalogen run folder (no run.json)")
+        _fail(f"{absolute(location(run_dir))} is not a catalogen run folder (no run.json)")
 
 
 def _config(config: Optional[Path], items: list[str] | None, **named: tuple[Any, str]) -> RunConfig:
@@ -371,7 +372,7 @@ def _finish(state: Any, store: RunStore) -> None:
     if not isinstance(summary, dict):  # cancelled before it ran: another run holds the folder
         _fail(state.message or "the run was cancelled")
 
-    typer.echo(f"{outcome_line(summary)}\nresults: {Path(summary['out']) / 'results.parquet'}")
+    typer.echo(f"{outcome_line(summary)}\nresults: {absolute(location(summary['out']) / 'results.parquet')}")
     code = 0
     if summary.get("stopped"):
         err.print(state.message, soft_wrap=True, highlight=False)
@@ -381,7 +382,7 @@ def _finish(state: Any, store: RunStore) -> None:
                   f"{rerun_command(store, '--retry-failed')}", soft_wrap=True, highlight=False)
         code = 3
     if summary.get("report"):
-        typer.echo(f"report: {summary['report']}")
+        typer.echo(f"report: {absolute(location(summary['report']))}")
     raise typer.Exit(code)
 
 
@@ -397,7 +398,7 @@ def status(run_dir: str = RunArg) -> None:
         _fail(exc)
     trial = report["trial"]
     scope = f"trial subset ({trial['selection']}): {trial['rows']} of {report['rows']} rows" if trial else f"{report['rows']} rows"
-    table = Table(title=f"{run_dir} ({scope}, catalog {report['catalog']})")
+    table = Table(title=f"{absolute(location(run_dir))} ({scope}, catalog {report['catalog']})")
     for column in ("stage", "ok", "fallback", "degenerate", "failed", "skipped", "pending"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, counts in report["stages"].items():
@@ -408,7 +409,11 @@ def status(run_dir: str = RunArg) -> None:
     if any(counts.get("failed") for counts in report["stages"].values()):
         typer.echo(f"redo the failed rows: {rerun_command(store, '--retry-failed')}")
     elif any(counts.get("pending") for counts in report["stages"].values()) and not report["running"]:
-        typer.echo(f"make the pending rows: {rerun_command(store)}")
+        if trial:  # its own selection would plan the trial's rows again, all done: nothing
+            typer.echo(f"make the rest of the catalog in this folder: {rerun_command(store, trial=False)}")
+            typer.echo(f"repeat the trial in a new folder, with these settings: {repeat_trial_command(store)}")
+        else:
+            typer.echo(f"make the pending rows: {rerun_command(store)}")
 
 
 @app.command()
@@ -450,7 +455,7 @@ def clean(
             orphans = orphan_images(store)
             size = sum(bytes_ for _, bytes_ in orphans)
             for path, _ in orphans:
-                typer.echo(path)
+                typer.echo(absolute(store.root / path))
                 if yes:
                     store.delete(path)
     except (RunStateError, RunFolderBusy) as exc:
@@ -480,7 +485,7 @@ def report(
             path = write_report(run_dir, workers=workers)
     except (RunStateError, RunFolderBusy) as exc:
         _fail(exc)
-    typer.echo(str(path))
+    typer.echo(absolute(path))
 
 
 EXPORT_EXIT_CODES = (

@@ -77,6 +77,18 @@ def test_a_folder_without_run_json_is_not_a_run(tmp_path: Path, command: str):
     assert tree(tmp_path) == {str(folder), str(folder / "holiday.png")}
 
 
+@pytest.mark.parametrize("command", ["status", "verify", "clean", "report", "export"])
+def test_a_missing_run_folder_or_a_file_is_one_line_as_well(tmp_path: Path, monkeypatch, command: str):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    extra = ["--format", "hf", "--out", "exported"] if command == "export" else []
+    for given, why in (("gone", "does not exist"), ("a-file", "is not a folder")):
+        result = invoke(command, given, *extra)
+        assert result.exit_code == 1, result.output
+        assert result.output == f"error: {tmp_path / given} {why}\n"  # the folder named absolute, no usage box
+    assert tree(tmp_path) == {str(tmp_path / "a-file")}
+
+
 @pytest.mark.parametrize(("option", "shown"), [
     (["--format", "tfrecord"], "'tfrecord' is not one of hf, webdataset, imagefolder"),
     (["--format", "hf", "--where", "quality"], "--where 'quality' is not COLUMN<op>VALUE"),
