@@ -37,7 +37,7 @@ from catalogen.config import (
 )
 from catalogen.devices import DeviceError
 from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
-from catalogen.locations import Location, LocationError, display, is_remote, location, storage_folder
+from catalogen.locations import Location, LocationError, absolute, display, is_remote, location, storage_folder
 from catalogen.models import MissingModelsError, ModelError, resolve_models
 from catalogen.progress import set_reporter
 from catalogen import registry, stopping
@@ -47,9 +47,9 @@ from catalogen.runplan import (
     Selection,
     check_folder_catalog,
     prepare,
+    repeat_trial_command,
     rerun_command,
     run_settings,
-    
 )
 from catalogen.store import RunFolderBusy, RunStateError, RunStore
 
@@ -101,10 +101,11 @@ def _out_folder(value: str | None) -> str | None:
 
 
 def _run_folder(value: str) -> str:
-    """A run folder's path or URL; a local one must be an existing folder (a bucket is asked later)."""
+    """A run folder's path or URL; a local one must be an existing folder (a bucket is asked later).
+    Refused in one line, exit 1, as a folder without run.json is (not a usage error)."""
     folder = _located(value, "RUN")
     if not is_remote(folder) and not folder.is_dir():
-        raise typer.BadParameter(f"{value} is not a folder" if folder.exists() else f"{value} does not exist")
+        _fail(f"{absolute(folder)} is not a folder" if folder.exists() else f"{absolute(folder)} does not exist")
     return value
 
 
@@ -158,7 +159,7 @@ def _require_run(run_dir: str) -> None:
     except RunStateError as exc:
         _fail(exc)
     if not made:
-        _fail(f"{run_dir} is not a catalogen run folder (no run.json)")
+        _fail(f"{absolute(location(run_dir))} is not a catalogen run folder (no run.json)")
 
 
 def _config(config: Optional[Path], items: list[str] | None, **named: tuple[Any, str]) -> RunConfig:
@@ -402,7 +403,7 @@ def _finish(state: Any, store: RunStore) -> None:
                   f"{rerun_command(store, '--retry-failed')}", soft_wrap=True, highlight=False)
         code = 3
     if summary.get("report"):
-        typer.echo(f"report: {summary['report']}")
+        typer.echo(f"report: {absolute(location(summary['report']))}")
     raise typer.Exit(code)
 
 
@@ -429,7 +430,11 @@ def status(run_dir: str = RunArg) -> None:
     if any(counts.get("failed") for counts in report["stages"].values()):
         typer.echo(f"redo the failed rows: {rerun_command(store, '--retry-failed')}")
     elif any(counts.get("pending") for counts in report["stages"].values()) and not report["running"]:
-        typer.echo(f"make the pending rows: {rerun_command(store)}")
+        if trial:  # its own selection would plan the trial's rows again, all done: nothing
+            typer.echo(f"make the rest of the catalog in this folder: {rerun_command(store, trial=False)}")
+            typer.echo(f"repeat the trial in a new folder, with these settings: {repeat_trial_command(store)}")
+        else:
+            typer.echo(f"make the pending rows: {rerun_command(store)}")
 
 
 @app.command()
@@ -471,7 +476,7 @@ def clean(
             orphans = orphan_images(store)
             size = sum(bytes_ for _, bytes_ in orphans)
             for path, _ in orphans:
-                typer.echo(path)
+                typer.echo(absolute(store.root / path))
                 if yes:
                     store.delete(path)
     except (RunStateError, RunFolderBusy) as exc:

@@ -176,7 +176,8 @@ class RunConfig(Strict):
         known = registry.stages()
         unknown = [s for s in stages if s not in known]
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+            named = "; ".join(f"unknown stage {name!r}" + _did_you_mean(name, list(known)) for name in unknown)
+            raise ValueError(f"{named}{'' if named.endswith('?') else '.'} Known stages: {', '.join(known)}")
         if len(set(stages)) != len(stages):
             raise ValueError(f"a stage is listed twice in {list(stages)}")
         return stages
@@ -278,6 +279,12 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _did_you_mean(word: str, known: list[str], prefix: str = "") -> str:
+    """`; did you mean 'x'?` for the closest known name to a misspelled one (settings, stages), else ''."""
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
 def _explain(exc: ValidationError, model: type[RunConfig], origins: Mapping[str, str]) -> str:
     lines = []
     for err in exc.errors():
@@ -285,9 +292,8 @@ def _explain(exc: ValidationError, model: type[RunConfig], origins: Mapping[str,
         dotted = ".".join(str(p) for p in loc)
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            known = _fields_at(model, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            message = "unknown setting" + (f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else "")
+            section = "".join(f"{part}." for part in loc[:-1])
+            message = "unknown setting" + _did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]), section)
         probe = RunConfig.model_construct()
         probe._origins = dict(origins)
         lines.append(f"  {dotted or '(top level)'}: {message} (from {probe.origin(dotted)})")

@@ -31,7 +31,7 @@ first) lists what the export will own, and `manifest.json` (written last) marks 
 Re-running the same export on an interrupted folder resumes it (finished shards are kept); any
 other non-empty folder is refused unless `overwrite`, which removes only what an earlier export
 listed as its own. While it writes, an export holds `<out>/.export.lock`, so a second export
-into the folder at the same time is refused.
+into the folder at the same time is refused; a finished export removes it.
 
 The writers share one interface, as img2dataset's do: `Writer(layout, shard)`, `write(sample)`,
 `close()`, and the static `files(shard)` (the files it writes, done when all exist) and
@@ -954,6 +954,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
         _write_json(out / MANIFEST, manifest, layout.tmp_dir)
         (out / PENDING).unlink(missing_ok=True)
         shutil.rmtree(layout.tmp_dir, ignore_errors=True)
+        (out / LOCK).unlink()  # last, still held: a finished export leaves only what it wrote
     return manifest
 
 

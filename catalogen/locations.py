@@ -134,8 +134,8 @@ def storage_folder(text: str | Location, option: str) -> Location:
 
 def display(where: Location | str) -> str:
     """A location as a person reads and pastes it: a URL keeps its `scheme://` (a pathlib join would
-    fold `s3://b/run` into `s3:/b/run`), a path stays as given."""
-    return str(location(where))
+    fold `s3://b/run` into `s3:/b/run`), a path is absolute (the same from any working directory)."""
+    return absolute(location(where))
 
 
 def is_remote(path: Location) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 import catalogen
 from catalogen.catalog import (
@@ -44,12 +46,12 @@ from catalogen.catalog import (
 )
 from catalogen import registry
 from catalogen.credentials import credential_faults
-from catalogen.config import ConfigError, RunConfig, field_bounds
+from catalogen.config import ConfigError, RunConfig, config_model, field_bounds
 from catalogen.devices import visible_devices
 from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
 from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS
 from catalogen.images import check_images, check_paths
-from catalogen.locations import absolute, display, is_remote, location
+from catalogen.locations import Location, absolute, display, is_remote, location
 from catalogen.models import (
     MissingModelsError,
     ModelIdentity,
@@ -57,7 +59,7 @@ from catalogen.models import (
     resolve_model,
 )
 from catalogen.stage import SKIP_COLUMN, Stage
-from catalogen.store import ROW_KEY, RunStore
+from catalogen.store import ROW_KEY, RunStore, folder_fault
 
 # Catalog columns every run understands, whatever its stages (a null means "the run's setting").
 CORE_RULES = {
@@ -144,14 +146,9 @@ def config_faults(cfg: RunConfig) -> list[str]:
         problems += module.config_faults(cfg)
     problems += credential_faults(cfg)  # the signing certificate and key, when outputs.credentials is set
     cache = cfg.resolved_cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        probe = cache / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        problems.append(f"cache_dir {str(cache)!r} is not a usable folder ({exc.strerror or exc}) "
-                        f"(from {cfg.origin('cache_dir')})")
+    fault = folder_fault(cache)  # asked, not made: `validate` writes nothing
+    if fault:
+        problems.append(f"cache_dir {str(cache)!r} is not a usable folder ({fault}) (from {cfg.origin('cache_dir')})")
     return problems
 
 
@@ -288,13 +285,14 @@ class RunPlan:
 
 
 def default_out(catalog_path: str | Path, cfg: RunConfig, root: str | Path = "outputs") -> Path:
-    """A stable folder per (catalog file, profile): `<stem>-<hash of its absolute path>-<profile>`.
+    """A stable folder per (catalog file, profile): `<stem>-<hash of its absolute path>-<profile>`
+    under `root` (from the working directory), as an absolute path (what every message prints).
 
     The same command resumes the same folder, and two catalogs with the same file name (in
     different folders) never share one.
     """
     path = location(catalog_path)
-    return Path(root) / f"{path.name.split('.')[0]}-{stable_hash(absolute(path))[:8]}-{cfg.profile}"
+    return (Path(root) / f"{path.name.split('.')[0]}-{stable_hash(absolute(path))[:8]}-{cfg.profile}").absolute()
 
 
 def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]:
@@ -441,14 +439,45 @@ def _differences(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tupl
     return found
 
 
-def rerun_command(store: RunStore, *flags: str) -> str:
-    """The command that runs this folder again with the settings it was made with (see run_settings)."""
-    import shlex
-
+def rerun_command(store: RunStore, *flags: str, trial: bool = True) -> str:
+    """The command that runs this folder again with the settings it was made with (see run_settings):
+    within its trial subset, if it holds one and `trial`, else over the whole catalog."""
     info = store.read_run_json()
-    catalog = info.get("catalog", {}).get("path", "CATALOG")
-    trial = shlex.split(info["trial"]["selection"]) if isinstance(info.get("trial"), dict) else []  # stay within it
-    return shlex.join(["catalogen", "run", catalog, "--out", display(store.root), *trial, *flags])
+    selection = _trial_flags(info) if trial else []
+    return shlex.join(["catalogen", "run", _catalog(info), "--out", display(store.root), *selection, *flags])
+
+
+def repeat_trial_command(store: RunStore) -> str:
+    """The command that makes a trial folder's rows again in a new folder beside it, with the same
+    settings: a `--set` for each that differs from the defaults (a new folder has none recorded)."""
+    info = store.read_run_json()
+    changed = _differences(config_model()().model_dump(mode="json"), info.get("config", {}))
+    sets = [flag for key, (_, value) in changed.items() for flag in ("--set", f"{key}={_yaml_value(value)}")]
+    out = display(_free_sibling(store.root, "trial"))
+    return shlex.join(["catalogen", "run", _catalog(info), "--out", out, *_trial_flags(info), *sets])
+
+
+def _catalog(info: Mapping) -> str:
+    return info.get("catalog", {}).get("path", "CATALOG")
+
+
+def _trial_flags(info: Mapping) -> list[str]:
+    return shlex.split(info["trial"]["selection"]) if isinstance(info.get("trial"), dict) else []
+
+
+def _yaml_value(value: object) -> str:
+    """A setting's value as `--set` reads it back (safe YAML, on one line)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=2**31).removesuffix("\n...\n").strip()
+
+
+def _free_sibling(root: Location, suffix: str) -> Location:
+    """`<root>-<suffix>`, else `<root>-<suffix>-2`, …: the first such folder that does not exist yet."""
+    n = 1
+    while True:
+        candidate = location(f"{root}-{suffix}" + (f"-{n}" if n > 1 else ""))
+        if not candidate.exists():
+            return candidate
+        n += 1
 
 
 class CatalogChanged(RuntimeError):

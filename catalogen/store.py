@@ -202,22 +202,37 @@ def hold_folder(lock: Path, user: str) -> Iterator[None]:
 
 @contextmanager
 def _flock(lock: Path, user: str) -> Iterator[None]:
+    fd = _locked(lock, user)
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise RunStateError(f"cannot use {lock.parent} as a folder: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderBusy(f"{lock.parent} is in use by another {user} ({lock_holder(lock) or 'unknown holder'})") \
-                from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock, also when the process dies
+
+
+def _locked(lock: Path, user: str) -> int:
+    """A descriptor of the file at `lock`, flocked. A holder may remove its lock file as it finishes
+    (an export does): a lock taken on the file it removed guards nothing, so take the new one."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunStateError(f"cannot use {lock.parent} as a folder: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderBusy(f"{lock.parent} is in use by another {user} ({lock_holder(lock) or 'unknown holder'})") \
+                from None
+        try:
+            held, named = os.fstat(fd), os.stat(lock)
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextmanager
@@ -237,9 +252,10 @@ def _lease(lock: UPath, user: str) -> Iterator[None]:
 
 def lock_holder(lock: Path) -> str | None:
     """Who holds `lock` now (None if nobody)."""
-    if not lock.exists():
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:  # never taken, or removed by a holder that finished
         return None
-    fd = os.open(lock, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -249,6 +265,19 @@ def lock_holder(lock: Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def folder_fault(folder: Path) -> str | None:
+    """Why a local folder could not be made (or written, when it exists), or None; found without
+    creating anything, from its nearest existing parent."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK) or os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is not writable"
+    return None
 
 
 class RunStore:
@@ -288,13 +317,9 @@ class RunStore:
             return
         if self.root.exists() and not self.root.is_dir():
             raise RunStateError(f"--out {self.root} is a file, not a folder")
-        parent = self.root
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise RunStateError(f"--out {self.root} cannot be made: {parent} is a file")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunStateError(f"--out {self.root} cannot be made or written: {parent} is not writable")
+        fault = folder_fault(self.root)
+        if fault:
+            raise RunStateError(f"--out {self.root} cannot be made or written: {fault}")
 
     def _check_usable_remote(self) -> None:
         """The bucket must exist and answer with these credentials (their values are never shown)."""

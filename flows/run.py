@@ -320,11 +320,12 @@ def _log_at_prefects_level() -> None:
 
 
 def project_path(value: str | None) -> str | None:
-    """A relative path of a deployment's parameters, from the project root: a worker may start the
-    flow in any folder. The CLI passes absolute paths."""
-    if value is None or "://" in value or Path(value).is_absolute() or Path(value).exists():
+    """A relative path of a deployment's parameters, from the project root (a worker may start the
+    flow in any folder), or from the working directory where it exists there; made absolute, so
+    every line that names it is the same wherever the flow ran. The CLI passes absolute paths."""
+    if value is None or "://" in value or Path(value).is_absolute():
         return value
-    return str(PROJECT_ROOT / value)
+    return str(Path(value).absolute() if Path(value).exists() else PROJECT_ROOT / value)
 
 
 class RunOutcome(Exception):

@@ -86,6 +86,18 @@ def test_a_folder_without_run_json_is_not_a_run(tmp_path: Path, command: str):
     assert tree(tmp_path) == {str(folder), str(folder / "holiday.png")}
 
 
+@pytest.mark.parametrize("command", ["status", "verify", "clean", "report", "export"])
+def test_a_missing_run_folder_or_a_file_is_one_line_as_well(tmp_path: Path, monkeypatch, command: str):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    extra = ["--format", "hf", "--out", "exported"] if command == "export" else []
+    for given, why in (("gone", "does not exist"), ("a-file", "is not a folder")):
+        result = invoke(command, given, *extra)
+        assert result.exit_code == 1, result.output
+        assert result.output == f"error: {tmp_path / given} {why}\n"  # the folder named absolute, no usage box
+    assert tree(tmp_path) == {str(tmp_path / "a-file")}
+
+
 @pytest.mark.parametrize(("option", "shown"), [
     (["--format", "tfrecord"], "'tfrecord' is not one of hf, webdataset, imagefolder"),
     (["--format", "hf", "--where", "quality"], "--where 'quality' is not COLUMN<op>VALUE"),
@@ -123,12 +135,20 @@ def test_limit_and_sample_together_are_a_usage_error(tmp_path: Path):
     (["validate", "catalogs/demo_prompts.parquet", "--set", "stages=[generate,generate]"],
      "stages: a stage is listed twice in ['generate', 'generate'] (from --set stages=[generate,generate])"),
     (["run", "catalogs/demo_prompts.parquet", "--stages", "generate,foo", "--out", "{tmp}/out"],
-     "stages: unknown stage(s) foo; choose from enhance, generate, remove_bg, style, upscale, caption, "
+     "stages: unknown stage 'foo'. Known stages: enhance, generate, remove_bg, style, upscale, caption, "
      "renditions (from --stages generate,foo)"),
+    # A misspelt stage gets the same did-you-mean as a misspelt setting, from a flag or a file.
+    (["run", "catalogs/demo_prompts.parquet", "--stages", "generate,captions", "--out", "{tmp}/out"],
+     "stages: unknown stage 'captions'; did you mean 'caption'? Known stages: enhance, generate, remove_bg, style, "
+     "upscale, caption, renditions (from --stages generate,captions)"),
+    (["validate", "catalogs/demo_prompts.parquet", "--config", "{tmp}/stages.yaml"],
+     "stages: unknown stage 'captions'; did you mean 'caption'? Known stages: enhance, generate, remove_bg, style, "
+     "upscale, caption, renditions (from {tmp}/stages.yaml)"),
 ])
 def test_a_bad_stage_list_names_the_flag_it_came_from(tmp_path: Path, args: list[str], origin: str):
+    (tmp_path / "stages.yaml").write_text("stages: [captions]\n")
     result = invoke(*(a.format(tmp=tmp_path) for a in args))
-    assert result.exit_code == 1 and origin in result.output, result.output
+    assert result.exit_code == 1 and f"  {origin.format(tmp=tmp_path)}\n" in result.output, result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import re
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import held_in_another_process, prompts, write_catalog
+from conftest import REPO, held_in_another_process, prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
@@ -109,6 +111,10 @@ def test_default_folders_of_same_named_catalogs_differ(tmp_path: Path):
     cfg = load_config()
     a, b = default_out(tmp_path / "a" / "products.parquet", cfg), default_out(tmp_path / "b" / "products.parquet", cfg)
     assert a != b and a.name.startswith("products-") and a.name.endswith("-tiny")
+    # What both READMEs say the name is, and absolute (the working directory's outputs/).
+    assert a.parent == Path.cwd() / "outputs" and re.fullmatch(r"products-[0-9a-f]{8}-tiny", a.name)
+    for readme in (REPO / "README.md", REPO / "outputs" / "README.md"):
+        assert "`outputs/<catalog name>-<hash of its path>-<profile>" in readme.read_text(), readme
 
 
 def test_retry_failed_flag_redoes_a_failed_row(tmp_path: Path):
@@ -236,6 +242,14 @@ def test_cache_dir_must_be_a_usable_folder_and_expands_home(tmp_path: Path, monk
     a_file.write_text("x")
     result = cli("validate", catalog, "--set", f"cache_dir={a_file}")
     assert result.exit_code == 1 and "cache_dir" in result.output and "Traceback" not in result.output
+    result = cli("validate", catalog, "--set", f"cache_dir={a_file}/models")
+    assert result.exit_code == 1 and f"({a_file} is a file)" in result.output
+    # validate writes nothing: a CATALOGEN_HOME that does not exist yet is checked, not made
+    home = tmp_path / "home" / "catalogen"
+    monkeypatch.setenv("CATALOGEN_HOME", str(home))
+    result = cli("validate", catalog)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "home").exists()
     from catalogen.config import load_config
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -283,3 +297,36 @@ def test_a_busy_folder_is_refused_in_one_line_before_prefect_starts(tmp_path: Pa
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "in use by another run (pid" in lines[0]
     assert "Flow run" not in result.output and not (out / "run.json").exists()
+
+
+def test_every_folder_and_file_printed_is_absolute_from_a_relative_out(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    write_catalog(tmp_path / "c.parquet", prompts(2))
+    out = tmp_path / "rel" / "out"
+    result = cli("run", "c.parquet", "--out", "rel/out", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-2:] == [f"results: {out / 'results.parquet'}", f"report: {out / 'report.html'}"]
+    assert cli("report", "rel/out").output == f"{out / 'report.html'}\n"
+    title = f"{out} (2 rows, catalog {tmp_path / 'c.parquet'})"  # the table may wrap it anywhere
+    assert "".join(title.split()) in "".join(cli("status", "rel/out").output.split())
+
+    stray = out / "images" / "generate" / "stray.png"
+    stray.write_bytes(b"no row points at it")
+    assert cli("clean", "rel/out").output.splitlines()[0] == str(stray)
+    (out / pd.read_parquet(out / "results.parquet").image_path[0]).unlink()
+    verified = cli("verify", "rel/out")
+    assert verified.exit_code == 3
+    assert f"redo them with: catalogen run {tmp_path / 'c.parquet'} --out {out} --retry-failed" in verified.output
+    assert cli("run", "c.parquet", "--out", "rel/out", "--retry-failed").exit_code == 0
+    exported = cli("export", "rel/out", "--format", "imagefolder", "--out", "exp")
+    assert exported.output.splitlines()[-1] == f"manifest: {tmp_path / 'exp' / 'manifest.json'}", exported.output
+
+    # A deployment's parameters name the same folder relative to where the worker starts the flow:
+    # its log lines name it as the CLI does.
+    from flows.run import catalogen_run
+
+    with caplog.at_level(logging.INFO, logger="catalogen"):
+        catalogen_run(catalog="c.parquet", out="rel/out", return_state=True)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("catalogen")]
+    assert any(line.startswith(f"plan for {out}: generate 0 of 2 rows pending") for line in lines), lines
+    assert f"report: {out / 'report.html'}" in lines

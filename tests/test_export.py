@@ -26,6 +26,7 @@ from PIL import Image
 
 from catalogen.config import load_config
 from catalogen.export import (
+    LOCK,
     ExportError,
     ExportOptions,
     export_run,
@@ -386,6 +387,12 @@ def test_cli_export(runs, tmp_path):
     assert manifest["rows"] == 5  # row-2 .. row-7 less the failed row-5
     assert f"5 rows exported (train {manifest['splits']['train']['rows']} rows" in result.output
     assert "1 not_ok" in result.output and "3 where quality>=0.2" in result.output
+    assert result.output.splitlines()[-1] == f"manifest: {out.resolve() / 'manifest.json'}"
+    # A finished export leaves what it wrote and nothing else: no lock file.
+    owned = manifest["owned"]["files"] + manifest["owned"]["folders"]
+    strangers = [p.relative_to(out) for p in out.rglob("*")
+                 if p.is_file() and not any(p.is_relative_to(out / o) for o in owned)]
+    assert strangers == [Path("manifest.json")]
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "is not empty" in again.output
@@ -406,4 +413,37 @@ def test_a_second_export_into_a_folder_in_use_is_refused(runs, tmp_path):
         assert result.exit_code == 1 and re.search(r"in use by another export \(pid \d+", result.output), result.output
         assert [p.name for p in out.iterdir()] == [".export.lock"]  # nothing written
     assert export(runs.before, out, "hf")["rows"] == 8  # free again; the lock file is no stranger's file
+    assert not (out / LOCK).exists()
     assert export(runs.before, out, "webdataset", overwrite=True)["rows"] == 8
+    assert not (out / LOCK).exists()
+
+
+def test_a_lock_file_its_holder_removes_as_it_finishes_is_never_held(tmp_path, monkeypatch):
+    """A finished export removes its lock file: a second one that opened the file just before must
+    not hold the removed file (a third would then take a new one at the same time)."""
+    from catalogen import store
+
+    lock = tmp_path / "out" / LOCK
+    real_open = store.os.open
+    opened = []
+
+    def open_as_the_holder_finishes(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened and Path(path) == lock:
+            Path(path).unlink()  # the holder removes it right after we opened it
+        opened.append(path)
+        return fd
+
+    monkeypatch.setattr(store.os, "open", open_as_the_holder_finishes)
+    with store.hold_folder(lock, "export"):
+        monkeypatch.undo()
+        assert lock.exists() and store.lock_holder(lock).startswith("pid ")  # held, the file at the path
+    assert opened == [lock, lock]
+
+
+def test_exports_are_not_committed():
+    import subprocess
+
+    from conftest import REPO
+
+    assert subprocess.run(["git", "check-ignore", "-q", "exports/demo/manifest.json"], cwd=REPO).returncode == 0

@@ -37,6 +37,12 @@ def hint(output: str, marker: str) -> list[str]:
     return command[1:]
 
 
+def pending(status_output: str) -> int:
+    """The generate row's pending count in `status`'s table."""
+    cells = next(line.replace("│", " ").split() for line in status_output.splitlines() if "│ generate" in line)
+    return int(cells[-1])
+
+
 @pytest.fixture
 def made(tmp_path: Path) -> tuple[Path, Path]:
     """A folder made with a config file of its own (not the defaults): generate -> remove_bg, 3 steps."""
@@ -113,13 +119,40 @@ def test_a_trial_never_drops_rows_done_before_and_says_it_is_a_trial(tmp_path: P
     assert len(pd.read_parquet(trial / "results.parquet")) == 2
     assert json.loads((trial / "run.json").read_text())["trial"] == {"selection": "--limit 2", "rows": 2, "of": 6}
     code, output = cli("status", str(trial))
-    assert "trial subset (--limit 2): 2 of 6 rows" in output and "4" in output
+    assert "trial subset (--limit 2): 2 of 6 rows" in output and pending(output) == 4
     assert "trial subset" in (trial / "report.html").read_text()
+    first = pd.read_parquet(trial / "results.parquet")
 
-    code, output = cli("run", str(catalog), "--out", str(trial))  # the whole catalog, the trial's settings
+    # The two commands status prints, run exactly as printed. The trial's again, in a new folder:
+    # the same 2 rows, with the trial's settings (the same images), and it is a trial itself.
+    again = trial.parent / "trial-trial"
+    repeat = hint(output, "repeat the trial in a new folder, with these settings:")
+    assert repeat[repeat.index("--out") + 1] == str(again) and repeat[repeat.index("--out") + 2:][:2] == ["--limit", "2"]
+    code, repeated = cli(*repeat)
+    assert code == 0 and "2 rows: 2 ok" in repeated, repeated
+    assert pd.read_parquet(again / "results.parquet").image_sha256.tolist() == first.image_sha256.tolist()
+    code, status_again = cli("status", str(again))
+    assert "trial subset (--limit 2): 2 of 6 rows" in status_again and pending(status_again) == 4
+    assert hint(status_again, "repeat the trial in a new folder, with these settings:")[3] == str(trial.parent / "trial-trial-trial")
+    # verify's hint on a trial folder stays within the trial's rows
+    (again / pd.read_parquet(again / "results.parquet").image_path[1]).unlink()
+    code, verified_output = cli("verify", str(again))
+    redo = hint(verified_output, "redo them with:")
+    assert code == 3 and redo[-3:] == ["--limit", "2", "--retry-failed"], verified_output
+    code, redone = cli(*redo)
+    assert code == 0 and "2 rows: 2 ok" in redone and verified(again)
+    assert pd.read_parquet(again / "results.parquet").image_sha256.tolist() == first.image_sha256.tolist()
+
+    # The rest of the catalog, into the trial's folder with its settings: nothing stays pending.
+    rest = hint(output, "make the rest of the catalog in this folder:")
+    assert rest == ["run", str(catalog), "--out", str(trial)]
+    code, output = cli(*rest)
     assert code == 0 and "6 rows: 6 ok" in output
     assert json.loads((trial / "run.json").read_text())["trial"] is None
+    code, output = cli("status", str(trial))
+    assert pending(output) == 0 and "make the" not in output and "repeat" not in output
     whole = pd.read_parquet(trial / "results.parquet")
+    assert whole.image_sha256[:2].tolist() == first.image_sha256.tolist()
 
     code, output = cli("run", str(catalog), "--out", str(trial), "--sample", "3", "--set", "generate.steps=3")
     assert code == 0, output
