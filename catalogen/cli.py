@@ -438,6 +438,44 @@ def status(run_dir: str = RunArg) -> None:
 
 
 @app.command()
+def unlock(
+    run_dir: str = RunArg,
+    yes: bool = typer.Option(False, "--yes", help="Remove the lease without asking."),
+) -> None:
+    """Remove a bucket run folder's lease that no run will release: one that cannot be read, or whose
+    holder will not come back. Shows it and asks first; exit 1 when nothing was removed.
+
+    A local folder's lock ends with the process that holds it: there is nothing to remove.
+    """
+    from catalogen import lease
+
+    store = RunStore(run_dir)
+    lock = store.root / ".lock"
+    if not store.remote:
+        holder = store.holder()
+        if holder:
+            _fail(f"{run_dir} is held by a running process ({holder}); its lock ends with that process: stop it")
+        typer.echo(f"no run holds {run_dir}; nothing to unlock")
+        return
+    try:
+        found = lease.inspect(lock)
+        if found is None:
+            typer.echo(f"no run holds {run_dir}; nothing to unlock")
+            return
+        typer.echo(found[0])
+        if not yes and not typer.confirm("Remove it? Only when no run is writing into this folder", default=False):
+            typer.echo("nothing removed")
+            raise typer.Exit(1)
+        if not lease.remove(lock, found[1]):
+            _fail(f"{lock} changed while you were asked; nothing removed (run unlock again to see it)")
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every backend has its own errors
+        _fail(f"{lock} cannot be read or removed: {type(exc).__name__}: {exc}")
+    typer.echo(f"removed {lock}")
+
+
+@app.command()
 def verify(run_dir: str = RunArg) -> None:
     """Re-hash every image; mark missing or changed ones failed, so `run --retry-failed` redoes them."""
     _require_run(run_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from catalogen import stopping
+from catalogen.lease import printable
 
 if TYPE_CHECKING:
     import torch
@@ -96,9 +97,11 @@ def _try_lock(device: Device) -> int | None:
 
 
 def holder(device: Device) -> str:
-    """Who holds a device's lease, as its holder wrote it."""
+    """Who holds a device's lease, as its holder wrote it (its first 200 bytes, printable: anyone on
+    the machine can write into the lock folder)."""
     try:
-        return _lock_file(device).read_text().strip() or "unknown"
+        with _lock_file(device).open("rb") as fh:
+            return printable(fh.read(200).decode(errors="replace").strip()) or "unknown"
     except OSError:
         return "unknown"
 

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
+from catalogen import lease
+
 Location = Union[Path, UPath]
 
 # A server that accepts and never answers must not hold a run for long: s3fs tries a request 5
@@ -159,6 +161,6 @@ def read_table(path: Location, **kwargs: Any) -> pa.Table:
 
 def put(path: UPath, data: bytes) -> str | None:
     """Write an object in one request, so it appears whole or not at all (object stores have no
-    rename; a PUT, or a multipart upload's completion, is atomic). Returns the object's ETag."""
-    answer = path.fs.pipe_file(path.path, data)
-    return answer.get("ETag") if isinstance(answer, dict) else None
+    rename; a PUT, or a multipart upload's completion, is atomic); fenced by this process's lease
+    on the folder, if it holds one (catalogen/lease.py). Returns the object's ETag."""
+    return lease.put(path, data)

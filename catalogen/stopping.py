@@ -4,21 +4,32 @@ A stop has two steps. `STOPPING`: no new shard starts, shards in flight may fini
 grace period (`stop_grace_s`). `ABANDON`: the grace period is over; work still running (a
 denoising loop, an outbound request, a retry's wait) ends at its next check by raising
 `Abandoned`, its shard writes no part, and its rows stay pending for the next run.
+
+Work that never reaches a check (a storage call to an endpoint that went silent) must not keep
+the process alive: `end_process_after` ends it `FINISH_S` after the grace period, whatever its
+threads do, with the signal's exit code. A third signal ends it at once.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
+log = logging.getLogger("catalogen")
 T = TypeVar("T")
+FINISH_S = 10.0  # after a stop's grace period, how long results and the report may take before the process ends
 STOPPING = threading.Event()
 ABANDON = threading.Event()
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []
+_armed: list[object] = []  # the deadline of the current stop, if one is set (reset() forgets it)
+_grace_s: list[float] = [25.0]  # the run's stop_grace_s (set_grace)
 
 
 class Abandoned(RuntimeError):
@@ -36,14 +47,19 @@ def reset() -> None:
     STOPPING.clear()
     ABANDON.clear()
     _received.clear()
+    _armed.clear()
 
 
 def _on_signal(signum: int, _frame: object) -> None:
-    """A stop; a second one abandons work at once. Flags only: the flow's loop logs and acts on them."""
+    """A stop; a second one abandons work at once, a third ends the process. Otherwise flags only:
+    the flow's loop logs and acts on them."""
+    if ABANDON.is_set() and _received:
+        _end_process(f"{signal.Signals(signum).name} received again")
     if STOPPING.is_set():
         ABANDON.set()
     _received.append(signum)
     STOPPING.set()
+    end_process_after(_grace_s[0] + FINISH_S)
 
 
 @contextmanager
@@ -72,6 +88,40 @@ def signal_name() -> str | None:
 def exit_code() -> int:
     """The shell's code for the first stopping signal: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + (_received[0] if _received else signal.SIGTERM)
+
+
+def set_grace(seconds: float) -> None:
+    """The run's grace period (`stop_grace_s`): a stop ends the process FINISH_S after it at the latest."""
+    _grace_s[0] = seconds
+
+
+def end_process_after(seconds: float) -> None:
+    """End the process `seconds` from now if it is still running then, for a stop that a signal
+    asked for: threads stuck in a storage call or a device wait would otherwise keep it alive (a
+    thread pool joins its threads at exit). Once per stop; nothing for a stop without a signal."""
+    if not _received or _armed:
+        return
+    mark = object()
+    _armed.append(mark)
+
+    def watch() -> None:
+        time.sleep(seconds)
+        if mark in _armed:
+            _end_process(f"the run did not end within {seconds:g} s of {signal_name()} (work still waiting on "
+                         "storage or a device)")
+
+    threading.Thread(target=watch, name="catalogen-stop-deadline", daemon=True).start()
+
+
+def _end_process(why: str) -> None:
+    """Exit now with the stop's code: rows not finished stay pending (parts are written whole)."""
+    log.warning("%s: ending the process; rows not finished stay pending, run the same command again to resume", why)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(exit_code())
 
 
 def bounded(fn: Callable[[threading.Event], T], seconds: float, what: str) -> T:

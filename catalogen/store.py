@@ -260,7 +260,7 @@ def lock_holder(lock: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
+            return lease.printable(os.pread(fd, 200, 0).decode(errors="replace").strip()) or "unknown holder"
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

@@ -40,6 +40,7 @@ from catalogen import stopping
 from catalogen.dryrun import record_throughput
 from catalogen.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.hashing import stable_hash
+from catalogen.lease import LeaseLost
 from catalogen.progress import tracker
 from catalogen.report import write_report
 from catalogen.results import assemble_results, summarize
@@ -399,6 +400,8 @@ def catalogen_run(
     except RunFolderBusy as exc:
         log.error("%s; this run did nothing", exc)
         return Cancelled(message=f"{exc}; this run did nothing")
+    except LeaseLost as exc:  # the folder may be another run's now: its results were not written
+        return Failed(message=str(exc), data=exc)
     line = outcome_line(summary)
     log.info("report: %s", report) if report else log.info("results: %s", plan.store.results_path)
     if summary["stopped"]:
@@ -417,6 +420,7 @@ def catalogen_run(
 def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str]) -> tuple[dict[str, Any], Path | None]:
     """The run inside the folder's lock: plan what is pending, drive the shards, write results and report."""
     cfg = plan.config
+    stopping.set_grace(cfg.stop_grace_s)
     check_folder_catalog(plan.store, plan.catalog_path, new_catalog)
     plan.store.clear_leftovers()
     for moved in set_aside_unreadable_parts(plan):

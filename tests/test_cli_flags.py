@@ -330,3 +330,18 @@ def test_every_folder_and_file_printed_is_absolute_from_a_relative_out(tmp_path:
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("catalogen")]
     assert any(line.startswith(f"plan for {out}: generate 0 of 2 rows pending") for line in lines), lines
     assert f"report: {out / 'report.html'}" in lines
+
+
+def test_a_local_lock_holder_is_printed_escaped_and_unlock_leaves_a_live_lock_alone(tmp_path: Path):
+    catalog = write_catalog(tmp_path / "c.parquet", prompts(1))
+    out = tmp_path / "out"
+    with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
+        (out / ".lock").write_bytes(b"pid 7 \x1b]0;owned\x07\x1b[2K" + b"x" * 10**6)  # written by a hostile user
+        result = cli("run", catalog, "--out", out, *SMALL)
+        assert result.exit_code == 1 and "\x1b" not in result.output
+        assert "in use by another run (pid 7 \\x1b]0;owned\\x07\\x1b[2K" in result.output
+        assert len(result.output) < 400  # the holder's first 200 bytes
+        unlock = cli("unlock", out)
+        assert unlock.exit_code == 1 and "is held by a running process (pid 7 \\x1b]0;owned" in unlock.output
+        assert (out / ".lock").exists()
+    assert cli("unlock", out).output.strip() == f"no run holds {out}; nothing to unlock"

@@ -1,7 +1,10 @@
 """Run folders and catalogs in a bucket of a real S3-compatible server (moto's, on 127.0.0.1, through
 s3fs), driven through the CLI as users do: the same bytes as on a local disk (here through a Dask
 cluster of 2 worker processes), a SIGKILLed run resumed, a second run refused, the folder's
-commands and an export from the bucket read back, and the credentials in no output."""
+commands and an export from the bucket read back, and the credentials in no output; an endpoint
+that goes silent (a proxy that holds every byte) neither lets a run that lost its lease overwrite
+the run that took the folder over, nor keeps a stopped run alive; lease objects that cannot be read
+count as held."""
 
 from __future__ import annotations
 
@@ -9,13 +12,20 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import threading
 import time
+from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
 from conftest import BIN, REPO, cli_env
+from typer.testing import CliRunner
+
+from catalogen.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -241,3 +251,248 @@ def test_a_bucket_root_may_hold_a_run_folder(s3):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"dry run for s3://{BUCKET}/ (a new folder)"), result.stdout
     assert sorted(fs.find(BUCKET)) == before
+
+
+class PausingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server. Paused, it is an endpoint gone silent: it
+    accepts connections and reads requests but forwards nothing either way; on resume it delivers
+    what it held, also requests whose client gave up meanwhile (as a network may)."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target = (parts.hostname, parts.port)
+        self.open = threading.Event()
+        self.open.set()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        self.open.wait()
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:  # the server stopped
+            client.close()
+            return
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.open.wait()
+                dst.sendall(data)
+            self.open.wait()
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            for sock in (src, dst):
+                sock.close()
+
+    def pause(self) -> None:
+        self.open.clear()
+
+    def resume(self) -> None:
+        self.open.set()
+
+    def close(self) -> None:
+        self.open.set()
+        self.server.close()
+
+
+@pytest.fixture
+def proxy(s3) -> Iterator[PausingProxy]:
+    running = PausingProxy(s3["AWS_ENDPOINT_URL"])
+    yield running
+    running.close()
+
+
+SLOW = ["--stages", "generate", "--set", "generate.steps=30"]  # shards that take a while, so a pause finds some in flight
+
+
+def start_logged(out: str, log: Path, *args: str, **env: str) -> subprocess.Popen:
+    """A run into `out` whose stdout and stderr go to files (read while it runs)."""
+    return subprocess.Popen([str(BIN / "catalogen"), "run", CATALOG, *DEMO, *SLOW, "--out", out, *args],
+                            env={**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", **env}, cwd=REPO,
+                            stdout=open(log.with_suffix(".out"), "w"), stderr=open(log.with_suffix(".err"), "w"),
+                            text=True, start_new_session=True)
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
+def folder_bytes(prefix: str) -> dict[str, bytes]:
+    """Every object of a run folder (the lease aside) and its bytes."""
+    fs = bucket_fs()
+    return {name: fs.cat_file(name) for name in fs.find(prefix) if not name.endswith("/.lock")}
+
+
+@pytest.mark.timeout(900)
+def test_a_run_that_lost_its_lease_writes_nothing_over_the_run_that_took_the_folder_over(s3, proxy, tmp_path):
+    url, prefix = f"s3://{BUCKET}/runs/taken-over", f"{BUCKET}/runs/taken-over"
+    fs = bucket_fs()
+    lease_s = {"CATALOGEN_LEASE_S": "4"}  # renewed every second; its holder stops writing 3 s after its last renewal
+    first = start_logged(url, tmp_path / "a", AWS_ENDPOINT_URL=proxy.url, **lease_s)
+    wait_until(lambda: fs.glob(f"{prefix}/stages/generate/part-*.parquet") or first.poll() is not None, 420,
+               "run A's first part")
+    assert first.poll() is None, (tmp_path / "a.err").read_text()[-3000:]
+    proxy.pause()  # run A's endpoint goes silent, its requests in flight held
+    a_err = tmp_path / "a.err"
+    wait_until(lambda: "lost the lease on" in a_err.read_text(), 60, "run A to say it lost the lease")
+    lease = json.loads(fs.cat_file(f"{prefix}/.lock"))
+    wait_until(lambda: time.time() > lease["expires"] + 0.5, 10, "run A's lease to expire")
+
+    second = start_logged(url, tmp_path / "b", **lease_s)  # straight to the server: takes the folder over
+    assert second.wait(timeout=420) == 0, (tmp_path / "b.err").read_text()[-3000:]
+    assert "6 rows: 6 ok" in (tmp_path / "b.out").read_text()
+    taken = folder_bytes(prefix)
+    assert f"{prefix}/results.parquet" in taken and not fs.exists(f"{prefix}/.lock")
+
+    proxy.resume()  # run A's held requests arrive, after run B finished
+    assert first.wait(timeout=180) == 1
+    a_text = a_err.read_text()
+    assert folder_bytes(prefix) == taken  # results, parts, run.json, report and images: run B's bytes
+    assert not fs.exists(f"{prefix}/.lock")
+    assert "could not renew the lease on " + url in a_text  # every failed renewal, with its reason
+    assert f"lost the lease on {url} (no renewal succeeded for 3 s, so the lease may have expired); " \
+           "this run writes nothing more into the folder and stops" in a_text
+    last = [line for line in a_text.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: lost the lease on {url}"), a_text[-3000:]
+    assert "Traceback" not in a_text
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_ends_a_run_whose_endpoint_went_silent_within_the_grace_and_ten_seconds(s3, proxy, tmp_path,
+                                                                                       signum, code):
+    name = signal.Signals(signum).name.lower()
+    prefix = f"{BUCKET}/runs/silent-{name}"
+    grace = 2
+    run = start_logged(f"s3://{prefix}", tmp_path / "run", "--set", f"stop_grace_s={grace}", AWS_ENDPOINT_URL=proxy.url)
+    fs = bucket_fs()
+    wait_until(lambda: fs.glob(f"{prefix}/stages/generate/part-*.parquet") or run.poll() is not None, 420,
+               "a first part")
+    assert run.poll() is None, (tmp_path / "run.err").read_text()[-3000:]
+    proxy.pause()
+    time.sleep(1)  # requests now wait on the silent endpoint
+    asked = time.monotonic()
+    os.killpg(run.pid, signum)  # as Ctrl-C (the whole foreground group) or a supervisor does
+    try:
+        run.wait(timeout=grace + 15)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        raise AssertionError(f"still running {grace + 15} s after {name}")
+    took = time.monotonic() - asked
+    stderr = (tmp_path / "run.err").read_text()
+    assert run.returncode == code, stderr[-3000:]
+    assert took <= grace + stopping_finish_s() + 3, took
+    assert f"the run did not end within {grace + stopping_finish_s():g} s of {name.upper()} (work still waiting " \
+           "on storage or a device): ending the process; rows not finished stay pending" in stderr
+    assert "Traceback" not in stderr
+
+
+def stopping_finish_s() -> float:
+    from catalogen.stopping import FINISH_S
+
+    return FINISH_S
+
+
+BAD_LEASES = {
+    "NaN expiry": (b'{"holder": "pid 1 on elsewhere", "host": "elsewhere", "pid": 1, "expires": NaN}',
+                   "expires: Input should be a finite number"),
+    "pid out of range": (json.dumps({"holder": "pid 1e30", "host": socket.gethostname(), "pid": 10**30,
+                                     "expires": 2e9}).encode(), "pid: Input should be less than or equal to"),
+    "too large": (b'{"holder": "' + b"x" * 2**20, f"{2**20 + 12} bytes, more than a lease record's 4096"),
+    "not JSON": (b"\x00\xff garbage", "not JSON"),
+}
+
+
+def cli(*args: str, stdin: str | None = None):
+    return CliRunner().invoke(app, list(args), input=stdin)
+
+
+@pytest.mark.parametrize("case", BAD_LEASES)
+def test_a_lease_that_cannot_be_read_counts_as_held_and_names_unlock(s3, case):
+    from upath import UPath
+
+    from catalogen import lease
+
+    data, reason = BAD_LEASES[case]
+    url = f"s3://{BUCKET}/runs/bad-lease-{case.replace(' ', '-')}"
+    fs = bucket_fs()
+    fs.pipe_file(f"{url[5:]}/run.json", json.dumps({"catalog": {"rows": 2, "path": CATALOG},
+                                                    "config": {"stages": ["generate"]}}).encode())
+    fs.pipe_file(f"{url[5:]}/.lock", data)
+    lock = UPath(f"{url}/.lock", use_listings_cache=False)
+    named = f"its lease {url}/.lock cannot be read ({reason}"
+    assert named in lease.holder(lock) and f"catalogen unlock {url}" in lease.holder(lock)
+    with pytest.raises(lease.LeaseBusy, match="cannot be read"):
+        lease.take(lock)
+
+    status = cli("status", url)
+    assert status.exit_code == 0 and f"running now: {named}" in status.output, status.output
+    refused = cli("run", CATALOG, *DEMO, "--out", url)
+    assert refused.exit_code == 1 and f"{url} is in use by another run ({named}" in refused.output, refused.output
+    assert "Traceback" not in status.output + refused.output
+    assert fs.cat_file(f"{url[5:]}/.lock") == data  # taken over by nobody
+
+
+def test_unlock_shows_a_lease_escaped_asks_and_removes_only_on_yes(s3):
+    url = f"s3://{BUCKET}/runs/unlock"
+    fs = bucket_fs()
+    hostile = "pid 7 \x1b]0;owned\x07\x1b[2K\u202e on elsewhere"
+    fs.pipe_file(f"{url[5:]}/run.json", json.dumps({"catalog": {"rows": 1, "path": CATALOG},
+                                                    "config": {"stages": ["generate"]}}).encode())
+    fs.pipe_file(f"{url[5:]}/.lock", json.dumps({"holder": hostile, "host": "elsewhere", "pid": 7,
+                                                 "expires": time.time() + 600}).encode())
+    shown = "pid 7 \\x1b]0;owned\\x07\\x1b[2K\\u202e on elsewhere"
+    status = cli("status", url)
+    assert f"running now: {shown}" in status.output and "\x1b" not in status.output, status.output
+
+    declined = cli("unlock", url, stdin="n\n")
+    assert declined.exit_code == 1 and "nothing removed" in declined.output
+    assert f"{url}/.lock is held by {shown} (expires in" in declined.output and "\x1b" not in declined.output
+    assert fs.exists(f"{url[5:]}/.lock")
+    removed = cli("unlock", url, stdin="y\n")
+    assert removed.exit_code == 0 and removed.output.splitlines()[-1] == f"removed {url}/.lock"
+    assert not fs.exists(f"{url[5:]}/.lock")
+    assert "not running" in cli("status", url).output
+    assert cli("unlock", url).output.strip() == f"no run holds {url}; nothing to unlock"
+
+
+def test_a_lease_record_is_read_up_to_4096_bytes_and_its_length_is_checked(s3, monkeypatch):
+    from upath import UPath
+
+    from catalogen import lease
+
+    lock = UPath(f"s3://{BUCKET}/leases/edge/.lock", use_listings_cache=False)
+    record = json.dumps({"holder": "pid 1 on elsewhere", "host": "elsewhere", "pid": 1, "expires": time.time() + 600})
+    fs = bucket_fs()
+    fs.pipe_file(lock.path, record.ljust(4096).encode())  # JSON allows the trailing spaces
+    assert lease.holder(lock) == "pid 1 on elsewhere"
+    fs.pipe_file(lock.path, record.ljust(4097).encode())
+    assert "(4097 bytes, more than a lease record's 4096)" in lease.holder(lock)
+    fs.rm_file(lock.path)
+
+    monkeypatch.setenv("CATALOGEN_LEASE_S", "1.99")
+    with pytest.raises(lease.LeaseError, match=r"CATALOGEN_LEASE_S='1.99': give seconds from 2 to 3600"):
+        with lease.hold(lock):
+            pass
+    monkeypatch.setenv("CATALOGEN_LEASE_S", "2")
+    with lease.hold(lock):
+        expires = json.loads(fs.cat_file(lock.path))["expires"]
+        assert 0 < expires - time.time() <= 2  # CATALOGEN_LEASE_S, not 60 s
+    assert not fs.exists(lock.path)
