@@ -18,7 +18,6 @@ How stages chain:
 
 from __future__ import annotations
 
-import os
 import platform
 import shlex
 import sys
