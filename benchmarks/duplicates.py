@@ -1,4 +1,4 @@
-"""Near-duplicate grouping at scale: `catalogen.duplicates.group` over 1,000,000 synthetic pHashes.
+"""Near-duplicate grouping at scale: `catalogen.media.duplicates.group` over 1,000,000 synthetic pHashes.
 
 The goal (issue 4): a million hashes grouped in at most 60 s on this machine. The hashes are uniform
 random 64-bit values (a pHash thresholds each DCT coefficient at the median, so its bits are close
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalogen.duplicates import group  # noqa: E402
+from catalogen.media.duplicates import group  # noqa: E402
 
 GOAL_S = 60.0
 ROWS = 1_000_000

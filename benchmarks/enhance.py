@@ -29,10 +29,10 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from catalogen.config import load_config  # noqa: E402
-from catalogen.devices import default_dtype, visible_devices  # noqa: E402
-from catalogen.runplan import resolve_stage_models  # noqa: E402
+from catalogen.run.devices import default_dtype, visible_devices  # noqa: E402
+from catalogen.run.plan import resolve_stage_models  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
-from catalogen.store import RunStore  # noqa: E402
+from catalogen.storage.store import RunStore  # noqa: E402
 from tasks import enhance  # noqa: E402
 from tasks.llm import LocalBackend, system_prompt  # noqa: E402
 

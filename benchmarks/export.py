@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from catalogen.export import WRITERS, ExportOptions, export_run  # noqa: E402
+from catalogen.publish.export import WRITERS, ExportOptions, export_run  # noqa: E402
 
 FORMATS = ("dummy", "hf", "webdataset", "imagefolder")
 

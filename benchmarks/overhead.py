@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 from catalogen.catalog import shard  # noqa: E402
 from catalogen.config import load_config  # noqa: E402
-from catalogen.devices import default_dtype, visible_devices  # noqa: E402
-from catalogen.diffusion import load_pipeline  # noqa: E402
-from catalogen.runplan import prepare  # noqa: E402
+from catalogen.run.devices import default_dtype, visible_devices  # noqa: E402
+from catalogen.models.diffusion import load_pipeline  # noqa: E402
+from catalogen.run.plan import prepare  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
 from tasks import generate  # noqa: E402
 

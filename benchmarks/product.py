@@ -48,11 +48,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from catalogen.config import RunConfig, load_config  # noqa: E402
-from catalogen.devices import default_dtype, visible_devices  # noqa: E402
-from catalogen.placement import place  # noqa: E402
-from catalogen.runplan import prepare, resolve_stage_models  # noqa: E402
+from catalogen.run.devices import default_dtype, visible_devices  # noqa: E402
+from catalogen.media.placement import place  # noqa: E402
+from catalogen.run.plan import prepare, resolve_stage_models  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
-from catalogen.store import RunStore  # noqa: E402
+from catalogen.storage.store import RunStore  # noqa: E402
 from tasks import STAGES  # noqa: E402
 
 STAGE_NAMES = ("remove_bg", "style", "upscale", "paste")
@@ -197,7 +197,7 @@ def bare_style(args: argparse.Namespace, cfg: RunConfig, work: Path, device, dty
     """Plain diffusers: an inpainting pipeline with the IP-Adapter loaded, one call per batch."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
 
-    from catalogen.tiny_adapters import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS
+    from catalogen.models.tiny.adapters import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS
 
     models = resolve_stage_models(cfg)["style"]
     pipeline, adapter = models["pipeline"], models["ip_adapter"]

@@ -33,11 +33,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from catalogen.config import load_config  # noqa: E402
-from catalogen.devices import Device  # noqa: E402
-from catalogen.labels import EXTENSIONS, PIL_FORMATS, srgb_profile  # noqa: E402
-from catalogen.placement import alpha_box  # noqa: E402
+from catalogen.run.devices import Device  # noqa: E402
+from catalogen.media.labels import EXTENSIONS, PIL_FORMATS, srgb_profile  # noqa: E402
+from catalogen.media.placement import alpha_box  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
-from catalogen.store import RunStore  # noqa: E402
+from catalogen.storage.store import RunStore  # noqa: E402
 from tasks import renditions  # noqa: E402
 
 PRESETS = ["marketplace-main", "shop-square", "thumb"]
@@ -121,7 +121,7 @@ def bare_side(paths: list[str], root: Path, items: list[renditions.Rendition], f
 
 
 def bench_duplicates(rows: int = 1_000_000, max_distance: int = 6, repeats: int = 3) -> dict[str, float]:
-    """Near-duplicates at the end of a run: `catalogen.duplicates.group` over `rows` synthetic pHashes
+    """Near-duplicates at the end of a run: `catalogen.media.duplicates.group` over `rows` synthetic pHashes
     (1% planted near-duplicates), median and fastest of `repeats`, against the 60 s goal for a million.
     The code lives in benchmarks/duplicates.py, which `make bench` also runs on its own."""
     import importlib.util

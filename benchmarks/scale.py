@@ -48,7 +48,7 @@ def make_catalog(path: Path, rows: int) -> Path:
 def pretend_half_done(catalog: Path, out: Path, args: argparse.Namespace) -> int:
     """Write parts for every other shard's worth of rows, as finished shards would have left them."""
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
     from tasks import generate
 
     plan = prepare(catalog, load_config(None, {"rows_per_shard": args.rows_per_shard}), out)

@@ -41,7 +41,7 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # not a line per 
 
 import pandas as pd  # noqa: E402
 
-from catalogen.prefect_api import prefect_environment, start_prefect_api  # noqa: E402
+from catalogen.run.prefect_api import prefect_environment, start_prefect_api  # noqa: E402
 
 
 def made(out: str) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def made(out: str) -> pd.DataFrame:
 def one_run(args: argparse.Namespace, work: str, overrides: dict[str, Any]) -> tuple[float, pd.DataFrame, int]:
     """One run into a fresh folder under `work` (a local folder or a bucket's URL): (seconds, what it made, shard tasks)."""
     from catalogen.config import load_config
-    from catalogen.locations import location
+    from catalogen.storage.locations import location
     from flows.run import catalogen_run
     from flows.runners import with_runner
 

@@ -35,8 +35,8 @@ def measure(mode: str) -> float:
     import torch
 
     from catalogen.config import load_config
-    from catalogen.devices import Device
-    from catalogen.runplan import prepare
+    from catalogen.run.devices import Device
+    from catalogen.run.plan import prepare
     from catalogen.stage import StageContext
     from tasks import generate
 

@@ -25,8 +25,8 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from catalogen import stopping
-from catalogen.hashing import MAX_SEED, derive_seeds, stable_hash
-from catalogen.locations import Location, LocationError, is_remote, location
+from catalogen.storage.hashing import MAX_SEED, derive_seeds, stable_hash
+from catalogen.storage.locations import Location, LocationError, is_remote, location
 
 SHOWN_ROWS = 5  # row ids listed per fault before "and N more"
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}

@@ -35,14 +35,14 @@ from catalogen.config import (
     load_config,
     parse_override,
 )
-from catalogen.devices import DeviceError
-from catalogen.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
-from catalogen.locations import Location, LocationError, absolute, display, is_remote, location, storage_folder
-from catalogen.models import MissingModelsError, ModelError, resolve_models
-from catalogen.progress import set_reporter
+from catalogen.run.devices import DeviceError
+from catalogen.publish.export import FORMATS, ExportError, ExportOptions, export_run, parse_split, parse_where
+from catalogen.storage.locations import Location, LocationError, absolute, display, is_remote, location, storage_folder
+from catalogen.models.loading import MissingModelsError, ModelError, resolve_models
+from catalogen.run.progress import set_reporter
 from catalogen import registry, stopping
-from catalogen.prefect_api import PrefectAPI, prefect_environment, start_prefect_api
-from catalogen.runplan import (
+from catalogen.run.prefect_api import PrefectAPI, prefect_environment, start_prefect_api
+from catalogen.run.plan import (
     CatalogChanged,
     RunPlan,
     Selection,
@@ -52,7 +52,7 @@ from catalogen.runplan import (
     rerun_command,
     run_settings,
 )
-from catalogen.store import RunFolderBusy, RunStateError, RunStore
+from catalogen.storage.store import RunFolderBusy, RunStateError, RunStore
 
 EXIT_CODES = (
     "Exit codes: 0 done; 1 refused before anything was written (catalog, configuration, device, models), "
@@ -181,7 +181,7 @@ def validate(
 ) -> None:
     """Check a catalog against a configuration; list every fault by column and row id. Writes nothing."""
     cfg = _config(config, set_, profile=(profile, "--profile"))
-    from catalogen.runplan import config_faults, load_checked_catalog, plan_rows
+    from catalogen.run.plan import config_faults, load_checked_catalog, plan_rows
 
     try:
         problems = config_faults(cfg)
@@ -325,7 +325,7 @@ def _dry_run(catalog: Location, config: Path | None, out: Location | None, selec
              new_catalog: bool, named: dict[str, tuple[Any, str]], set_: list[str] | None,
              calibrate: bool = False) -> None:
     """`run --dry-run`: the checks and plan of a run, and what it would do; nothing is written."""
-    from catalogen.dryrun import plan_only
+    from catalogen.run.dryrun import plan_only
 
     try:
         if out is not None:
@@ -413,7 +413,7 @@ def _finish(state: Any, store: RunStore, plan: RunPlan) -> None:
 def status(run_dir: str = RunArg) -> None:
     """Done, failed and pending rows per stage, from the run folder alone (no model, no Prefect)."""
     _require_run(run_dir)
-    from catalogen.inspect import folder_status
+    from catalogen.run.inspect import folder_status
 
     try:
         report = folder_status(RunStore(run_dir))
@@ -449,7 +449,7 @@ def unlock(
 
     A local folder's lock ends with the process that holds it: there is nothing to remove.
     """
-    from catalogen import lease
+    from catalogen.storage import lease
 
     store = RunStore(run_dir)
     lock = store.root / ".lock"
@@ -481,7 +481,7 @@ def unlock(
 def verify(run_dir: str = RunArg) -> None:
     """Re-hash every image; mark missing or changed ones failed, so `run --retry-failed` redoes them."""
     _require_run(run_dir)
-    from catalogen.inspect import verify_images
+    from catalogen.run.inspect import verify_images
 
     store = RunStore(run_dir)
     try:
@@ -508,7 +508,7 @@ def clean(
 ) -> None:
     """List (and with --yes remove) images that no row of results.parquet points at."""
     _require_run(run_dir)
-    from catalogen.inspect import orphan_images
+    from catalogen.run.inspect import orphan_images
 
     store = RunStore(run_dir)
     try:
@@ -538,7 +538,7 @@ def report(
     Thumbnails go to thumbs/, made once per image.
     """
     _require_run(run_dir)
-    from catalogen.report import write_report
+    from catalogen.publish.report import write_report
 
     store = RunStore(run_dir)
     try:
@@ -678,7 +678,7 @@ def reproduce(
     import tempfile
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the verdict is the output, not the flow's log
-    from catalogen.reproduce import Local, Unusable
+    from catalogen.run.reproduce import Local, Unusable
     from flows.reproduce import Stopped, reproduce_image
 
     local = _local_settings(config, inputs)

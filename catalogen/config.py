@@ -34,10 +34,10 @@ from pydantic import (
 )
 
 from catalogen import registry
-from catalogen.credentials import CredentialSettings
-from catalogen.duplicates import DuplicatesSettings
-from catalogen.images import ImageSettings
-from catalogen.templates import TemplateSettings
+from catalogen.media.credentials import CredentialSettings
+from catalogen.media.duplicates import DuplicatesSettings
+from catalogen.media.images import ImageSettings
+from catalogen.prompting.templates import TemplateSettings
 
 # The model profiles every stage maps to its own models (see each stage's `PROFILES`).
 PROFILES = ("tiny", "tiny-sdxl", "sd15", "sdxl")
@@ -88,7 +88,7 @@ class OutputSettings(Strict):
 
     credentials: CredentialSettings | None = Field(
         None, description="sign every final image and rendition with a C2PA manifest (content credentials): "
-        "certificate chain and private key, see catalogen/credentials.py; null: off",
+        "certificate chain and private key, see catalogen/media/credentials.py; null: off",
     )
 
 

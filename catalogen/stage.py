@@ -10,7 +10,7 @@ catalogen/registry.py), with a `plan` and a `process`:
 - `process(planned, ctx) -> table` does the work: rows in, one result row out per row, never
   raising for a bad row (its `status` is `failed`, with the reason in `error`).
 
-Chaining is the pipeline's job, not the stage's (see catalogen/runplan.py): a stage declares
+Chaining is the pipeline's job, not the stage's (see catalogen/run/plan.py): a stage declares
 what it `READS` ("prompt", "image"; or "image@remove_bg": that stage's, when it runs earlier) and
 `PROVIDES`, and `FROM_UPSTREAM` maps its planned columns to the provider's output columns. The pipeline extends each key with the keys of the rows it
 reads from upstream, fills those columns from the upstream results before `process`, and marks
@@ -21,7 +21,7 @@ Optional: `POSITION` (its place in pipeline order, see catalogen/registry.py; de
 `PATH_SETTINGS` (its settings that name a file, e.g. style's `style_image`), `SETTINGS_FROM` (other
 sections it reads, e.g. `generate` for its model) and `needs_device(cfg)` (False: the stage's shards
 take no device lease, e.g. a server). `PATH_COLUMNS`, `PATH_SETTINGS` and `SETTINGS_FROM` also decide
-what each image's recipe holds (catalogen/recipe.py); a stage that makes images puts
+what each image's recipe holds (catalogen/run/recipe.py); a stage that makes images puts
 `**ctx.recipe_entry(row)` in their provenance, so `catalogen reproduce` can make them again.
 
 Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes images adds
@@ -38,9 +38,9 @@ from pydantic import BaseModel
 
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.devices import Device
-from catalogen.models import ModelIdentity
-from catalogen.store import RunStore
+from catalogen.run.devices import Device
+from catalogen.models.loading import ModelIdentity
+from catalogen.storage.store import RunStore
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ class StageContext:
     device: Device
     dtype: "torch.dtype"
     progress: Callable[[int], None] = _ignore  # rows finished so far in this table
-    recipes: Any = None  # catalogen.recipe.Recipes of these rows, inside a run (None when called directly)
+    recipes: Any = None  # catalogen.run.recipe.Recipes of these rows, inside a run (None when called directly)
 
     @property
     def dtype_name(self) -> str:
@@ -92,7 +92,7 @@ class StageContext:
 
     def recipe_entry(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """`{"recipe": …}` for an image's provenance: what `catalogen reproduce` makes it again from
-        (catalogen/recipe.py); empty outside a run."""
+        (catalogen/run/recipe.py); empty outside a run."""
         return self.recipes.entry(row) if self.recipes is not None else {}
 
 

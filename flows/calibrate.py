@@ -2,7 +2,7 @@
 
 The catalog's first rows (one batch: the largest `batch_size` among the stages) run through every
 stage with the run's settings, by the same flow as `catalogen run`, into a temporary folder that
-is removed afterwards; the seconds and bytes per row that run records (catalogen.dryrun) price the
+is removed afterwards; the seconds and bytes per row that run records (catalogen.run.dryrun) price the
 dry run. Nothing is written into the output folder; the model cache may be filled, as by any run.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from catalogen.config import RunConfig
-from catalogen.prefect_api import prefect_environment, start_prefect_api
-from catalogen.store import RunStore
+from catalogen.run.prefect_api import prefect_environment, start_prefect_api
+from catalogen.storage.store import RunStore
 
 DEFAULT_BATCH = 4
 

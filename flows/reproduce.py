@@ -1,4 +1,4 @@
-"""Run a rebuilt one-row catalog (catalogen/reproduce.py) through the same check, plan and flow as
+"""Run a rebuilt one-row catalog (catalogen/run/reproduce.py) through the same check, plan and flow as
 `catalogen run`, in its own folder, and compare the image it makes with the original.
 
 Models: every Hub model is pinned to the commit the image records (`hub_pins`: the stage's model
@@ -17,12 +17,12 @@ from typing import Any, Mapping
 
 from catalogen import stopping
 from catalogen.config import ConfigError
-from catalogen.models import MissingModelsError
-from catalogen.prefect_api import prefect_environment, start_prefect_api
-from catalogen.reproduce import (RECORDED_BY, Local, Reproduction, Unusable, Verdict, compare, missing_named, model_faults,
+from catalogen.models.loading import MissingModelsError
+from catalogen.run.prefect_api import prefect_environment, start_prefect_api
+from catalogen.run.reproduce import (RECORDED_BY, Local, Reproduction, Unusable, Verdict, compare, missing_named, model_faults,
                                  read_provenance, rebuild)
-from catalogen.runplan import prepare
-from catalogen.store import RunStore
+from catalogen.run.plan import prepare
+from catalogen.storage.store import RunStore
 
 
 class Stopped(Exception):
@@ -37,12 +37,12 @@ def _check_stop() -> None:
 def reproduce_image(image: str | Path, folder: Path, local: Local | None = None) -> tuple[Reproduction, Verdict]:
     """Make `image` again in `folder` (empty, temporary) from its provenance; the verdict.
 
-    Raises Unusable when the file cannot be made again here (see catalogen/reproduce.py), Stopped
+    Raises Unusable when the file cannot be made again here (see catalogen/run/reproduce.py), Stopped
     when a stop arrived (the caller holds `stopping.on_signals()`: a signal sets its flags).
     """
     from catalogen.catalog import CatalogError
-    from catalogen.devices import DeviceError
-    from catalogen.models import ModelError
+    from catalogen.run.devices import DeviceError
+    from catalogen.models.loading import ModelError
 
     job = rebuild(image, read_provenance(image), folder, local)
     _check_stop()
@@ -150,8 +150,8 @@ def _rendition(rendition: Any, source: bytes) -> bytes:
     """The rendition (tasks.renditions.Rendition, validated before the run) rendered and encoded
     from the re-made source image as the renditions stage does (its label aside: metadata changes
     no pixel)."""
-    from catalogen.images import ImageSettings, decode_image
-    from catalogen.labels import Label, encode
+    from catalogen.media.images import ImageSettings, decode_image
+    from catalogen.media.labels import Label, encode
     from tasks.renditions import render
 
     image = decode_image(source, ImageSettings(), "the re-made source image")

@@ -37,14 +37,14 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
-from catalogen.dryrun import record_throughput
-from catalogen.duplicates import add_duplicate_columns, previous_hashes
-from catalogen.hashing import stable_hash
-from catalogen.lease import LeaseLost
-from catalogen.progress import tracker
-from catalogen.report import write_report
-from catalogen.results import assemble_results, kept, summarize
-from catalogen.runplan import (
+from catalogen.run.dryrun import record_throughput
+from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
+from catalogen.storage.hashing import stable_hash
+from catalogen.storage.lease import LeaseLost
+from catalogen.run.progress import tracker
+from catalogen.publish.report import write_report
+from catalogen.run.results import assemble_results, kept, summarize
+from catalogen.run.plan import (
     RunPlan,
     Selection,
     ShardOutcomes,
@@ -62,7 +62,7 @@ from catalogen.runplan import (
     settings_changes,
     stage_input,
 )
-from catalogen.store import STATUSES, RunFolderBusy
+from catalogen.storage.store import STATUSES, RunFolderBusy
 from flows.runners import Placement, Workers, cancel_remote, placement, record_workers
 from tasks.runner import needs_device, relay, shard_task
 
@@ -262,7 +262,7 @@ def _stage_table(summary: dict[str, Any], results) -> list[dict[str, Any]]:
 
 
 def _with_duplicates(plan: RunPlan, results, hash_new: bool):
-    """The results with `phash` and `near_duplicate_of` (catalogen/duplicates.py): the final images
+    """The results with `phash` and `near_duplicate_of` (catalogen/media/duplicates.py): the final images
     not hashed by the results this run replaces are decoded once; a stopped run hashes none (it has
     its grace period to finish), and a stop while hashing ends it: the rest is left to the next run.
     Failing here is logged, not fatal."""

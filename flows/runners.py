@@ -35,8 +35,8 @@ from prefect.states import State
 from prefect.task_runners import TaskRunner
 
 from catalogen.config import ConfigError, RunConfig
-from catalogen.devices import visible_devices
-from catalogen.store import RunStore
+from catalogen.run.devices import visible_devices
+from catalogen.storage.store import RunStore
 
 log = logging.getLogger("catalogen.runners")
 

@@ -1,14 +1,14 @@
 """Image captioning with BLIP-2, and an optional CLIP score of image-text agreement.
 
 Reads: the image of the nearest earlier stage that makes one (`source_image`, a path relative
-to the run folder), else the catalog's (a file, a URL or bytes; see catalogen.images); and the
+to the run folder), else the catalog's (a file, a URL or bytes; see catalogen.media.images); and the
 prompt the image was made from (the nearest earlier stage that provides one, such as enhance,
 else the catalog's or the template's), used only by the CLIP score.
 Writes: one caption per row (no files), the model's identity, the prompt it was conditioned on
 and, when `caption.clip_score` is on, `clip_score`: CLIPScore's 100 x cosine similarity between
 the image and a text (clamped at 0), with the text and the CLIP model's identity.
 Key: the BLIP-2 model (repo, resolved revision), prompt, `max_new_tokens`, `num_beams`,
-`VERSION`, the catalog image's identity (`catalogen.images.image_identity`); with the CLIP score
+`VERSION`, the catalog image's identity (`catalogen.media.images.image_identity`); with the CLIP score
 on, also the CLIP model, which text it compares to and that text. The pipeline adds the keys of
 the upstream rows it reads (the image, the prompt).
 
@@ -38,17 +38,17 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
-from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
+from catalogen.run.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
-from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.images import (
+from catalogen.storage.hashing import column_keys, sha256_bytes
+from catalogen.media.images import (
     ImageLoadError,
     ImageSettings,
     catalog_sources,
     read_planned,
 )
-from catalogen.models import ModelIdentity, cached
+from catalogen.models.loading import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
 
 NAME = "caption"

@@ -32,12 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from catalogen.batching import AdaptiveBatcher
+from catalogen.run.batching import AdaptiveBatcher
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.models import ModelIdentity, cached
+from catalogen.storage.hashing import column_keys, sha256_bytes
+from catalogen.models.loading import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
-from catalogen.store import now_utc
+from catalogen.storage.store import now_utc
 from tasks.llm import (
     DEFAULT_MODEL,
     DEFAULT_REVISION,

@@ -39,12 +39,12 @@ from PIL import Image
 from pydantic import Field
 
 import catalogen
-from catalogen.batching import AdaptiveBatcher, Outcome, record_batches
+from catalogen.run.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule, column_or_nulls
-from catalogen.conditioning import prompt_arguments
-from catalogen.credentials import sign_stage_image
+from catalogen.models.conditioning import prompt_arguments
+from catalogen.media.credentials import sign_stage_image
 from catalogen.config import DiffusionSpec, ModelSpec, RunConfig, Strict, field_bounds
-from catalogen.diffusion import (
+from catalogen.models.diffusion import (
     SAFETENSORS,
     Adapters,
     Embedding,
@@ -55,8 +55,8 @@ from catalogen.diffusion import (
     load_pipeline,
     stop_between_steps,
 )
-from catalogen.hashing import canonical_json, column_keys, sha256_file, stable_hash
-from catalogen.models import (
+from catalogen.storage.hashing import canonical_json, column_keys, sha256_file, stable_hash
+from catalogen.models.loading import (
     PICKLE_SUFFIXES,
     TINY_PREFIX,
     MissingModelsError,
@@ -64,9 +64,9 @@ from catalogen.models import (
     ModelIdentity,
     cached,
 )
-from catalogen.pngmeta import encode_png, format_parameters
-from catalogen.prompts import encoding_chunks
-from catalogen.schedulers import (
+from catalogen.media.pngmeta import encode_png, format_parameters
+from catalogen.models.prompts import encoding_chunks
+from catalogen.models.schedulers import (
     SCHEDULER_HELP,
     SCHEDULERS,
     SchedulerName,
@@ -74,7 +74,7 @@ from catalogen.schedulers import (
     make_scheduler,
 )
 from catalogen.stage import SKIP_COLUMN, StageContext, output_schema
-from catalogen.tiny import TINY_MODELS, ensure_tiny
+from catalogen.models.tiny.profile import TINY_MODELS, ensure_tiny
 
 NAME = "generate"
 POSITION = 20  # in pipeline order (catalogen.registry)

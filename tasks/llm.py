@@ -35,7 +35,7 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from catalogen import stopping
-from catalogen.hashing import stable_hash
+from catalogen.storage.hashing import stable_hash
 
 if TYPE_CHECKING:
     import torch

@@ -1,20 +1,20 @@
 """Background removal with rembg: a product cut out as an RGBA PNG, optionally placed on a canvas.
 
 Reads: the image (an earlier stage's, such as generate, else the catalog's `image`: a file, a
-URL or bytes; see catalogen.images). Writes: the cut-out (`image_path`, RGBA, the source's size)
+URL or bytes; see catalogen.media.images). Writes: the cut-out (`image_path`, RGBA, the source's size)
 and, with `remove_bg.canvas.enabled`, a marketplace main image beside it (`canvas_path`): the
-product centred on a solid colour, filling the configured share of the frame (catalogen.placement).
+product centred on a solid colour, filling the configured share of the frame (catalogen.media.placement).
 Per row it records the mask's coverage (the share of pixels more than half opaque) and bounding
 box, what was read (`source_image`, its real `source_sha256`), and the onnxruntime provider that
 ran (`provider`; `requested_provider` says what the device lease asked for, so a GPU run that fell
 back to the CPU shows it). A mask that covers almost nothing or almost everything fails the row.
-Both files carry the XMP label (catalogen.labels: compositeWithTrainedAlgorithmicMedia for a
+Both files carry the XMP label (catalogen.media.labels: compositeWithTrainedAlgorithmicMedia for a
 catalog photo's cut-out, trainedAlgorithmicMedia for a generated one) and the source's A1111
 `parameters`, when it has them.
 
 Key: the model (name and file SHA-256), every setting that changes the output or the outcome
 (alpha matting, coverage limits, canvas), `VERSION`, and the catalog image's identity (see
-`catalogen.images.image_identity`); the pipeline adds the key of the upstream row whose image it reads.
+`catalogen.media.images.image_identity`); the pipeline adds the key of the upstream row whose image it reads.
 
 Each image is segmented alone (rembg has no batch call), so a row's output depends on its own
 row only.
@@ -39,12 +39,12 @@ from pydantic import Field, field_validator, model_validator
 import catalogen
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
-from catalogen.credentials import sign_stage_image
-from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.images import ImageLoadError, catalog_sources, read_planned
-from catalogen.labels import read_label, source_type
-from catalogen.models import TINY_PREFIX, ModelIdentity, cached
-from catalogen.placement import (
+from catalogen.media.credentials import sign_stage_image
+from catalogen.storage.hashing import column_keys, sha256_bytes
+from catalogen.media.images import ImageLoadError, catalog_sources, read_planned
+from catalogen.media.labels import read_label, source_type
+from catalogen.models.loading import TINY_PREFIX, ModelIdentity, cached
+from catalogen.media.placement import (
     alpha_box,
     canvas_size,
     color_hex,
@@ -54,8 +54,8 @@ from catalogen.placement import (
     parse_color,
     place,
 )
-from catalogen.pngmeta import encode_png
-from catalogen.rembg_models import KIND, REMBG_MODELS, home_of, u2net_home
+from catalogen.media.pngmeta import encode_png
+from catalogen.models.rembg import KIND, REMBG_MODELS, home_of, u2net_home
 from catalogen.stage import StageContext, output_schema
 
 log = logging.getLogger("catalogen.remove_bg")
@@ -98,7 +98,7 @@ class AlphaMatting(Strict):
 
 
 class Canvas(Strict):
-    """A marketplace main image: the product centred on a solid colour (see catalogen.placement)."""
+    """A marketplace main image: the product centred on a solid colour (see catalogen.media.placement)."""
 
     enabled: bool = False
     size: int = Field(1024, ge=16, le=8192, description="the canvas's longer side, in pixels")
@@ -243,7 +243,7 @@ def _open(identity: ModelIdentity, providers: list):
     """rembg's own session for the model, on `providers`, never downloading (the file was resolved)."""
     from rembg import new_session
 
-    from catalogen.tiny_vision import REMBG_MODEL_FILE, rembg_session
+    from catalogen.models.tiny.vision import REMBG_MODEL_FILE, rembg_session
 
     if identity.repo.startswith(TINY_PREFIX):
         session = rembg_session(Path(identity.path), providers)

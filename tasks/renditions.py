@@ -7,14 +7,14 @@ this one, else the catalog's `image`), or a named earlier stage's own image (`ge
 Writes: one file per rendition and row, beside the stage images (`images/renditions/…<name>.<ext>`):
 resized to `size` (the long side) or to an exact `box` (`fit`: contain, cover or pad), or with
 `fill` the product (the opaque part of a cut-out; a whole image without alpha) centred on the box
-spanning that share of its limiting side (catalogen.placement.place); transparency flattened onto
+spanning that share of its limiting side (catalogen.media.placement.place); transparency flattened onto
 `background` (or kept, with `background: transparent`, by formats that have it); encoded at
 `quality` with an embedded sRGB ICC profile (`icc`). Every file carries the source's label and
-provenance, and the rendition's settings (catalogen.labels: XMP with the IPTC digital source type,
+provenance, and the rendition's settings (catalogen.media.labels: XMP with the IPTC digital source type,
 the A1111 parameters in the EXIF UserComment or PNG text, the provenance JSON).
 Per row it records `renditions`, a list of (name, format, source, path, sha256, bytes, width,
 height); results.parquet shows each as columns `renditions_<name>_path`, `_sha256`, `_bytes`,
-`_width`, `_height` (catalogen.results), so `verify`, `clean`, the report and
+`_width`, `_height` (catalogen.run.results), so `verify`, `clean`, the report and
 `export --image rendition:NAME` treat them as images.
 
 Settings: the `renditions:` section, a list; an item is a preset's name (`PRESETS`) or a mapping of
@@ -45,12 +45,12 @@ from pydantic import Field, RootModel, field_validator, model_validator
 
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
-from catalogen.credentials import sign_stage_image
-from catalogen.hashing import column_keys, sha256_bytes
-from catalogen.images import ImageLoadError, catalog_sources, read_planned
-from catalogen.labels import EXTENSIONS, Label, encode, read_label
-from catalogen.models import ModelIdentity
-from catalogen.placement import color_hex, parse_color, place
+from catalogen.media.credentials import sign_stage_image
+from catalogen.storage.hashing import column_keys, sha256_bytes
+from catalogen.media.images import ImageLoadError, catalog_sources, read_planned
+from catalogen.media.labels import EXTENSIONS, Label, encode, read_label
+from catalogen.models.loading import ModelIdentity
+from catalogen.media.placement import color_hex, parse_color, place
 from catalogen.stage import StageContext, output_schema
 
 NAME = "renditions"
@@ -317,7 +317,7 @@ class _Source:
     path: str | None  # relative to the run folder (an upstream image), a catalog file or URL; None: bytes
     data: bytes
     image: Image.Image
-    label: Label  # what the source says about itself (catalogen.labels); Label(None) for a plain photo
+    label: Label  # what the source says about itself (catalogen.media.labels); Label(None) for a plain photo
     sha256: str
 
 

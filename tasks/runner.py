@@ -28,13 +28,13 @@ from prefect.states import Completed, State
 
 from catalogen import stopping
 from catalogen.config import RunConfig
-from catalogen.devices import Device, default_dtype, lease, visible_devices
-from catalogen.models import load_mark, loads_since
-from catalogen.progress import tracker
-from catalogen.recipe import run_catalog, take_recipes
-from catalogen.runplan import read_config
+from catalogen.run.devices import Device, default_dtype, lease, visible_devices
+from catalogen.models.loading import load_mark, loads_since
+from catalogen.run.progress import tracker
+from catalogen.run.recipe import run_catalog, take_recipes
+from catalogen.run.plan import read_config
 from catalogen.stage import SKIP_COLUMN, StageContext
-from catalogen.store import STATUSES, RunStore, now_utc
+from catalogen.storage.store import STATUSES, RunStore, now_utc
 from tasks import STAGES
 
 log = logging.getLogger("catalogen.runner")

@@ -12,7 +12,7 @@ The product survives to the last pixel: where the input comes from a product sta
 earlier upscale) that recorded the product's box and cut-out (`product_bbox`, `product_source`),
 the scene is repainted around the product and the product is put back from that cut-out, resized
 once (Lanczos) into its box at the output size and blended by its matte exactly as style blends it
-(`catalogen.placement.product_layer`, `composite`). For a catalog photo the cut-out holds the
+(`catalogen.media.placement.product_layer`, `composite`). For a catalog photo the cut-out holds the
 photo's own pixels, so the final product comes from the photo, not from the canvas-sized copy;
 `product_source_scale` over 1 says the photo was smaller than the product's place and was enlarged.
 `upscale.paste_product`: `auto` pastes rows whose product is a catalog photo (a generated product
@@ -50,19 +50,19 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 import catalogen
-from catalogen.batching import AdaptiveBatcher, Outcome
+from catalogen.run.batching import AdaptiveBatcher, Outcome
 from catalogen.catalog import Rule, column_or_nulls
-from catalogen.conditioning import is_sdxl, prompt_arguments, prompt_chunks
+from catalogen.models.conditioning import is_sdxl, prompt_arguments, prompt_chunks
 from catalogen.config import ModelSpec, RunConfig, Strict
-from catalogen.credentials import sign_stage_image
-from catalogen.diffusion import finite, load_pipeline
-from catalogen.hashing import MAX_SEED, column_keys, stable_hash
-from catalogen.images import ImageLoadError, catalog_sources, open_input, read_planned
-from catalogen.models import ModelIdentity, cached
-from catalogen.placement import Box, alpha_box, composite, product_layer, product_pixels_equal, scale_box
-from catalogen.labels import source_type
-from catalogen.pngmeta import encode_png, format_parameters
-from catalogen.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
+from catalogen.media.credentials import sign_stage_image
+from catalogen.models.diffusion import finite, load_pipeline
+from catalogen.storage.hashing import MAX_SEED, column_keys, stable_hash
+from catalogen.media.images import ImageLoadError, catalog_sources, open_input, read_planned
+from catalogen.models.loading import ModelIdentity, cached
+from catalogen.media.placement import Box, alpha_box, composite, product_layer, product_pixels_equal, scale_box
+from catalogen.media.labels import source_type
+from catalogen.media.pngmeta import encode_png, format_parameters
+from catalogen.models.schedulers import SCHEDULER_HELP, SchedulerName, make_scheduler
 from catalogen.stage import StageContext, output_schema
 from tasks import generate
 from tasks.style import BBOX

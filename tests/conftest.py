@@ -41,8 +41,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from catalogen.config import RunConfig, load_config  # noqa: E402
-from catalogen.devices import Device  # noqa: E402
-from catalogen.runplan import RunPlan, prepare  # noqa: E402
+from catalogen.run.devices import Device  # noqa: E402
+from catalogen.run.plan import RunPlan, prepare  # noqa: E402
 from catalogen.stage import StageContext  # noqa: E402
 from tasks import STAGES  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The generate stage with LoRAs, textual-inversion embeddings and single-file checkpoints (tiny, offline).
 
-Every add-on here is a tiny file in its real on-disk layout (catalogen/tiny_adapters.py), loaded
+Every add-on here is a tiny file in its real on-disk layout (catalogen/models/tiny/adapters.py), loaded
 through diffusers' own loaders as a real one would be.
 """
 
@@ -21,12 +21,12 @@ from conftest import fast_config, plan_table, prompts, run_stage, write_catalog
 from PIL import Image
 from typer.testing import CliRunner
 
-from catalogen import tiny_adapters
+from catalogen.models.tiny import adapters as tiny_adapters
 from catalogen.cli import app
-from catalogen.hashing import sha256_file
-from catalogen.models import ModelError
-from catalogen.pngmeta import parse_parameters, read_png_text
-from catalogen.tiny import ensure_tiny
+from catalogen.storage.hashing import sha256_file
+from catalogen.models.loading import ModelError
+from catalogen.media.pngmeta import parse_parameters, read_png_text
+from catalogen.models.tiny.profile import ensure_tiny
 from tasks import generate
 
 TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}
@@ -102,7 +102,7 @@ def test_an_sdxl_lora_loads_into_both_text_encoders_and_changes_the_image(tmp_pa
     cfg = config(profile="tiny-sdxl", **{"generate.loras": [lora(family="sdxl")]})
     styled, out_styled = generated(tmp_path, "styled", cfg)
     assert differ(pixels(out_styled, styled), pixels(out_plain, plain))
-    from catalogen.diffusion import load_pipeline
+    from catalogen.models.diffusion import load_pipeline
 
     plan = plan_table(table_of([TARGET]), cfg, tmp_path / "again")
     extras = generate.resolve_extras(cfg, plan.models["generate"])
@@ -210,7 +210,7 @@ def test_multi_vector_tokens_are_spelt_out_for_our_own_encoding(tmp_path: Path):
     cfg = config(**{"generate.embeddings": [EMBEDDINGS["sd15-a1111"][1]]})
     plan = plan_table(table_of([TARGET]), cfg, tmp_path / "out")
     extras = generate.resolve_extras(cfg, plan.models["generate"])
-    from catalogen.diffusion import load_pipeline
+    from catalogen.models.diffusion import load_pipeline
 
     pipe = load_pipeline(plan.models["generate"]["pipeline"], "cpu", torch.float32, adapters=extras.adapters)
     job = generate._job(0, {"prompt": "a (<a1111>:1.2) door", "negative_prompt": "<a1111>"}, pipe, extras)

@@ -16,13 +16,13 @@ import torch
 from conftest import REPO, context, fast_config, plan_table, write_catalog
 from PIL import Image
 
-from catalogen import models as model_cache
+from catalogen.models import loading as model_cache
 from catalogen.config import load_config
-from catalogen.devices import Device
-from catalogen.hashing import sha256_bytes
-from catalogen.runplan import resolve_stage_models
+from catalogen.run.devices import Device
+from catalogen.storage.hashing import sha256_bytes
+from catalogen.run.plan import resolve_stage_models
 from catalogen.stage import StageContext
-from catalogen.store import SUCCEEDED, RunStore
+from catalogen.storage.store import SUCCEEDED, RunStore
 from flows.run import catalogen_run, run_summary
 from tasks import caption
 from tasks.caption import degenerate_reason

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from catalogen.catalog import CatalogError, expand_rows, read_catalog
 from catalogen.cli import app
-from catalogen.hashing import derive_seed
-from catalogen.runplan import load_checked_catalog, validate_for_run
+from catalogen.storage.hashing import derive_seed
+from catalogen.run.plan import load_checked_catalog, validate_for_run
 
 GOOD = {"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}
 

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BIN, FAST, REPO, cli_env, write_catalog
 
-from catalogen import models
-from catalogen.pngmeta import read_png_text
+from catalogen.models import loading as models
+from catalogen.media.pngmeta import read_png_text
 from flows.run import catalogen_run, run_summary
 
 PRODUCTS = {
@@ -102,7 +102,7 @@ def test_answers_are_cached_across_run_folders(tmp_path: Path):
 
 def test_a_failed_row_is_skipped_downstream_with_its_reason(tmp_path: Path):
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
 
     photos = {"id": ["a", "b", "c"], "prompt": ["a red mug", "a blue vase", "a green lamp"]}
     catalog = write_catalog(tmp_path / "c.parquet", photos)
@@ -195,7 +195,7 @@ def test_sigkill_of_a_two_stage_run_then_rerun_equals_an_uninterrupted_run(prefe
 
 def test_the_enhance_key_holds_the_system_prompts_text(tmp_path: Path):
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
     from tasks.llm import DEFAULT_SYSTEM_PROMPT_FILE
 
     catalog = write_catalog(tmp_path / "products.parquet", PRODUCTS)

@@ -18,7 +18,7 @@ from conftest import BIN, REPO, cli_env, prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from catalogen.store import RunStore
+from catalogen.storage.store import RunStore
 
 FAST_ARGS = ["--set", "generate.width=32", "--set", "generate.height=32"]
 
@@ -136,7 +136,7 @@ def test_a_device_that_is_not_there_is_refused_up_front(tmp_path: Path):
 @pytest.mark.slow
 def test_a_run_with_failed_rows_ends_failed_in_prefect(prefect_server: str, tmp_path: Path):
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
 
     catalog = write_catalog(tmp_path / "catalog.parquet", prompts(3))
     out = tmp_path / "out"

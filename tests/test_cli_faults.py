@@ -264,8 +264,8 @@ def test_a_catalog_url_on_a_silent_server_is_one_line_after_its_deadline(tmp_pat
 
 def test_a_run_folder_given_outside_the_cli_is_held_to_the_same_schemes():
     """A deployment's `out` parameter reaches RunStore without the CLI's checks."""
-    from catalogen.locations import LocationError
-    from catalogen.store import RunStore
+    from catalogen.storage.locations import LocationError
+    from catalogen.storage.store import RunStore
 
     with pytest.raises(LocationError) as info:
         RunStore("http://127.0.0.1:9/run")

@@ -21,8 +21,8 @@ from conftest import REPO, held_in_another_process, prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from catalogen.hashing import sha256_file
-from catalogen.pngmeta import parse_parameters, read_png_text
+from catalogen.storage.hashing import sha256_file
+from catalogen.media.pngmeta import parse_parameters, read_png_text
 
 SMALL = ["--set", "generate.width=32", "--set", "generate.height=32", "--set", "generate.steps=2"]
 
@@ -61,7 +61,7 @@ def test_every_shortcut_flag_reaches_the_run(tmp_path: Path):
     assert set(df.generate_model) == {"tiny:sdxl"} and set(df.generate_batch_size) == {2}
     assert set(df.generate_scheduler) == {"dpm++_2m_karras"} and set(df.generate_guidance_scale) == {5.5}
     assert len(list((out / "stages" / "generate").glob("part-*.parquet"))) == 2  # 4 rows, 2 per shard
-    from catalogen.hashing import derive_seed
+    from catalogen.storage.hashing import derive_seed
 
     assert df.generate_seed.tolist() == [derive_seed(7, f"row-{i}", 0) for i in range(4)]
     parsed = parse_parameters(read_png_text(str(out / df.image_path[0]))["parameters"])
@@ -106,7 +106,7 @@ def test_a_different_catalog_into_a_folder_is_refused_unless_asked(tmp_path: Pat
 
 def test_default_folders_of_same_named_catalogs_differ(tmp_path: Path):
     from catalogen.config import load_config
-    from catalogen.runplan import default_out
+    from catalogen.run.plan import default_out
 
     cfg = load_config()
     a, b = default_out(tmp_path / "a" / "products.parquet", cfg), default_out(tmp_path / "b" / "products.parquet", cfg)
@@ -121,7 +121,7 @@ def test_retry_failed_flag_redoes_a_failed_row(tmp_path: Path):
     catalog = write_catalog(tmp_path / "c.parquet", prompts(3))
     out = tmp_path / "out"
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
 
     plan = prepare(catalog, load_config(None, {"generate.width": 32, "generate.height": 32, "generate.steps": 2}), out)
     row = plan.planned["generate"].to_pylist()[1]
@@ -176,7 +176,7 @@ def test_nan_overrides_mean_the_runs_setting(tmp_path: Path, writer: str):
     df = results(out).set_index(["id", "variant"])
     a = df.loc[("a", 0)]
     assert (a.generate_guidance_scale, a.generate_steps, a.generate_width, a.generate_height) == (6.5, 2, 32, 32)
-    from catalogen.hashing import derive_seed
+    from catalogen.storage.hashing import derive_seed
 
     assert a.generate_seed == derive_seed(0, "a", 0)
     assert list(df.loc["b"].generate_seed) == [9, 10] and df.loc[("b", 0)].generate_guidance_scale == 4.0
@@ -291,7 +291,7 @@ def test_version_and_exit_codes_in_help():
 def test_a_busy_folder_is_refused_in_one_line_before_prefect_starts(tmp_path: Path):
     catalog = write_catalog(tmp_path / "c.parquet", prompts(1))
     out = tmp_path / "out"
-    with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
+    with held_in_another_process("from catalogen.storage.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
         result = cli("run", catalog, "--out", out, *SMALL)
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -335,7 +335,7 @@ def test_every_folder_and_file_printed_is_absolute_from_a_relative_out(tmp_path:
 def test_a_local_lock_holder_is_printed_escaped_and_unlock_leaves_a_live_lock_alone(tmp_path: Path):
     catalog = write_catalog(tmp_path / "c.parquet", prompts(1))
     out = tmp_path / "out"
-    with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
+    with held_in_another_process("from catalogen.storage.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
         (out / ".lock").write_bytes(b"pid 7 \x1b]0;owned\x07\x1b[2K" + b"x" * 10**6)  # written by a hostile user
         result = cli("run", catalog, "--out", out, *SMALL)
         assert result.exit_code == 1 and "\x1b" not in result.output

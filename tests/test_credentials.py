@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import catalogen
 from catalogen.cli import app
 from catalogen.config import load_config
-from catalogen.credentials import (
+from catalogen.media.credentials import (
     COMPOSITE,
     MAX_PEM_BYTES,
     TRAINED,
@@ -172,7 +172,7 @@ def test_the_run_hook_picks_the_source_type_and_is_off_without_settings(pki: PKI
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "avif"])
 def test_the_label_and_icc_profile_survive_signing(fmt: str, signer):
-    from catalogen import labels
+    from catalogen.media import labels
 
     label = labels.Label(labels.COMPOSITE, "a shoe\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 40x30, Model: m",
                          {"stage": "style", "model": "m", "model_revision": "abc"})
@@ -231,10 +231,10 @@ def test_a_stage_that_cannot_sign_fails_its_row_as_a_write_error(pki: PKI, tmp_p
     stages record it as the row's failure); with signing off the bytes pass through unchanged."""
     import torch
 
-    from catalogen.credentials import SigningFailed, sign_stage_image
-    from catalogen.devices import Device
+    from catalogen.media.credentials import SigningFailed, sign_stage_image
+    from catalogen.run.devices import Device
     from catalogen.stage import StageContext
-    from catalogen.store import RunStore
+    from catalogen.storage.store import RunStore
 
     image = encode("PNG")
     off = StageContext(load_config(None, {}), RunStore(tmp_path / "run"), {}, Device("cpu", "cpu"), torch.float32)
@@ -410,7 +410,7 @@ def _images(out: Path, df, columns: list[str]) -> list[tuple[str, bytes]]:
 def test_every_image_of_a_generated_run_is_signed(pki: PKI, tmp_path: Path, monkeypatch):
     from conftest import REPO
 
-    from catalogen.labels import read_label
+    from catalogen.media.labels import read_label
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "prompts"

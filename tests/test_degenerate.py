@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catalogen.export import ExportError, ExportOptions, export_run
-from catalogen.hashing import sha256_file
-from catalogen.report import write_report
-from catalogen.results import error_reason, summarize
+from catalogen.publish.export import ExportError, ExportOptions, export_run
+from catalogen.storage.hashing import sha256_file
+from catalogen.publish.report import write_report
+from catalogen.run.results import error_reason, summarize
 
 STAGES = ("enhance", "generate", "remove_bg", "caption")
 MARKUP = '<b>bold</b> <script>window.injected = 1</script> "><img src=x onerror="window.injected = 2">'

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from catalogen import stopping
-from catalogen.images import ImageLoadError, ImageSettings, read_source
+from catalogen.media.images import ImageLoadError, ImageSettings, read_source
 
 
 def png() -> bytes:

@@ -26,10 +26,10 @@ from conftest import write_catalog
 from PIL import Image
 from typer.testing import CliRunner
 
-from catalogen import duplicates
+from catalogen.media import duplicates
 from catalogen.cli import app
 from catalogen.config import ConfigError, load_config
-from catalogen.duplicates import (
+from catalogen.media.duplicates import (
     BRUTE_FORCE_ROWS,
     DuplicatesError,
     add_duplicate_columns,
@@ -39,8 +39,8 @@ from catalogen.duplicates import (
     phash,
     previous_hashes,
 )
-from catalogen.export import ExportError, ExportOptions, export_run
-from catalogen.store import RunStore
+from catalogen.publish.export import ExportError, ExportOptions, export_run
+from catalogen.storage.store import RunStore
 from flows.run import catalogen_run, run_summary
 
 OVERRIDES = {"generate.steps": 2, "generate.width": 32, "generate.height": 32}

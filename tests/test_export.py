@@ -25,7 +25,7 @@ from conftest import held_in_another_process, write_catalog
 from PIL import Image
 
 from catalogen.config import load_config
-from catalogen.export import (
+from catalogen.publish.export import (
     LOCK,
     ExportError,
     ExportOptions,
@@ -33,8 +33,8 @@ from catalogen.export import (
     parse_split,
     text_column,
 )
-from catalogen.hashing import sha256_file
-from catalogen.runplan import prepare
+from catalogen.storage.hashing import sha256_file
+from catalogen.run.plan import prepare
 from flows.run import catalogen_run, run_summary
 
 OVERRIDES = {"generate.steps": 2, "generate.width": 32, "generate.height": 32}
@@ -407,7 +407,7 @@ def test_a_second_export_into_a_folder_in_use_is_refused(runs, tmp_path):
     from catalogen.cli import app
 
     out = tmp_path / "out"
-    imports = "from pathlib import Path; from catalogen.export import LOCK; from catalogen.store import hold_folder"
+    imports = "from pathlib import Path; from catalogen.publish.export import LOCK; from catalogen.storage.store import hold_folder"
     with held_in_another_process(imports, f"hold_folder(Path({str(out)!r}) / LOCK, 'export')"):  # another export
         result = CliRunner().invoke(app, ["export", str(runs.before), "--format", "hf", "--out", str(out)])
         assert result.exit_code == 1 and re.search(r"in use by another export \(pid \d+", result.output), result.output
@@ -421,7 +421,7 @@ def test_a_second_export_into_a_folder_in_use_is_refused(runs, tmp_path):
 def test_a_lock_file_its_holder_removes_as_it_finishes_is_never_held(tmp_path, monkeypatch):
     """A finished export removes its lock file: a second one that opened the file just before must
     not hold the removed file (a third would then take a new one at the same time)."""
-    from catalogen import store
+    from catalogen.storage import store
 
     lock = tmp_path / "out" / LOCK
     real_open = store.os.open

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, held_in_another_process, prompts, write_catalog
 
-from catalogen import models
-from catalogen.hashing import sha256_file
-from catalogen.pngmeta import parse_parameters, read_png_text
-from catalogen.store import RunStore
+from catalogen.models import loading as models
+from catalogen.storage.hashing import sha256_file
+from catalogen.media.pngmeta import parse_parameters, read_png_text
+from catalogen.storage.store import RunStore
 from flows.run import catalogen_run, run_summary
 
 
@@ -115,7 +115,7 @@ def test_a_changed_setting_recomputes_only_the_rows_it_affects(tmp_path: Path, c
 
 def test_retry_failed_recomputes_failed_rows_only(tmp_path: Path, catalog: Path):
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
 
     out = tmp_path / "out"
     # Make one image impossible to write: a folder already sits at its path.
@@ -158,7 +158,7 @@ def test_new_rows_in_the_catalog_are_the_only_work(tmp_path: Path):
 
 def test_a_second_run_on_the_same_folder_ends_cancelled_without_touching_it(tmp_path: Path, catalog: Path):
     out = tmp_path / "out"
-    with held_in_another_process("from catalogen.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
+    with held_in_another_process("from catalogen.storage.store import RunStore", f"RunStore({str(out)!r}).exclusive()"):
         state = catalogen_run(catalog=str(catalog), out=str(out), overrides=FAST, return_state=True)
         assert state.is_cancelled()  # an overlapping scheduled run: a clear state, no traceback
         assert re.search(r"in use by another run \(pid \d+.*; this run did nothing", state.message), state.message
@@ -171,7 +171,7 @@ def test_cli_exit_code_says_some_rows_failed(tmp_path: Path, catalog: Path):
 
     from catalogen.cli import app
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
 
     out = tmp_path / "out"
     planned = prepare(catalog, load_config(None, FAST), out).planned["generate"].to_pylist()[0]

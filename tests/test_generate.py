@@ -25,10 +25,10 @@ from diffusers import (
 from PIL import Image
 
 from catalogen.config import RunConfig
-from catalogen.hashing import sha256_file
-from catalogen.models import resolve_model
-from catalogen.pngmeta import parse_parameters, read_png_text
-from catalogen.schedulers import SCHEDULERS
+from catalogen.storage.hashing import sha256_file
+from catalogen.models.loading import resolve_model
+from catalogen.media.pngmeta import parse_parameters, read_png_text
+from catalogen.models.schedulers import SCHEDULERS
 from tasks import generate
 
 TARGET = {"id": "target", "prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "fog", "seed": 1234}
@@ -146,7 +146,7 @@ def test_the_negative_prompt_counts_on_the_long_and_weighted_path(tmp_path: Path
 
 def test_a_short_batch_really_runs_padded_to_the_batch_size(tmp_path: Path):
     # Observed on the UNet itself (a forward hook on the real model), not read back from settings.
-    from catalogen.diffusion import load_pipeline
+    from catalogen.models.diffusion import load_pipeline
 
     cfg = fast_config(**{"generate.batch_size": 4})
     plan = plan_table(pa.table(prompts_columns(3)), cfg, tmp_path / "out")
@@ -283,7 +283,7 @@ def _load_plain(cfg: RunConfig):
 
 @pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl"])
 def test_own_encoding_of_a_plain_prompt_equals_the_pipelines(profile: str):
-    from catalogen.prompts import encode_sd, encode_sdxl
+    from catalogen.models.prompts import encode_sd, encode_sdxl
 
     pipe = _load_plain(fast_config(profile=profile))
     with torch.inference_mode():

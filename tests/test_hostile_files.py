@@ -17,9 +17,9 @@ from conftest import BIN, REPO, cli_env, fast_config, plan_table, run_stage
 from PIL import Image
 
 from catalogen.config import ModelSpec
-from catalogen.hashing import sha256_file
-from catalogen.images import ImageLoadError, ImageSettings, image_identity, open_input
-from catalogen.models import resolve_model
+from catalogen.storage.hashing import sha256_file
+from catalogen.media.images import ImageLoadError, ImageSettings, image_identity, open_input
+from catalogen.models.loading import resolve_model
 from tasks import style
 
 MID_GREY_16 = 128 * 257  # 32896: mid-grey in 16 bits, 128 in 8

@@ -1,6 +1,6 @@
 """Hostile input to the prompt surfaces: template resource bombs, and LLM servers that misbehave.
 
-Templates render in the bounded sandbox (catalogen/templates.py); the OpenAI backend talks HTTP
+Templates render in the bounded sandbox (catalogen/prompting/templates.py); the OpenAI backend talks HTTP
 to real servers on 127.0.0.1 (tests/llm_servers.py). Each case bounds its own time and memory.
 """
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from catalogen import stopping
-from catalogen.templates import TemplateSettings, render_prompts, template_faults
+from catalogen.prompting.templates import TemplateSettings, render_prompts, template_faults
 from tasks.llm import AnswerCache, LLMSettings, OpenAIBackend, Request, cache_key, enhance, system_prompt
 
 # --- template resource bombs -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from conftest import fast_config, run_stage
 from PIL import Image
 
 from catalogen.catalog import CatalogError
-from catalogen.images import (
+from catalogen.media.images import (
     IMAGE_BYTES,
     ImageLoadError,
     ImageSettings,
@@ -24,8 +24,8 @@ from catalogen.images import (
     image_identity,
     load_image,
 )
-from catalogen.models import ModelIdentity
-from catalogen.runplan import (
+from catalogen.models.loading import ModelIdentity
+from catalogen.run.plan import (
     load_checked_catalog,
     plan_rows,
     plan_stages,

@@ -1,4 +1,4 @@
-"""Labels and provenance in every format (catalogen.labels), read back by independent readers.
+"""Labels and provenance in every format (catalogen.media.labels), read back by independent readers.
 
 exiftool (through pyexiftool) reads the IPTC digital source type, the generator, the A1111
 parameters and the ICC profile; an sd-parsers-style reader (Pillow's own metadata, decoded as
@@ -20,9 +20,10 @@ from conftest import REPO, write_catalog
 from PIL import Image, JpegImagePlugin
 from typer.testing import CliRunner
 
-from catalogen import __version__, labels
+from catalogen import __version__
+from catalogen.media import labels
 from catalogen.cli import app
-from catalogen.pngmeta import format_parameters, parse_parameters
+from catalogen.media.pngmeta import format_parameters, parse_parameters
 
 CODES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 FULL_CHROMA = "1 1"  # exiftool's YCbCrSubSampling of a 4:4:4 JPEG ("YCbCr4:4:4 (1 1)"; -n prints the factors)

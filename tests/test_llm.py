@@ -66,7 +66,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> Path:
-    from catalogen.tiny import ensure_tiny
+    from catalogen.models.tiny.profile import ensure_tiny
 
     return ensure_tiny("llm", tmp_path_factory.mktemp("llm-models"))
 
@@ -92,7 +92,7 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 def test_tiny_llm_is_a_standard_checkpoint(tiny_llm: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
-    from catalogen.tiny_llm import build_llm
+    from catalogen.models.tiny.llm import build_llm
 
     assert (tiny_llm / "model.safetensors").is_file()
     assert not list(tiny_llm.glob("*.bin")), "weights must be safetensors only"
@@ -217,7 +217,7 @@ def stage_keys(folder: Path, changes: dict) -> tuple[str, str]:
     import pyarrow as pa
 
     from catalogen.config import load_config
-    from catalogen.model_identity import ModelIdentity
+    from catalogen.models.identity import ModelIdentity
     from tasks import enhance as stage
 
     settings = {**SAMPLING, **changes}

@@ -203,7 +203,7 @@ def test_a_sigkilled_run_in_a_bucket_resumes_and_a_second_run_is_refused(on_disk
 def test_the_lease_refuses_a_live_holder_takes_an_expired_one_and_tells_a_holder_it_lost(s3):
     from upath import UPath
 
-    from catalogen import lease
+    from catalogen.storage import lease
 
     lock = UPath(f"s3://{BUCKET}/leases/one/.lock", use_listings_cache=False)
     fs = bucket_fs()
@@ -428,7 +428,7 @@ def cli(*args: str, stdin: str | None = None):
 def test_a_lease_that_cannot_be_read_counts_as_held_and_names_unlock(s3, case):
     from upath import UPath
 
-    from catalogen import lease
+    from catalogen.storage import lease
 
     data, reason = BAD_LEASES[case]
     url = f"s3://{BUCKET}/runs/bad-lease-{case.replace(' ', '-')}"
@@ -476,7 +476,7 @@ def test_unlock_shows_a_lease_escaped_asks_and_removes_only_on_yes(s3):
 def test_a_lease_record_is_read_up_to_4096_bytes_and_its_length_is_checked(s3, monkeypatch):
     from upath import UPath
 
-    from catalogen import lease
+    from catalogen.storage import lease
 
     lock = UPath(f"s3://{BUCKET}/leases/edge/.lock", use_listings_cache=False)
     record = json.dumps({"holder": "pid 1 on elsewhere", "host": "elsewhere", "pid": 1, "expires": time.time() + 600})

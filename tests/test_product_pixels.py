@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from catalogen.placement import alpha_box
-from catalogen.report import with_product_crops
+from catalogen.media.placement import alpha_box
+from catalogen.publish.report import with_product_crops
 from tasks import upscale
 
 FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "upscale.steps=2"]

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalogen.config import Strict
-from catalogen.hashing import column_keys
+from catalogen.storage.hashing import column_keys
 from catalogen.stage import output_schema
 
 NAME = "shout"
@@ -136,8 +136,8 @@ def test_the_core_never_imports_tasks():
         imported = _imports(ast.walk(ast.parse(path.read_text())))
         assert [m for m in imported if m == "tasks" or m.startswith("tasks.")] == [], path.name
     imported = _python(
-        "import sys, catalogen.cli, catalogen.runplan, catalogen.config, catalogen.results, catalogen.report, "
-        "catalogen.export, catalogen.inspect, catalogen.models, catalogen.rembg_models\n"
+        "import sys, catalogen.cli, catalogen.run.plan, catalogen.config, catalogen.run.results, catalogen.publish.report, "
+        "catalogen.publish.export, catalogen.run.inspect, catalogen.models, catalogen.models.rembg\n"
         "print(any(m == 'tasks' or m.startswith('tasks.') for m in sys.modules))"
     )
     assert imported == "False"

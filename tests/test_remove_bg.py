@@ -15,14 +15,14 @@ import torch
 from conftest import context, fast_config, plan_table, run_stage, write_catalog
 from PIL import Image
 
-from catalogen.devices import Device
-from catalogen.hashing import sha256_file
-from catalogen.models import MissingModelsError, resolve_model
-from catalogen.placement import alpha_box, coverage
-from catalogen.pngmeta import read_png_text
+from catalogen.run.devices import Device
+from catalogen.storage.hashing import sha256_file
+from catalogen.models.loading import MissingModelsError, resolve_model
+from catalogen.media.placement import alpha_box, coverage
+from catalogen.media.pngmeta import read_png_text
 from catalogen.stage import StageContext
-from catalogen.tiny import ensure_tiny
-from catalogen.tiny_vision import REMBG_MODEL_FILE
+from catalogen.models.tiny.profile import ensure_tiny
+from catalogen.models.tiny.vision import REMBG_MODEL_FILE
 from tasks import remove_bg
 
 HEIGHT, WIDTH = 80, 96

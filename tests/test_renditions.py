@@ -23,11 +23,11 @@ from PIL import Image
 from test_labels import CODES, assert_full_chroma, exif_read, sd_parsers_parameters
 from typer.testing import CliRunner
 
-from catalogen import labels
+from catalogen.media import labels
 from catalogen.cli import app
 from catalogen.config import ConfigError, load_config, parse_override
-from catalogen.pngmeta import parse_parameters
-from catalogen.runplan import config_faults
+from catalogen.media.pngmeta import parse_parameters
+from catalogen.run.plan import config_faults
 
 FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "upscale.steps=2"]
 
@@ -302,7 +302,7 @@ def test_every_accepted_colour_form_paints_exactly_its_rgb(tmp_path: Path):
     """The bars of a pad rendition (PNG: lossless) are exactly the colour; a canvas gets it too."""
     from conftest import context, plan_table
 
-    from catalogen.placement import parse_color, place
+    from catalogen.media.placement import parse_color, place
     from tasks import renditions
 
     catalog = pq.read_table(catalog_pictures(tmp_path)).slice(0, 1)  # the 640x480 photo: 64x48 in a 64x64 box

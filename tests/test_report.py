@@ -19,10 +19,10 @@ from conftest import FAST, prompts, write_catalog
 from PIL import Image
 
 from catalogen.config import load_config
-from catalogen.hashing import sha256_file
-from catalogen.pngmeta import read_png_text
-from catalogen.report import THUMB_DIR, error_reason, write_report
-from catalogen.runplan import prepare
+from catalogen.storage.hashing import sha256_file
+from catalogen.media.pngmeta import read_png_text
+from catalogen.publish.report import THUMB_DIR, error_reason, write_report
+from catalogen.run.plan import prepare
 from flows.run import artifact_key, catalogen_run, run_summary
 
 CHROMIUM = os.environ.get("CATALOGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -318,7 +318,7 @@ def test_error_reasons_count_equal_causes_together():
 
 
 def test_a_row_of_a_chained_run_shows_both_prompts_the_caption_and_each_image():
-    from catalogen.report import row_record
+    from catalogen.publish.report import row_record
 
     row = {
         "id": "sku-1", "variant": 0, "status": "ok", "stage": "caption", "error": None, "prompt": "red shoe",

@@ -28,7 +28,7 @@ from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from catalogen.reproduce import MAX_PROVENANCE_BYTES, Unusable, read_capped, read_provenance
+from catalogen.run.reproduce import MAX_PROVENANCE_BYTES, Unusable, read_capped, read_provenance
 
 FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "upscale.steps=2"]
 
@@ -407,7 +407,7 @@ def test_an_enhance_recipe_asks_no_server_and_reads_nothing_it_names(products, l
 def test_the_rerun_takes_throughput_and_places_from_this_machine(products, listener, tmp_path: Path):
     """What the flow is given for a hostile recipe: the recipe's pixel settings, this machine's others."""
     from catalogen.config import RunConfig, config_model, load_config
-    from catalogen.reproduce import rebuild
+    from catalogen.run.reproduce import rebuild
 
     out, row = products
     provenance = hostile_enhance(read_provenance(out / row.generate_image_path), listener, tmp_path / "elsewhere")
@@ -517,7 +517,7 @@ def test_a_malformed_recipe_is_refused_in_one_line(photos, local, tmp_path: Path
     ({"format": "gif"}, "format: Input should be 'png', 'jpeg', 'webp' or 'avif'"),
 ])
 def test_a_renditions_bad_settings_are_refused_before_anything_runs(photos, local, tmp_path: Path, change, said: str):
-    from catalogen.reproduce import rebuild
+    from catalogen.run.reproduce import rebuild
 
     out, row = photos
     provenance = read_provenance(out / row["renditions_marketplace-main_path"])

@@ -12,7 +12,7 @@ from conftest import prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
-from catalogen.hashing import sha256_file
+from catalogen.storage.hashing import sha256_file
 
 SMALL = ["--set", "generate.width=32", "--set", "generate.height=32", "--set", "generate.steps=2", "--rows-per-shard", "2"]
 
@@ -97,8 +97,8 @@ def test_status_reads_the_folder_alone(finished, tmp_path: Path):
     assert ["generate", "6", "0", "0", "0", "0", "0"] in cells
     assert "not running" in result.output
     parts(out)[0].unlink()  # as if that shard had not run yet
-    from catalogen.inspect import folder_status
-    from catalogen.store import RunStore
+    from catalogen.run.inspect import folder_status
+    from catalogen.storage.store import RunStore
 
     status = folder_status(RunStore(out))
     assert status["stages"]["generate"]["ok"] == 4 and status["stages"]["generate"]["pending"] == 2
@@ -129,7 +129,7 @@ def test_leftovers_of_killed_writes_are_swept(finished):
 
 def test_a_rerun_with_a_failed_row_says_so(tmp_path: Path, caplog):
     from catalogen.config import load_config
-    from catalogen.runplan import prepare
+    from catalogen.run.plan import prepare
 
     catalog = write_catalog(tmp_path / "c.parquet", prompts(3))
     out = tmp_path / "out"

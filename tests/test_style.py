@@ -19,13 +19,13 @@ from conftest import REPO, context, fast_config, plan_table
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-from catalogen import models
+from catalogen.models import loading as models
 from catalogen.config import ConfigError, load_config
-from catalogen.hashing import sha256_file
-from catalogen.models import ModelIdentity, resolve_model
-from catalogen.placement import place
-from catalogen.pngmeta import parse_parameters, read_png_text
-from catalogen.runplan import Selection, prepare
+from catalogen.storage.hashing import sha256_file
+from catalogen.models.loading import ModelIdentity, resolve_model
+from catalogen.media.placement import place
+from catalogen.media.pngmeta import parse_parameters, read_png_text
+from catalogen.run.plan import Selection, prepare
 from tasks import generate, style
 
 CANVAS = 32

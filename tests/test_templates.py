@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from catalogen.catalog import CatalogError
-from catalogen.templates import (
+from catalogen.prompting.templates import (
     PRESETS,
     TemplateOverride,
     TemplateSettings,

@@ -27,8 +27,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from catalogen import tiny_adapters
-from catalogen.tiny import TINY_MODELS, ensure_tiny, tiny_root
+from catalogen.models.tiny import adapters as tiny_adapters
+from catalogen.models.tiny.profile import TINY_MODELS, ensure_tiny, tiny_root
 
 FAST = {"num_inference_steps": 3, "output_type": "np"}
 ADD_ONS = [name for name in TINY_MODELS if name not in ("sd15", "sdxl")]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from catalogen.tiny import ensure_tiny
-from catalogen.tiny_vision import REMBG_GRAPH_NAME, REMBG_MODEL_FILE, rembg_session
+from catalogen.models.tiny.profile import ensure_tiny
+from catalogen.models.tiny.vision import REMBG_GRAPH_NAME, REMBG_MODEL_FILE, rembg_session
 
 # A red rectangle on an off-white, slightly noisy background: rows 20-49, columns 30-69 of 80x96.
 HEIGHT, WIDTH = 80, 96

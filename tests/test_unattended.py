@@ -281,7 +281,7 @@ def test_the_temporary_api_server_dies_with_a_killed_cli(tmp_path: Path):
                      "--set", "generate.height=32")
     wait_for(lambda: list((out / "stages" / "generate").glob("part-*.parquet")) or proc.poll() is not None,
              180, "a first part", every=0.1)
-    servers = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"catalogen.prefect_api {proc.pid} "],
+    servers = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"catalogen.run.prefect_api {proc.pid} "],
                                                   capture_output=True, text=True).stdout.split()]
     assert len(servers) == 1
     os.killpg(proc.pid, signal.SIGKILL)  # as a supervisor kills a job that ignored SIGTERM

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import held_in_another_process
 
-from catalogen.batching import AdaptiveBatcher
+from catalogen.run.batching import AdaptiveBatcher
 from catalogen.config import ConfigError, load_config, parse_override
-from catalogen.devices import Device, lease
-from catalogen.pngmeta import format_parameters, parse_parameters
-from catalogen.store import RunStore, safe_name, write_atomic
+from catalogen.run.devices import Device, lease
+from catalogen.media.pngmeta import format_parameters, parse_parameters
+from catalogen.storage.store import RunStore, safe_name, write_atomic
 
 # --- configuration ---------------------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ def test_waiting_for_a_lease_reports_its_holder_and_times_out():
 
 def test_a_lease_dies_with_its_process():
     device = Device("cuda:0", "test-gpu-killed")
-    with held_in_another_process("from catalogen.devices import Device, lease",
+    with held_in_another_process("from catalogen.run.devices import Device, lease",
                                  f"lease([Device('cuda:0', '{device.physical_id}')])"):
         with pytest.raises(TimeoutError):
             with lease([device], timeout=0.2):
@@ -171,7 +171,7 @@ def test_a_part_write_that_fails_halfway_counts_for_nothing(tmp_path: Path, on_l
     code = textwrap.dedent(f"""
         import resource, signal, sys
         import pyarrow as pa
-        from catalogen.store import RunStore
+        from catalogen.storage.store import RunStore
         # CPython ignores SIGXFSZ (write() then fails with EFBIG); the default action kills the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN if {on_limit!r} == "error" else signal.SIG_DFL)
         table = pa.table({{"id": [f"row-{{i}}-" + "x" * 40 for i in range(200_000)]}})
@@ -261,7 +261,7 @@ def test_parameters_written_by_other_tools_parse():
     ],
 )
 def test_a1111_emphasis_parses(text, expected):
-    from catalogen.prompts import parse_weights
+    from catalogen.models.prompts import parse_weights
 
     assert parse_weights(text) == expected
 
@@ -270,7 +270,7 @@ def test_a1111_emphasis_parses(text, expected):
 
 
 def test_models_past_the_budget_release_the_least_recently_used():
-    from catalogen import models
+    from catalogen.models import loading as models
 
     models.clear_cache()
     made = []

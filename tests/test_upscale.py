@@ -19,11 +19,11 @@ from diffusers import (
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-from catalogen import models
+from catalogen.models import loading as models
 from catalogen.config import ConfigError, load_config
-from catalogen.hashing import sha256_file
-from catalogen.models import resolve_model
-from catalogen.pngmeta import parse_parameters, read_png_text
+from catalogen.storage.hashing import sha256_file
+from catalogen.models.loading import resolve_model
+from catalogen.media.pngmeta import parse_parameters, read_png_text
 from flows.run import catalogen_run, run_summary
 from tasks import STAGES, upscale
 from tasks.upscale import Blend, axis_starts, tile_grid, tile_seed, upscaled_input

@@ -9,11 +9,11 @@ its parent ingredient, then `c2pa.edited` with `compositeWithTrainedAlgorithmicM
 is the catalog's photo where the stage read it, else the earlier stage's image, itself signed, so
 the chain of ingredients leads back to the photo. The actions' software agent is catalogen and its
 version; their parameters name the models (`repo@revision`, from the image's label, see
-catalogen.labels). Google Merchant Center, Adobe's Content Credentials verifier, `c2patool` and any
+catalogen.media.labels). Google Merchant Center, Adobe's Content Credentials verifier, `c2patool` and any
 C2PA reader show it.
 
 The certificate is checked before a run writes anything (`credential_faults`, with the other
-configuration checks in catalogen.runplan): files that cannot be read, a chain that is not PEM, a
+configuration checks in catalogen.run.plan): files that cannot be read, a chain that is not PEM, a
 key that does not belong to the certificate or does not fit `algorithm`, a certificate outside its
 validity, a self-signed signing certificate, a chain out of order, anything the SDK refuses (a
 probe image is signed and read back). Each fault is one line naming the setting and the file.
@@ -413,7 +413,7 @@ def sign_stage_image(data: bytes, relative: str, ctx: Any, *, ingredient: bytes 
     """What a stage calls on the encoded bytes of each image it writes: signed when the run's
     `outputs.credentials` is set, else `data` unchanged. Call it after any check of the bytes' pixels.
 
-    The source type and the models come from the label the bytes already carry (catalogen.labels);
+    The source type and the models come from the label the bytes already carry (catalogen.media.labels);
     the title is the file's name. `ingredient` is the product photo the image was made from, for a
     row whose own pixels were kept: the catalog's photo, or the earlier stage's image (itself signed,
     so the chain of manifests leads back to the photo). Instead of the bytes, a stage may give its
@@ -427,10 +427,10 @@ def sign_stage_image(data: bytes, relative: str, ctx: Any, *, ingredient: bytes 
     settings = configured(ctx.config)
     if settings is None:
         return data
-    from catalogen import labels
+    from catalogen.media import labels
 
     if ingredient is None and row is not None and row.get("source_identity") is not None:
-        from catalogen.images import read_source
+        from catalogen.media.images import read_source
 
         try:
             ingredient = read_source(row.get("source_image"), row.get("source_bytes"), ctx.store.root, ctx.config.images)

@@ -110,7 +110,7 @@ def _launch_tied(port: int) -> subprocess.Popen[Any]:
            **get_current_settings().to_environment_variables(exclude_unset=True)}
     uvicorn_args = ["--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    return subprocess.Popen([sys.executable, "-m", "catalogen.prefect_api", str(os.getpid()), *uvicorn_args],
+    return subprocess.Popen([sys.executable, "-m", "catalogen.run.prefect_api", str(os.getpid()), *uvicorn_args],
                             env=env, start_new_session=True)
 
 
@@ -121,7 +121,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def _launch(argv: list[str]) -> None:
-    """`python -m catalogen.prefect_api PARENT_PID <uvicorn arguments>`: uvicorn, stopped with its parent."""
+    """`python -m catalogen.run.prefect_api PARENT_PID <uvicorn arguments>`: uvicorn, stopped with its parent."""
     import uvicorn
 
     threading.Thread(target=_watch_parent, args=(int(argv[0]),), daemon=True).start()

@@ -44,21 +44,21 @@ from catalogen.catalog import (
     validate_catalog,
 )
 from catalogen import registry
-from catalogen.credentials import credential_faults
+from catalogen.media.credentials import credential_faults
 from catalogen.config import ConfigError, RunConfig, config_model, field_bounds
-from catalogen.devices import visible_devices
-from catalogen.hashing import column_keys, sha256_file, stable_hash, text_digest
-from catalogen.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS
-from catalogen.images import check_images, check_paths
-from catalogen.locations import Location, absolute, display, is_remote, location
-from catalogen.models import (
+from catalogen.run.devices import visible_devices
+from catalogen.storage.hashing import column_keys, sha256_file, stable_hash, text_digest
+from catalogen.media.images import ROW_COLUMNS as IMAGE_ROW_COLUMNS
+from catalogen.media.images import check_images, check_paths
+from catalogen.storage.locations import Location, absolute, display, is_remote, location
+from catalogen.models.loading import (
     MissingModelsError,
     ModelIdentity,
     check_loadable,
     resolve_model,
 )
 from catalogen.stage import SKIP_COLUMN, Stage
-from catalogen.store import ROW_KEY, RunStore, folder_fault
+from catalogen.storage.store import ROW_KEY, RunStore, folder_fault
 
 # Catalog columns every run understands, whatever its stages (a null means "the run's setting").
 CORE_RULES = {
@@ -222,7 +222,7 @@ def validate_for_run(table: pa.Table, cfg: RunConfig, source: str = "catalog", f
     if image_faults:
         raise CatalogError(source, image_faults)
     if _has_template(cfg):
-        from catalogen.templates import template_faults
+        from catalogen.prompting.templates import template_faults
 
         faults = template_faults(cfg.template, catalog.column_names, catalog)
         if faults:
@@ -303,7 +303,7 @@ def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]
     own_negative = (catalog.column("negative_prompt").combine_chunks() if "negative_prompt" in catalog.column_names
                     else pa.nulls(n, pa.string()))
     if _has_template(cfg):
-        from catalogen.templates import render_prompts
+        from catalogen.prompting.templates import render_prompts
 
         positive, negative = render_prompts(cfg.template, catalog)
         return pa.array(positive, pa.string()), pc.coalesce(own_negative, pa.array(negative, pa.string()))
@@ -536,7 +536,7 @@ def record_invocation(plan: RunPlan, pending: Mapping[str, int], retry_failed: b
             "models": {stage: {role: i.to_dict() for role, i in roles.items()} for stage, roles in plan.models.items()},
             "versions": _versions(),
             "invocations": previous.get("invocations", []) + [invocation],
-            # seconds and bytes per row, per stage and device kind, measured by earlier runs (catalogen.dryrun)
+            # seconds and bytes per row, per stage and device kind, measured by earlier runs (catalogen.run.dryrun)
             "throughput": previous.get("throughput", {}),
         },
     )
@@ -766,7 +766,7 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
         index = table.schema.get_field_index(column)
         table = table.set_column(index, column, pc.coalesce(pc.cast(values, table.schema.field(column).type), table.column(column)))
     blocked = pa.array([r for r, keep in zip(blocked_reason(plan, outcomes, stage), mine) if keep], pa.string())
-    from catalogen.recipe import chain, recipe_columns
+    from catalogen.run.recipe import chain, recipe_columns
 
     # Each row's catalog fields, for the provenance its images carry (`catalogen reproduce`); the
     # runner takes these columns off before the stage sees the rows. Only the columns of this stage

@@ -6,7 +6,7 @@ for them is `<cache_dir>/rembg`, handed to rembg as `U2NET_HOME`, so `catalogen 
 fills the same folder a run reads, and an offline run names the file it lacks and where it goes.
 A model's identity is the SHA-256 of its file, so a replaced file never reuses old results.
 
-The tiny profile's `tiny:rembg` is built in code (catalogen.tiny_vision) and resolved like every
+The tiny profile's `tiny:rembg` is built in code (catalogen.models.tiny.vision) and resolved like every
 tiny model.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.hashing import sha256_file_remembered
-from catalogen.model_identity import MissingModelsError, ModelIdentity
+from catalogen.storage.hashing import sha256_file_remembered
+from catalogen.models.identity import MissingModelsError, ModelIdentity
 
 KIND = "rembg"
 # rembg's models that take one image, give one mask and live in one ONNX file rembg downloads.

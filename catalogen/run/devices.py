@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from catalogen import stopping
-from catalogen.lease import printable
+from catalogen.storage.lease import printable
 
 if TYPE_CHECKING:
     import torch

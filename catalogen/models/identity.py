@@ -1,7 +1,7 @@
 """What a resolved model is, and the error of one that is missing.
 
 Apart from catalogen.models (which finds, checks and caches models) because every resolver needs
-them, catalogen.rembg_models included: it would otherwise import the module that calls it.
+them, catalogen.models.rembg included: it would otherwise import the module that calls it.
 """
 
 from __future__ import annotations

@@ -196,20 +196,20 @@ def build_sdxl(folder: Path, cache_dir: Path) -> None:
 # name -> builder(folder, cache_dir), as "module:function" so that naming a tiny model imports none of
 # the libraries its builder needs; a builder may call `ensure_tiny` for the models it derives from.
 _BUILDERS: dict[str, str] = {
-    "sd15": "catalogen.tiny:build_sd15",
-    "sdxl": "catalogen.tiny:build_sdxl",
-    "rembg": "catalogen.tiny_vision:build_rembg",
-    "blip2": "catalogen.tiny_vision:build_blip2",
-    "clip": "catalogen.tiny_vision:build_clip",
-    "llm": "catalogen.tiny_llm:build_llm",
-    "controlnet-sd15": "catalogen.tiny_adapters:build_controlnet_sd15",
-    "controlnet-sdxl": "catalogen.tiny_adapters:build_controlnet_sdxl",
-    "ip-adapter": "catalogen.tiny_adapters:build_ip_adapter",
-    "lora-sd15": "catalogen.tiny_adapters:build_lora_sd15",
-    "lora-sdxl": "catalogen.tiny_adapters:build_lora_sdxl",
-    "ti-sd15": "catalogen.tiny_adapters:build_ti_sd15",
-    "ti-sdxl": "catalogen.tiny_adapters:build_ti_sdxl",
-    "single-file": "catalogen.tiny_adapters:build_single_file",
+    "sd15": "catalogen.models.tiny.profile:build_sd15",
+    "sdxl": "catalogen.models.tiny.profile:build_sdxl",
+    "rembg": "catalogen.models.tiny.vision:build_rembg",
+    "blip2": "catalogen.models.tiny.vision:build_blip2",
+    "clip": "catalogen.models.tiny.vision:build_clip",
+    "llm": "catalogen.models.tiny.llm:build_llm",
+    "controlnet-sd15": "catalogen.models.tiny.adapters:build_controlnet_sd15",
+    "controlnet-sdxl": "catalogen.models.tiny.adapters:build_controlnet_sdxl",
+    "ip-adapter": "catalogen.models.tiny.adapters:build_ip_adapter",
+    "lora-sd15": "catalogen.models.tiny.adapters:build_lora_sd15",
+    "lora-sdxl": "catalogen.models.tiny.adapters:build_lora_sdxl",
+    "ti-sd15": "catalogen.models.tiny.adapters:build_ti_sd15",
+    "ti-sdxl": "catalogen.models.tiny.adapters:build_ti_sdxl",
+    "single-file": "catalogen.models.tiny.adapters:build_single_file",
 }
 TINY_MODELS = tuple(_BUILDERS)
 

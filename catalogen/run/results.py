@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalogen.images import catalog_as_given
-from catalogen.runplan import RunPlan, done_results, stage_modules
-from catalogen.store import STATUSES, SUCCEEDED
+from catalogen.media.images import catalog_as_given
+from catalogen.run.plan import RunPlan, done_results, stage_modules
+from catalogen.storage.store import STATUSES, SUCCEEDED
 
 NOTED = ("fallback", "degenerate")  # success statuses a person should still hear about
 SUMMARY_REASON_CHARS = 120  # reasons in summarize(): one line of a terminal or a Prefect artifact
@@ -235,6 +235,6 @@ def summarize(results: pa.Table, stages: tuple[str, ...] = ()) -> dict[str, Any]
         per_stage[name] = {s: found[s] for s in STATUSES if found.get(s)}
     if stages:
         summary["stages"] = per_stage
-    if "near_duplicate_of" in results.column_names:  # see catalogen/duplicates.py
+    if "near_duplicate_of" in results.column_names:  # see catalogen/media/duplicates.py
         summary["near_duplicates"] = int(pc.sum(pc.is_valid(results.column("near_duplicate_of"))).as_py() or 0)
     return summary

@@ -66,7 +66,7 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from catalogen.locations import Location, read_table
+from catalogen.storage.locations import Location, read_table
 
 log = logging.getLogger("catalogen.duplicates")
 
@@ -114,7 +114,7 @@ def check_max_distance(value: Any, setting: str = SETTING) -> int | None:
 
 
 class DuplicatesSettings(BaseModel):
-    """Near-duplicate detection at the end of a run (see catalogen/duplicates.py)."""
+    """Near-duplicate detection at the end of a run (see catalogen/media/duplicates.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

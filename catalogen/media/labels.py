@@ -7,7 +7,7 @@ Each file says, in the places existing readers look:
   product photos whose own pixels were kept (a cut-out, a scene around the photo's product);
 - what made it: XMP `xmp:CreatorTool` (`catalogen <version>`) and `catalogen:Models` (a bag of
   `repo@revision`), and `catalogen:Stage`;
-- the A1111 `parameters` text (prompt, negative prompt, settings line; see catalogen.pngmeta), where
+- the A1111 `parameters` text (prompt, negative prompt, settings line; see catalogen.media.pngmeta), where
   A1111 puts it: a PNG `parameters` text chunk; in JPEG, WebP and AVIF the EXIF UserComment, written
   as A1111 writes it (b"UNICODE\\0" and UTF-16 big-endian, piexif's `UserComment.dump(..., "unicode")`);
 - the full provenance JSON (what `catalogen reproduce` reads back): in PNG the `catalogen` text

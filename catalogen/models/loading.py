@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.hashing import sha256_file_remembered, stable_hash
-from catalogen.model_identity import MissingModelsError, ModelIdentity
-from catalogen.rembg_models import KIND as REMBG_KIND, resolve_rembg
-from catalogen.tiny import ensure_tiny, tiny_root
+from catalogen.storage.hashing import sha256_file_remembered, stable_hash
+from catalogen.models.identity import MissingModelsError, ModelIdentity
+from catalogen.models.rembg import KIND as REMBG_KIND, resolve_rembg
+from catalogen.models.tiny.profile import ensure_tiny, tiny_root
 
 log = logging.getLogger(__name__)
 

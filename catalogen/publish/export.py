@@ -1,6 +1,6 @@
 """Training-set export: a run folder's ok rows as shards that training code loads without glue.
 
-A run folder (`results.parquet` + images, see catalogen/store.py) goes in; one of these comes out:
+A run folder (`results.parquet` + images, see catalogen/storage/store.py) goes in; one of these comes out:
 
 ```
 hf           data/<split>-00000-of-00002.parquet   `image` (decoded by `datasets`), `text`, `key`, provenance
@@ -68,11 +68,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import catalogen
-from catalogen.duplicates import first_of_each, recorded_max_distance
-from catalogen.hashing import sha256_bytes, sha256_file, stable_hash
-from catalogen.locations import Location, LocationError, absolute, is_remote, location, read_table
-from catalogen.results import image_prefix, recorded_images
-from catalogen.store import (
+from catalogen.media.duplicates import first_of_each, recorded_max_distance
+from catalogen.storage.hashing import sha256_bytes, sha256_file, stable_hash
+from catalogen.storage.locations import Location, LocationError, absolute, is_remote, location, read_table
+from catalogen.run.results import image_prefix, recorded_images
+from catalogen.storage.store import (
     fsync_path,
     RunFolderBusy,
     hold_folder,
@@ -113,7 +113,7 @@ class ExportOptions:
     image_stage: str | None = None  # None: the final image (summary `image_path`); `remove_bg.canvas`: that image
     text: str | None = None  # None: the first of DEFAULT_TEXT_COLUMNS in the results
     include_degenerate: bool = False  # keep rows whose text its stage marked degenerate
-    dedupe: bool = False  # leave out near-duplicates of an earlier exported row (catalogen/duplicates.py)
+    dedupe: bool = False  # leave out near-duplicates of an earlier exported row (catalogen/media/duplicates.py)
     where: tuple[str, ...] = ()  # "COLUMN>=VALUE" filters, all must hold
     split: str = "train=1"  # "train=0.9,val=0.1"
     shard_size: int = 1000  # rows per shard
@@ -373,7 +373,7 @@ def _count(mask: pa.Array | pa.ChunkedArray) -> int:
 
 
 def dedupe_distance(results: pa.Table, run_dir: Path) -> int:
-    """The distance the run judged near-duplicates by (see catalogen/duplicates.py), or why --dedupe cannot work."""
+    """The distance the run judged near-duplicates by (see catalogen/media/duplicates.py), or why --dedupe cannot work."""
     recorded, max_distance = recorded_max_distance(results)
     if "phash" not in results.column_names or not recorded:
         raise ExportError(f"--dedupe: {run_dir}/results.parquet has no pHash column (made by a catalogen without "

@@ -5,7 +5,7 @@ fsspec serves with its LocalFileSystem, such as `local://`) stays a `pathlib.Pat
 a local disk offers (atomic renames, fsync, flock). Any other URL (`s3://bucket/run`, `gs://…`)
 becomes a universal_pathlib `UPath`: the same `/`, `exists()`, `glob()`, `read_bytes()` over
 fsspec, so the code that walks a run folder is the same for both. What differs (how a file is written whole, how a
-folder is locked, how pyarrow is handed a path) is decided here and in catalogen/store.py.
+folder is locked, how pyarrow is handed a path) is decided here and in catalogen/storage/store.py.
 
 Credentials come from each backend's standard environment or profile (`AWS_ACCESS_KEY_ID`,
 `AWS_PROFILE`, `AWS_ENDPOINT_URL`, `~/.aws/…`; `GOOGLE_APPLICATION_CREDENTIALS` for gs://), never
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from catalogen import lease
+from catalogen.storage import lease
 
 Location = Union[Path, UPath]
 
@@ -162,5 +162,5 @@ def read_table(path: Location, **kwargs: Any) -> pa.Table:
 def put(path: UPath, data: bytes) -> str | None:
     """Write an object in one request, so it appears whole or not at all (object stores have no
     rename; a PUT, or a multipart upload's completion, is atomic); fenced by this process's lease
-    on the folder, if it holds one (catalogen/lease.py). Returns the object's ETag."""
+    on the folder, if it holds one (catalogen/storage/lease.py). Returns the object's ETag."""
     return lease.put(path, data)

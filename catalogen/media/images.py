@@ -48,8 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalogen import stopping
 from catalogen.catalog import Fault, RowLabels, column_or_nulls
-from catalogen.hashing import sha256_bytes
-from catalogen.locations import is_remote, reaches_local_files
+from catalogen.storage.hashing import sha256_bytes
+from catalogen.storage.locations import is_remote, reaches_local_files
 
 IMAGE = "image"  # the catalog column, normalised to an absolute path or URL (null for binary rows)
 IMAGE_BYTES = "image_bytes"  # the bytes of binary rows (null for the others)

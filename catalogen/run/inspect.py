@@ -12,10 +12,10 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalogen.hashing import sha256_file
-from catalogen.results import image_prefix, is_image_list, recorded_images
+from catalogen.storage.hashing import sha256_file
+from catalogen.run.results import image_prefix, is_image_list, recorded_images
 from catalogen.stage import SHARED_COLUMNS
-from catalogen.store import STATUSES, SUCCEEDED, RunStateError, RunStore, now_utc
+from catalogen.storage.store import STATUSES, SUCCEEDED, RunStateError, RunStore, now_utc
 
 _RECORD = pa.schema(SHARED_COLUMNS)
 

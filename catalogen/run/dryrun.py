@@ -4,7 +4,7 @@ Throughput is measured by real runs: at the end of each, `record_throughput` add
 per stage and device kind (`cpu`, `cuda:NVIDIA H100 80GB HBM3`; a stage that takes no device
 lease counts as `cpu`), the seconds per row the rows computed in that invocation took (each row's share
 of its batch, model loads not counted) and the bytes its image files took per row (a sample of
-them read back). `estimate` plans like a run (catalogen.runplan: the same checks, keys and
+them read back). `estimate` plans like a run (catalogen.run.plan: the same checks, keys and
 pending rows), writes nothing, and prices the pending rows with the measurement of the device
 kind this machine would use; without one it says "no measurement yet", or, asked to calibrate,
 prices with what one batch run in a temporary folder measured (flows/calibrate.py). Disk without a
@@ -45,7 +45,7 @@ def device_kind(name: str | None) -> str | None:
 
 def _stage_kind(stage: str, cfg: Any) -> tuple[str, int]:
     """The device kind this machine would run `stage` on, and how many such devices there are."""
-    from catalogen.devices import visible_devices
+    from catalogen.run.devices import visible_devices
 
     check = getattr(registry.stages()[stage], "needs_device", None)
     if check is not None and not check(cfg):
@@ -223,7 +223,7 @@ def plan_only(plan: Any, recorded: Mapping | None, retry_failed: bool,
     `calibrate` (flows/calibrate.py) measures one batch in a temporary folder; it is called only
     when a stage with work has no measurement on this device kind.
     """
-    from catalogen.runplan import done_results, pending_masks, settings_changes
+    from catalogen.run.plan import done_results, pending_masks, settings_changes
 
     stages = list(plan.config.stages)
     lines = []

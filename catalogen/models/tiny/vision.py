@@ -1,6 +1,6 @@
 """Tiny models for the image stages after generation: background removal, captioning, scoring.
 
-Like `catalogen.tiny`, each builder writes a model in its standard on-disk format, so a stage loads
+Like `catalogen.models.tiny.profile`, each builder writes a model in its standard on-disk format, so a stage loads
 it through exactly the API it uses for the real model:
 
 - `rembg`: an ONNX segmentation model for rembg's `u2net_custom` session (open it with
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.nn.functional as F
 
-from catalogen.rembg_models import u2net_home
+from catalogen.models.rembg import u2net_home
 
 if TYPE_CHECKING:
     from rembg.sessions.base import BaseSession
@@ -268,7 +268,7 @@ def build_clip(folder: Path, cache_dir: Path) -> None:
     """A tiny `CLIPModel` and `CLIPProcessor`, sharing the character-level tokenizer of the SD pipelines."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-    from catalogen.tiny import (
+    from catalogen.models.tiny.profile import (
         _clip_tokenizer,  # here, not at the top: catalogen.tiny imports this module
     )
 

@@ -1,8 +1,8 @@
 """`catalogen reproduce IMAGE`: make an image again from the provenance in its own file, and compare.
 
-The way back from catalogen/recipe.py. `read_provenance` reads the provenance JSON an image file
+The way back from catalogen/run/recipe.py. `read_provenance` reads the provenance JSON an image file
 carries: a PNG's `catalogen` text chunk, a JPEG's or WebP's XMP property `catalogen:Provenance`
-(where catalogen/labels.py puts it; AVIF is not read). It walks chunk and segment headers itself,
+(where catalogen/media/labels.py puts it; AVIF is not read). It walks chunk and segment headers itself,
 with hard limits: a chunk over `MAX_PROVENANCE_BYTES` is refused unread, compressed text is
 inflated at most that far, JSON nested past `MAX_DEPTH` is refused before parsing, so a hostile
 file costs neither memory nor time. A rendition (tasks/renditions.py) carries its source image's
@@ -50,8 +50,8 @@ import yaml
 from PIL import Image
 
 from catalogen import registry
-from catalogen.hashing import sha256_bytes
-from catalogen.recipe import ENHANCED, without_throughput
+from catalogen.storage.hashing import sha256_bytes
+from catalogen.run.recipe import ENHANCED, without_throughput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHUNK_KEY = "catalogen"
@@ -189,7 +189,7 @@ def _webp_xmp(handle: Any) -> bytes | None:
 
 
 def _rendition_text(handle: Any, jpeg: bool) -> str | None:
-    """A JPEG or WebP rendition's provenance: where catalogen/labels.py puts it, the XMP property
+    """A JPEG or WebP rendition's provenance: where catalogen/media/labels.py puts it, the XMP property
     `catalogen:Provenance` (the same JSON text as a PNG's `catalogen` chunk, XML-escaped)."""
     xmp = _jpeg_xmp(handle) if jpeg else _webp_xmp(handle)
     if xmp is None:
@@ -421,7 +421,7 @@ class _Inputs:
 
     def _allowed(self, name: str, recorded: Any) -> Path:
         """A recorded path, when it lies inside the local images.roots (links resolved)."""
-        from catalogen.images import file_in_roots
+        from catalogen.media.images import file_in_roots
 
         value = str(recorded)
         fault = "is not an absolute path" if not os.path.isabs(value) else None

@@ -2,7 +2,7 @@
 
 Every PNG carries an A1111-style `parameters` text chunk, which existing tools (web UIs, image
 browsers, metadata viewers) already read, a `catalogen` chunk with the full provenance as JSON, and
-an XMP packet with the IPTC digital source type and the generator (catalogen.labels, which also
+an XMP packet with the IPTC digital source type and the generator (catalogen.media.labels, which also
 writes the other formats).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from catalogen import labels
+from catalogen.media import labels
 
 # Our scheduler names -> A1111's sampler name and schedule type.
 A1111_SAMPLERS: dict[str, tuple[str, str | None]] = {

@@ -13,8 +13,8 @@
 The folder, not Prefect's database, is the source of truth. Every file is written under a
 temporary name in `work/tmp/` and renamed into place, so a file that exists is complete and a
 killed invocation leaves its debris in one folder, swept by the next. In a bucket (`s3://…`, see
-catalogen/locations.py) each file is one PUT instead, whole or absent, and the folder's lock is a
-lease object (catalogen/lease.py) instead of an flock. A stage's part files are
+catalogen/storage/locations.py) each file is one PUT instead, whole or absent, and the folder's lock is a
+lease object (catalogen/storage/lease.py) instead of an flock. A stage's part files are
 never rewritten: a later result for the same row (a retry, `catalogen verify`) is a new part,
 and the newest result per row and key wins.
 
@@ -44,9 +44,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from upath import UPath
 
-from catalogen import lease, stopping
-from catalogen.hashing import sha256_bytes
-from catalogen.locations import Location, arrow_path, is_remote, put, read_table, storage_folder
+from catalogen import stopping
+from catalogen.storage import lease
+from catalogen.storage.hashing import sha256_bytes
+from catalogen.storage.locations import Location, arrow_path, is_remote, put, read_table, storage_folder
 
 # A row's outcome in a stage. The first three count as success: `fallback` (an answer that could
 # not be used, replaced by the input) and `degenerate` (a caption flagged as useless) still let the
@@ -284,7 +285,7 @@ class RunStore:
     """One run's output folder (layout in the module docstring)."""
 
     def __init__(self, root: str | Path):
-        # a Path, or a UPath for a bucket URL (see catalogen/locations.py); http:// and the like refused
+        # a Path, or a UPath for a bucket URL (see catalogen/storage/locations.py); http:// and the like refused
         self.root: Location = storage_folder(root, "run folder")
         self.remote = is_remote(self.root)
 
@@ -359,7 +360,7 @@ class RunStore:
 
         Re-entrant within a process (the CLI takes the lock before Prefect starts, and the flow
         it runs takes it again); released when the process ends, however it ends. On object
-        storage the lock is a lease (catalogen/lease.py) that a killed holder's successor takes over.
+        storage the lock is a lease (catalogen/storage/lease.py) that a killed holder's successor takes over.
         """
         lock = self.root / ".lock"
         if self.remote:

@@ -1,7 +1,7 @@
 """What an image file must carry to be made again from it alone: its row's recipe.
 
 Every image a stage writes inside a run carries, in its provenance (the PNG's `catalogen` chunk,
-see catalogen/pngmeta.py), a `recipe`:
+see catalogen/media/pngmeta.py), a `recipe`:
 
 - `stages`: the run's stages up to and including the one that wrote the image, in order;
 - `settings`: the settings that decide its pixels: `profile`, `dtype`, `images` (without `roots`)
@@ -25,7 +25,7 @@ The flow hands each row's catalog fields to the runner in the shard input's `REC
 the file settings it resolved in `PATHS_COLUMN` (`recipe_columns`); the runner takes them off
 (`take_recipes`), and the stage reads the finished recipe from its context
 (`StageContext.recipe_entry`). A stage called directly (a test, a benchmark) has no recipe, and
-its files carry none. See catalogen/reproduce.py for the way back.
+its files carry none. See catalogen/run/reproduce.py for the way back.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 
 from catalogen import registry
-from catalogen.hashing import sha256_bytes, sha256_file_remembered
+from catalogen.storage.hashing import sha256_bytes, sha256_file_remembered
 
 RECIPE_COLUMN = "catalogen_recipe_row"
 PATHS_COLUMN = "catalogen_recipe_paths"  # the same on every row: the path settings, resolved by the flow

@@ -3,7 +3,7 @@
 Rows that share a call must share an encoding plan (`encoding_chunks`, and whether they have a
 negative prompt), so their embeddings line up; callers put both into their batch signature. Plain
 prompts go through the pipeline's own encoding; long or weighted ones are encoded here (see
-catalogen/prompts.py). This is the same rule tasks/generate.py applies to its own calls.
+catalogen/models/prompts.py). This is the same rule tasks/generate.py applies to its own calls.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from catalogen.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
+from catalogen.models.prompts import encode_sd, encode_sdxl, encoding_chunks, plain_text
 
 
 def is_sdxl(pipe) -> bool:

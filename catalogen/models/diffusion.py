@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from catalogen import stopping
-from catalogen.hashing import file_fingerprint
-from catalogen.models import ModelIdentity, cached
+from catalogen.storage.hashing import file_fingerprint
+from catalogen.models.loading import ModelIdentity, cached
 
 SAFETENSORS = ".safetensors"
 

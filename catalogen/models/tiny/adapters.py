@@ -7,8 +7,8 @@ counterpart ships in (the Hub repo h94/IP-Adapter, a diffusers/PEFT LoRA file, a
 derived from the tiny SD1.5 and SDXL models so that every shape matches.
 
 Every weight comes from a fixed seed, so each build is byte-identical on every machine. The builders
-follow `catalogen.tiny`'s contract, `builder(folder, cache_dir)`, and are registered in its `_BUILDERS`;
-changing any weight here means bumping `catalogen.tiny.TINY_VERSION`, like a change to the base models.
+follow `catalogen.models.tiny.profile`'s contract, `builder(folder, cache_dir)`, and are registered in its `_BUILDERS`;
+changing any weight here means bumping `catalogen.models.tiny.profile.TINY_VERSION`, like a change to the base models.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _random_like(shape, generator, std: float):
 
 
 def _base(family: str, cache_dir: Path) -> Path:
-    """The tiny pipeline an add-on derives from (imported here: `catalogen.tiny` imports this module)."""
-    from catalogen.tiny import ensure_tiny
+    """The tiny pipeline an add-on derives from (imported here: `catalogen.models.tiny.profile` imports this module)."""
+    from catalogen.models.tiny.profile import ensure_tiny
 
     return ensure_tiny(family, cache_dir)
 

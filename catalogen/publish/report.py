@@ -14,7 +14,7 @@ no network. The rows are never inlined into the HTML: a page of PAGE_ROWS rows i
 demand from the chunk files it needs, so a run of 100,000 rows opens as fast as one of ten.
 Thumbnails are named by content, so writing the report again makes only those of new images.
 
-    >>> from catalogen.report import write_report
+    >>> from catalogen.publish.report import write_report
     >>> write_report("outputs/demo")  # doctest: +SKIP
     PosixPath('outputs/demo/report.html')
 """
@@ -40,12 +40,12 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 import catalogen
-from catalogen.locations import Location, absolute, is_remote, location, put, read_table
-from catalogen.duplicates import duplicate_groups, recorded_max_distance
-from catalogen.placement import alpha_box
-from catalogen.pngmeta import A1111_SAMPLERS, format_parameters
-from catalogen.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
-from catalogen.store import STATUSES, RunStateError, temp_file
+from catalogen.storage.locations import Location, absolute, is_remote, location, put, read_table
+from catalogen.media.duplicates import duplicate_groups, recorded_max_distance
+from catalogen.media.placement import alpha_box
+from catalogen.media.pngmeta import A1111_SAMPLERS, format_parameters
+from catalogen.run.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
+from catalogen.storage.store import STATUSES, RunStateError, temp_file
 
 REPORT_FILE = "report.html"
 DATA_DIR = "report-data"
@@ -264,7 +264,7 @@ DUPLICATE_MEMBERS_SHOWN = 8
 
 
 def near_duplicates(results: pa.Table, thumbs: set[str]) -> dict[str, Any] | None:
-    """The near-duplicate groups (catalogen/duplicates.py) for the summary: each chain of
+    """The near-duplicate groups (catalogen/media/duplicates.py) for the summary: each chain of
     `near_duplicate_of` followed to the row it ends at (the one `export --dedupe` keeps), largest
     groups first; None when the results hold no such column."""
     if "near_duplicate_of" not in results.column_names:
@@ -406,7 +406,7 @@ def _image(row: dict[str, Any], name: str, thumbs: set[str]) -> dict[str, Any] |
 
 
 def _near_duplicate_of(row: dict[str, Any]) -> str | None:
-    """`b v0, 3 bits apart`: the earlier row this one's final image repeats (catalogen/duplicates.py)."""
+    """`b v0, 3 bits apart`: the earlier row this one's final image repeats (catalogen/media/duplicates.py)."""
     if row.get("near_duplicate_of") is None:
         return None
     return (f"{row['near_duplicate_of']} v{row.get('near_duplicate_of_variant')}, "
