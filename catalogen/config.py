@@ -3,7 +3,8 @@
 Everything a run does is decided here, so `run.json` can record it whole and a stage's
 idempotency key can hash exactly the settings that change its output. The run-wide settings are
 declared below; each stage adds its own section (`generate:`, `enhance:` …) from its module's
-`Settings`, so adding a stage never edits this file (see `config_model`).
+`Settings`, so adding a stage never edits this file (see `config_model`). The registry attaches
+those sections (`attach_stage_sections`): the configuration never asks for the stages.
 
 A value's origin (the YAML file, a `--set`, a named flag) is remembered, so an error says which
 one to fix.
@@ -18,7 +19,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Callable, Literal, Mapping, get_args
 
 import yaml
 from pydantic import (
@@ -33,7 +34,6 @@ from pydantic import (
     model_validator,
 )
 
-from catalogen import registry
 from catalogen.media.credentials import CredentialSettings
 from catalogen.media.duplicates import DuplicatesSettings
 from catalogen.media.images import ImageSettings
@@ -173,7 +173,7 @@ class RunConfig(Strict):
     def _known_stages(cls, stages: tuple[str, ...]) -> tuple[str, ...]:
         # A field validator, not a model one: its error then sits at `stages`, whose origin
         # (`--stages`, `--set stages=…`, the file) the message names.
-        known = registry.stages()
+        known = stage_sections()
         unknown = [s for s in stages if s not in known]
         if unknown:
             named = "; ".join(f"unknown stage {name!r}" + _did_you_mean(name, list(known)) for name in unknown)
@@ -200,11 +200,28 @@ class RunConfig(Strict):
         return self.offline or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+_stage_sections: Callable[[], Mapping[str, type[BaseModel]]] | None = None
+
+
+def attach_stage_sections(sections: Callable[[], Mapping[str, type[BaseModel]]]) -> None:
+    """Where the stages' sections come from: name -> `Settings`, in pipeline order (catalogen.registry
+    attaches its own as it is imported, so this module sits below the stages it configures)."""
+    global _stage_sections
+    _stage_sections = sections
+    config_model.cache_clear()
+
+
+def stage_sections() -> Mapping[str, type[BaseModel]]:
+    """Each stage's settings section by name, in pipeline order, as attached."""
+    if _stage_sections is None:
+        raise RuntimeError("no stages attached to the configuration: import catalogen.registry first")
+    return _stage_sections()
+
+
 @lru_cache(maxsize=1)
 def config_model() -> type[RunConfig]:
-    """`RunConfig` with one section per registered stage (catalogen.registry), each defaulting to its `Settings()`."""
-    stages = registry.stages()
-    sections: dict[str, Any] = {name: (stage.Settings, stage.Settings()) for name, stage in stages.items()}
+    """`RunConfig` with one section per registered stage (attached by catalogen.registry), each defaulting to its `Settings()`."""
+    sections: dict[str, Any] = {name: (settings, settings()) for name, settings in stage_sections().items()}
     return create_model("RunConfig", __base__=RunConfig, **sections)
 
 

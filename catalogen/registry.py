@@ -20,7 +20,9 @@ from importlib import metadata
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
-if TYPE_CHECKING:  # catalogen.stage imports the configuration, which reads this registry
+from catalogen.config import attach_stage_sections
+
+if TYPE_CHECKING:
     from catalogen.stage import Stage
 
 GROUP = "catalogen.stages"
@@ -67,3 +69,11 @@ def stages() -> Mapping[str, Stage]:
         raise StageRegistryError(f"no stages are registered under the {GROUP!r} entry points; "
                                  "reinstall catalogen (`pip install -e .` in its folder, or `make install`)")
     return MappingProxyType(dict(sorted(found.items(), key=_position)))
+
+
+def settings_sections() -> dict[str, type]:
+    """Each registered stage's `Settings` by name, in pipeline order: its section of the run configuration."""
+    return {name: stage.Settings for name, stage in stages().items()}
+
+
+attach_stage_sections(settings_sections)  # the configuration learns its stages' sections from here
