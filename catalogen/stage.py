@@ -38,7 +38,6 @@ from pydantic import BaseModel
 
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig
-from catalogen.run.devices import Device
 from catalogen.models.loading import ModelIdentity
 from catalogen.storage.store import RunStore
 
@@ -64,6 +63,18 @@ IMAGE_COLUMNS = [
     pa.field("image_width", pa.int32()),
     pa.field("image_height", pa.int32()),
 ]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device a stage runs on (leased through catalogen/run/devices.py)."""
+
+    name: str  # what torch calls it in this process: "cpu", "cuda:0", …
+    physical_id: str  # stable across processes, whatever CUDA_VISIBLE_DEVICES says
+
+    def __str__(self) -> str:
+        return self.name
+
 
 
 def output_schema(own: Sequence[pa.Field], images: bool) -> pa.Schema:

@@ -15,12 +15,12 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from catalogen import stopping
 from catalogen.storage.lease import printable
+from catalogen.stage import Device  # the contract's type: what a stage is given
 
 if TYPE_CHECKING:
     import torch
@@ -29,15 +29,6 @@ if TYPE_CHECKING:
 
 class DeviceError(RuntimeError):
     """The configured device is not on this machine."""
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str  # what torch calls it in this process: "cpu", "cuda:0", …
-    physical_id: str  # stable across processes, whatever CUDA_VISIBLE_DEVICES says
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def _cuda_device(index: int) -> Device:
