@@ -6,7 +6,8 @@ within minutes; at most `window` task runs are in flight, shards already under w
 leases inside the tasks decide which GPU each uses, so different stages can run at once on
 different GPUs. A re-run of the same flow on the same output folder does only what is missing.
 Where the tasks run (threads here, or Dask worker processes) is the task runner's business: see
-flows/runners.py, which gives this flow its runner and tells it how many tasks to keep in flight.
+flows/runners.py, which gives this flow its runner, and flows/placement.py, which tells it how many
+tasks to keep in flight.
 
 The flow's final state says how the rows went: Completed when every row succeeded, Failed (with
 the counts in its message, and the summary as its result) when any row failed or a shard crashed,
@@ -63,7 +64,7 @@ from catalogen.run.plan import (
     stage_input,
 )
 from catalogen.storage.store import STATUSES, RunFolderBusy
-from flows.runners import Placement, Workers, cancel_remote, placement, record_workers
+from flows.placement import Placement, Workers, cancel_remote, placement, record_workers
 from tasks.runner import needs_device, relay, shard_task
 
 # catalogen's loggers reach Prefect's console and API (PREFECT_LOGGING_EXTRA_LOGGERS=catalogen),
