@@ -33,10 +33,10 @@ other non-empty folder is refused unless `overwrite`, which removes only what an
 listed as its own. While it writes, an export holds `<out>/.export.lock`, so a second export
 into the folder at the same time is refused; a finished export removes it.
 
-The writers share one interface, as img2dataset's do: `Writer(layout, shard)`, `write(sample)`,
-`close()`, and the static `files(shard)` (the files it writes, done when all exist) and
-`folder(shard)` (a folder it owns whole, or None). `WRITERS` names them; `dummy` writes nothing
-(benchmarks only: the command line offers `FORMATS`).
+The writers share one interface, as img2dataset's do (see shards.py): `Writer(layout, shard)`,
+`write(sample)`, `close()`, and the static `files(shard)` and `folder(shard)`; one module per format
+(hf.py, webdataset.py, imagefolder.py). `WRITERS` names them; `dummy` writes nothing (benchmarks
+only: the command line offers `FORMATS`).
 
 The export folder is checked before anything is created in it: never the filesystem root, the run
 folder or a folder inside it, a file, a path under a file, or a bucket URL (`export_folder`).
@@ -49,46 +49,40 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import importlib
-import io
 import json
 import math
 import os
 import re
 import shutil
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timezone
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import catalogen
 from catalogen.media.duplicates import first_of_each, recorded_max_distance
 from catalogen.storage.hashing import sha256_bytes, sha256_file, stable_hash
 from catalogen.storage.locations import Location, LocationError, absolute, is_remote, location, read_table
 from catalogen.run.results import image_prefix, recorded_images
+from catalogen.publish.export.hf import HFParquetWriter, hf_features
+from catalogen.publish.export.imagefolder import ImageFolderWriter
+from catalogen.publish.export.shards import TMP, DummyWriter, ExportError, Layout, Sample, Shard
+from catalogen.publish.export.webdataset import WebDatasetWriter
 from catalogen.storage.store import (
-    fsync_path,
     RunFolderBusy,
     hold_folder,
     id_hash,
     lock_holder,
     safe_name,
-    temp_file,
-    temp_folder,
     write_atomic,
-    write_parquet_atomic,
 )
 
 EXPORT_VERSION = 2  # part of the fingerprint: bump when the same options would write other files
 MANIFEST = "manifest.json"
 PENDING = "export.pending.json"
-TMP = ".tmp"
 LOCK = ".export.lock"  # held while an export writes; a second export into the folder is refused
 DEFAULT_TEXT_COLUMNS = ("caption_caption", "enhance_prompt", "generate_prompt", "prompt")
 RESERVED = ("key", "text", "image", "file_name")  # export columns a results column must not shadow
@@ -96,13 +90,6 @@ OPERATORS = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": 
              ">": pc.greater, "<": pc.less}
 WHERE_PATTERN = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*(.*?)\s*$")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-FSYNC_THREADS = 16  # an imagefolder shard's files are flushed together (see _fsync_tree)
-HF_ROWS_PER_GROUP = 100  # as `datasets` writes image datasets: small row groups for random access
-EXTRA_HINT = "pip install 'catalogen[export]'"
-
-
-class ExportError(ValueError):
-    """The run folder, an option or the output folder cannot give an export; the message names which."""
 
 
 @dataclass(frozen=True)
@@ -118,49 +105,6 @@ class ExportOptions:
     split: str = "train=1"  # "train=0.9,val=0.1"
     shard_size: int = 1000  # rows per shard
     overwrite: bool = False
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One output shard: rows [start, start + rows) of its split's rows."""
-
-    split: str
-    index: int
-    count: int  # shards in this split
-    start: int
-    rows: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.index:05d}"
-
-
-@dataclass
-class Sample:
-    """One exported row, as a writer receives it."""
-
-    key: str
-    image: bytes
-    ext: str  # of the image file, without the dot ("png")
-    text: str
-    metadata: dict[str, Any]  # key, text and provenance, in `Layout.schema` order
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.key}.{self.ext}"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What every shard of one export shares."""
-
-    out: Path
-    schema: pa.Schema  # of Sample.metadata: key, text, provenance
-    complete: tuple[str, ...]  # provenance columns with a plain value in every exported row
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.out / TMP
 
 
 @dataclass
@@ -448,235 +392,7 @@ def plan_shards(splits: list[str], order: list[str], shard_size: int) -> tuple[l
     return shards, members
 
 
-# --- writing files ---------------------------------------------------------------------------
-
-
-class AtomicFile:
-    """A file written under a temporary name in `tmp_dir` and renamed into place by `commit()`.
-
-    For shards too large to hold in memory (`store.write_atomic` takes the bytes at once).
-    """
-
-    def __init__(self, path: Path, tmp_dir: Path) -> None:
-        self.path = path
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = temp_file(tmp_dir, path.name)
-        self.handle: BinaryIO = os.fdopen(fd, "wb")
-
-    def commit(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.tmp, self.path)
-        fsync_path(self.path.parent)
-
-
-def _jsonable(value: Any) -> Any:
-    """A value JSON can hold: times as ISO text, NaN and infinities as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (datetime, date, time)):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def json_line(value: dict[str, Any]) -> str:
-    return json.dumps(_jsonable(value), ensure_ascii=False, default=str)
-
-
-def _need(module: str, fmt: str) -> Any:
-    """Import an optional dependency, or say which extra brings it."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        raise ExportError(f"--format {fmt} needs the `{module}` package: {EXTRA_HINT}") from None
-
-
-def hf_features(schema: pa.Schema) -> Any:
-    """`datasets` Features for key, image (decoded as an image), text and provenance."""
-    datasets = _need("datasets", "hf")
-    image_struct = datasets.Image().pa_type
-    arrow = pa.schema([schema.field("key"), pa.field("image", image_struct), *list(schema)[1:]])
-    try:
-        features = datasets.Features.from_arrow_schema(arrow)
-    except (TypeError, ValueError, NotImplementedError) as exc:
-        raise ExportError(f"--format hf: a results column has a type `datasets` cannot hold ({exc}); "
-                          "export as webdataset or imagefolder instead") from None
-    features["image"] = datasets.Image()
-    return features
-
-
-class HFParquetWriter:
-    """`hf`: one Parquet file per shard, `data/<split>-NNNNN-of-NNNNN.parquet`.
-
-    The `image` column is the `datasets` Image struct {bytes, path}, and the `datasets` Features sit in
-    the Parquet schema metadata (key `huggingface`), so `load_dataset("parquet", ...)` decodes images.
-    The file name follows the Hub's sharded pattern: `load_dataset(<out>)` finds the splits. The
-    shard file is its own metadata Parquet.
-    """
-
-    def __init__(self, layout: Layout, shard: Shard) -> None:
-        self.schema = hf_features(layout.schema).arrow_schema
-        self.file = AtomicFile(layout.out / self.files(shard)[0], layout.tmp_dir)
-        self.writer = pq.ParquetWriter(self.file.handle, self.schema, compression="zstd")
-        self.buffer: list[dict[str, Any]] = []
-
-    @staticmethod
-    def files(shard: Shard) -> list[str]:
-        return [f"data/{shard.split}-{shard.index:05d}-of-{shard.count:05d}.parquet"]
-
-    @staticmethod
-    def folder(shard: Shard) -> str | None:
-        return None
-
-    def write(self, sample: Sample) -> None:
-        row = dict(sample.metadata)
-        row["image"] = {"bytes": sample.image, "path": sample.file_name}
-        self.buffer.append(row)
-        if len(self.buffer) >= HF_ROWS_PER_GROUP:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.buffer:
-            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
-            self.buffer = []
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-        self.file.commit()
-
-
-def _metadata_parquet(layout: Layout, rows: list[dict[str, Any]], path: Path) -> None:
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=layout.schema), path, layout.tmp_dir)
-
-
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0  # the same samples give the same bytes (and sha256) on every export
-    tar.addfile(info, io.BytesIO(data))
-
-
-class WebDatasetWriter:
-    """`webdataset`: `<split>/NNNNN.tar` of `<key>.<ext>`, `<key>.txt`, `<key>.json` per sample.
-
-    Read with `wds.WebDataset(urls).decode("pil")`. Beside each tar, `<split>/NNNNN.parquet` holds the
-    shard's metadata (key, text, provenance), written before the tar, which marks the shard done.
-    """
-
-    def __init__(self, layout: Layout, shard: Shard) -> None:
-        self.layout = layout
-        tar_name, meta_name = self.files(shard)
-        self.meta_path = layout.out / meta_name
-        self.file = AtomicFile(layout.out / tar_name, layout.tmp_dir)
-        self.tar = tarfile.open(fileobj=self.file.handle, mode="w", format=tarfile.PAX_FORMAT)
-        self.rows: list[dict[str, Any]] = []
-
-    @staticmethod
-    def files(shard: Shard) -> list[str]:
-        return [f"{shard.split}/{shard.name}.tar", f"{shard.split}/{shard.name}.parquet"]
-
-    @staticmethod
-    def folder(shard: Shard) -> str | None:
-        return None
-
-    def write(self, sample: Sample) -> None:
-        _tar_member(self.tar, sample.file_name, sample.image)
-        _tar_member(self.tar, f"{sample.key}.txt", sample.text.encode())
-        _tar_member(self.tar, f"{sample.key}.json", json_line(sample.metadata).encode())
-        self.rows.append(sample.metadata)
-
-    def close(self) -> None:
-        _metadata_parquet(self.layout, self.rows, self.meta_path)
-        self.tar.close()
-        self.file.commit()
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder, then the folder itself, to disk.
-
-    In parallel: the filesystem's journal commits concurrent fsyncs together. Measured on ext4,
-    512 small files: 2.6 s one after another, 0.09-0.16 s from 8-32 threads.
-    """
-    with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
-        list(pool.map(fsync_path, folder.iterdir()))
-    fsync_path(folder)
-
-
-class ImageFolderWriter:
-    """`imagefolder`: `<split>/NNNNN/` of `<key>.<ext>` + `<key>.txt` caption sidecars, and metadata.jsonl.
-
-    metadata.jsonl (`file_name`, then key, text and the `Layout.complete` columns) is what
-    `load_dataset("imagefolder", data_dir=<out>)` reads; `<split>/NNNNN.parquet` holds every
-    provenance column. The shard's folder is filled under a temporary name and renamed into place
-    whole, after its files are flushed: one rename per shard, not two fsyncs per file.
-    """
-
-    def __init__(self, layout: Layout, shard: Shard) -> None:
-        self.layout = layout
-        self.final = layout.out / self.folder(shard)
-        self.meta_path = layout.out / self.files(shard)[1]
-        layout.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.dir = temp_folder(layout.tmp_dir, f"{shard.split}-{shard.name}")
-        self.columns = ("key", "text", *layout.complete)
-        self.rows: list[tuple[str, dict[str, Any]]] = []  # (file name, metadata)
-
-    @staticmethod
-    def files(shard: Shard) -> list[str]:
-        return [f"{shard.split}/{shard.name}/metadata.jsonl", f"{shard.split}/{shard.name}.parquet"]
-
-    @staticmethod
-    def folder(shard: Shard) -> str | None:
-        return f"{shard.split}/{shard.name}"
-
-    def write(self, sample: Sample) -> None:
-        (self.dir / sample.file_name).write_bytes(sample.image)
-        (self.dir / f"{sample.key}.txt").write_text(sample.text, encoding="utf-8")
-        self.rows.append((sample.file_name, sample.metadata))
-
-    def _line(self, file_name: str, row: dict[str, Any]) -> str:
-        record = {"file_name": file_name}
-        for column in self.columns:
-            record[column] = row[column]
-        return json_line(record) + "\n"
-
-    def close(self) -> None:
-        lines = [self._line(name, row) for name, row in self.rows]
-        (self.dir / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
-        _fsync_tree(self.dir)
-        _metadata_parquet(self.layout, [row for _, row in self.rows], self.meta_path)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.final, ignore_errors=True)  # only there if its Parquet went missing: redone
-        os.replace(self.dir, self.final)
-        fsync_path(self.final.parent)
-
-
-class DummyWriter:
-    """Does not write: the cost of reading and checking the run's images alone (benchmarks)."""
-
-    def __init__(self, layout: Layout, shard: Shard) -> None:
-        self.bytes = 0
-
-    @staticmethod
-    def files(shard: Shard) -> list[str]:
-        return []
-
-    @staticmethod
-    def folder(shard: Shard) -> str | None:
-        return None
-
-    def write(self, sample: Sample) -> None:
-        self.bytes += len(sample.image)
-
-    def close(self) -> None:
-        return None
+# --- the writers (one module per format, see shards.py) ---------------------------------------
 
 
 FORMATS = ("hf", "webdataset", "imagefolder")  # what users choose from; `dummy` is for benchmarks
