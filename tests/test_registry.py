@@ -1,23 +1,28 @@
-"""One registry of stages, filled from the `catalogen.stages` entry points; the core never imports `tasks`."""
+"""One registry of stages, filled from the `catalogen.stages` entry points; the core never imports `tasks`;
+the packages keep their layers (docs/architecture.py draws them) and the layout never changes a key."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import pytest
 from conftest import BIN, REPO, prompts, write_catalog
 
 import tasks
+from catalogen.config import load_config
 from catalogen.registry import GROUP, stages
+from catalogen.run.plan import prepare
 
 BUILT_INS = ["enhance", "generate", "remove_bg", "style", "upscale", "caption", "renditions"]
-CORE = sorted((REPO / "catalogen").glob("*.py"))
+CORE = sorted((REPO / "catalogen").rglob("*.py"))
 
 # A stage another package ships: it adds each row's prompt in capitals, as text.
 SHOUT = '''
@@ -81,19 +86,6 @@ def _python(code: str, *args: str, **env: str) -> str:
     return done.stdout.strip()
 
 
-def _type_checking(node: ast.AST) -> bool:
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in (getattr(test, "id", None), getattr(test, "attr", None))
-
-
-def _run_time_nodes(node: ast.AST) -> Iterator[ast.AST]:
-    """Every node below `node`, except under `if TYPE_CHECKING:` (imports for annotations only)."""
-    for child in ast.iter_child_nodes(node):
-        if not _type_checking(child):
-            yield child
-            yield from _run_time_nodes(child)
-
-
 def _imports(nodes: Iterable[ast.AST]) -> set[str]:
     """The absolute modules these nodes import, deferred ones included (`from catalogen import x`: catalogen.x)."""
     found = set()
@@ -143,9 +135,85 @@ def test_the_core_never_imports_tasks():
     assert imported == "False"
 
 
-def test_the_core_has_no_import_circle():
-    graph = {f"catalogen.{path.stem}": _imports(_run_time_nodes(ast.parse(path.read_text()))) for path in CORE}
+def _architecture():
+    """docs/architecture.py, which draws the packages and holds their layers (one import scan for both)."""
+    spec = importlib.util.spec_from_file_location("architecture", REPO / "docs" / "architecture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_import_circle_anywhere():
+    """catalogen/, flows/ and tasks/: imports inside functions and under TYPE_CHECKING count."""
+    graph = _architecture().import_graph()
+    assert len(graph) > 60  # every module, subpackages included
     assert _circle(graph) == []
+
+
+def test_no_module_imports_from_a_higher_layer():
+    architecture = _architecture()
+    graph = architecture.import_graph()
+    upward = [f"{module} -> {imported}" for module, deps in sorted(graph.items()) for imported in sorted(deps)
+              if architecture.layer_of(imported) < architecture.layer_of(module)]
+    assert upward == []
+    assert architecture.layer_of("catalogen.run.plan") < architecture.layer_of("catalogen.stage")
+
+
+def test_every_catalogen_import_names_a_module_that_exists():
+    """A module that moved leaves no import of its old name behind (tests, benchmarks and docs included)."""
+    known = set(_architecture().modules())
+    stale = []
+    for top in ("catalogen", "flows", "tasks", "tests", "benchmarks", "docs", "catalogs"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names if a.name.startswith("catalogen.")]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "catalogen":
+                    names = [f"catalogen.{a.name}" for a in node.names if a.name != "__version__"]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("catalogen."):
+                    names = [node.module]
+                else:
+                    continue
+                stale += [f"{path.relative_to(REPO)}:{node.lineno}: {name}" for name in names if name not in known]
+    assert stale == []
+
+
+def test_the_architecture_picture_is_drawn_from_the_code_now():
+    architecture = _architecture()
+    assert (REPO / "docs" / "architecture.md").read_text() == architecture.render(), \
+        "docs/architecture.md is out of date: run python docs/architecture.py"
+
+
+# sha256 of each stage's planned keys ("\n"-joined, in plan order), made by a9bb0a3 (before the
+# modules moved into subpackages): a key never depends on where the code lives, so old run folders
+# resume with nothing recomputed. A stage whose VERSION or key deliberately changes updates its line.
+KEYS_OF = {
+    ("catalogs/demo_prompts.parquet", "configs/dataset.yaml"): {
+        "generate": "f656ad0d6523a07653e1d5d4443268a9148c7e00701693b80b082b31fe7d7bb0",
+        "caption": "6491aee5fa9daec46d0a2c28ca9c2b966f175a1b021466a0ea56e58d2e6fcdb4",
+    },
+    ("catalogs/demo_products.parquet", "configs/products.yaml"): {
+        "enhance": "7dceefc27334c2580eeb9384fcf628c41cdca1e0abc710cecd6540716dce8b61",
+        "generate": "09b215ec22bbeaae0fc0d6ab09e0a1fbea05262d768972586e36f1a0bc8f1211",
+        "remove_bg": "6da04624826211a3fe2fd1c0b119b02639ed56dfe55c8169a8ec611b34140b9a",
+        "style": "875f1b83355164ee2a384fb4a01ff261e0611e3c21bf591e4c472a5905cd3ab1",
+        "upscale": "c116c18b81dfa54b14a3c4f14f2c3101b1392b91911e2b8ba3e6883db18def45",
+        "caption": "acd4e152f68ac444b9ee23e9432fc32974476d3a21326d7f728659c192eca879",
+        "renditions": "023c72546ff9796b163b24d74e4db43278b8d01174f52aa22cc54a01db564437",
+    },
+}
+
+
+@pytest.mark.parametrize(("catalog", "config"), list(KEYS_OF))
+def test_planned_keys_are_those_the_previous_layout_made(catalog, config, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs name files (a style image) relative to the project
+    expected = KEYS_OF[(catalog, config)]
+    cfg = load_config(REPO / config, {"generate.steps": 2, "generate.width": 32, "generate.height": 32,
+                                      "stages": list(expected)})
+    plan = prepare(REPO / catalog, cfg, tmp_path / "run")
+    found = {stage: hashlib.sha256("\n".join(plan.planned[stage].column("key").to_pylist()).encode()).hexdigest()
+             for stage in expected}
+    assert found == expected
 
 
 def test_built_in_stages_come_from_the_entry_points_in_pipeline_order():
