@@ -98,10 +98,11 @@ def package_of(module: str) -> str:
 
 
 def _stages() -> list[tuple[str, str, str]]:
+    """catalogen's own stages in pipeline order: (name, what it reads, what it provides)."""
     from catalogen.registry import stages
 
     return [(name, ", ".join(getattr(s, "READS", ())) or "-", ", ".join(getattr(s, "PROVIDES", ())) or "-")
-            for name, s in stages().items()]
+            for name, s in stages().items() if s.__name__.startswith("tasks.")]  # catalogen's own, not plugins
 
 
 def render(root: Path = ROOT) -> str:
