@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import signal
+import sys
 from contextlib import AbstractContextManager
 from typing import Any
 
