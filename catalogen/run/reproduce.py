@@ -341,8 +341,7 @@ def _rendition_settings(provenance: dict[str, Any]) -> Any:
         return None
     from pydantic import ValidationError
 
-    from tasks.renditions import Rendition
-
+    Rendition = registry.stages()["renditions"].Rendition  # the stage's own model, found as run finds it
     if not isinstance(made, dict):
         raise Unusable("its rendition settings are not a mapping: not a rendition catalogen wrote")
     try:
