@@ -315,9 +315,13 @@ def run(
 def _one_batch(catalog: Location, cfg: RunConfig) -> Callable[[], Any]:
     """The dry run's calibration: one batch through every stage in a temporary folder (flows/calibrate.py)."""
     def measure() -> Any:
-        from flows.calibrate import calibrate
+        from flows.calibrate import CalibrationStopped, calibrate
 
-        return calibrate(catalog, cfg)
+        try:
+            return calibrate(catalog, cfg)
+        except CalibrationStopped as exc:  # as a stopped run ends: 130 / 143
+            err.print(str(exc), soft_wrap=True, highlight=False)
+            raise typer.Exit(stopping.exit_code()) from None
     return measure
 
 

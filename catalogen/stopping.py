@@ -7,7 +7,7 @@ denoising loop, an outbound request, a retry's wait) ends at its next check by r
 
 Work that never reaches a check (a storage call to an endpoint that went silent) must not keep
 the process alive: `end_process_after` ends it `FINISH_S` after the grace period, whatever its
-threads do, with the signal's exit code. A third signal ends it at once.
+threads do, with the signal's exit code. A signal once work is abandoned ends it at once.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def reset() -> None:
 
 
 def _on_signal(signum: int, _frame: object) -> None:
-    """A stop; a second one abandons work at once, a third ends the process. Otherwise flags only:
-    the flow's loop logs and acts on them."""
+    """A stop; a second one abandons work at once; one once work is abandoned ends the process.
+    Otherwise flags only: the flow's loop logs and acts on them."""
     if ABANDON.is_set() and _received:
         _end_process(f"{signal.Signals(signum).name} received again")
     if STOPPING.is_set():

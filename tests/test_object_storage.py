@@ -343,8 +343,8 @@ def folder_bytes(prefix: str) -> dict[str, bytes]:
 def test_a_run_that_lost_its_lease_writes_nothing_over_the_run_that_took_the_folder_over(s3, proxy, tmp_path):
     url, prefix = f"s3://{BUCKET}/runs/taken-over", f"{BUCKET}/runs/taken-over"
     fs = bucket_fs()
-    lease_s = {"CATALOGEN_LEASE_S": "4"}  # renewed every second; its holder stops writing 3 s after its last renewal
-    first = start_logged(url, tmp_path / "a", AWS_ENDPOINT_URL=proxy.url, **lease_s)
+    # run A's lease: renewed every 2.5 s, it stops writing 7.5 s after its last renewal, expires after 10 s
+    first = start_logged(url, tmp_path / "a", AWS_ENDPOINT_URL=proxy.url, CATALOGEN_LEASE_S="10")
     wait_until(lambda: fs.glob(f"{prefix}/stages/generate/part-*.parquet") or first.poll() is not None, 420,
                "run A's first part")
     assert first.poll() is None, (tmp_path / "a.err").read_text()[-3000:]
@@ -354,19 +354,21 @@ def test_a_run_that_lost_its_lease_writes_nothing_over_the_run_that_took_the_fol
     lease = json.loads(fs.cat_file(f"{prefix}/.lock"))
     wait_until(lambda: time.time() > lease["expires"] + 0.5, 10, "run A's lease to expire")
 
-    second = start_logged(url, tmp_path / "b", **lease_s)  # straight to the server: takes the folder over
+    # straight to the server, with device leases of its own (as on another machine): takes the folder over
+    second = start_logged(url, tmp_path / "b", CATALOGEN_LOCK_DIR=str(tmp_path / "b-devices"))
     assert second.wait(timeout=420) == 0, (tmp_path / "b.err").read_text()[-3000:]
     assert "6 rows: 6 ok" in (tmp_path / "b.out").read_text()
     taken = folder_bytes(prefix)
     assert f"{prefix}/results.parquet" in taken and not fs.exists(f"{prefix}/.lock")
 
     proxy.resume()  # run A's held requests arrive, after run B finished
-    assert first.wait(timeout=180) == 1
+    first.wait(timeout=180)
     a_text = a_err.read_text()
     assert folder_bytes(prefix) == taken  # results, parts, run.json, report and images: run B's bytes
     assert not fs.exists(f"{prefix}/.lock")
+    assert first.returncode == 1 and (tmp_path / "a.out").read_text() == ""  # no results, no report named
     assert "could not renew the lease on " + url in a_text  # every failed renewal, with its reason
-    assert f"lost the lease on {url} (no renewal succeeded for 3 s, so the lease may have expired); " \
+    assert f"lost the lease on {url} (no renewal succeeded for 7.5 s, so the lease may have expired); " \
            "this run writes nothing more into the folder and stops" in a_text
     last = [line for line in a_text.splitlines() if line.strip()][-1]
     assert last.startswith(f"error: lost the lease on {url}"), a_text[-3000:]

@@ -339,3 +339,85 @@ def test_a_row_of_a_chained_run_shows_both_prompts_the_caption_and_each_image():
     assert record["se"] == {"enhance": "the answer was not a prompt; kept the input", "upscale": "the row asks for no upscale"}
     assert record["img"] == [{"src": "images/generate/a.png", "thumb": f"thumbs/{'a' * 64}.webp", "w": 64, "h": 64}, None]
     assert "par" not in record  # no generate parameters recorded: no line to copy
+
+
+# --- markup in the data ---------------------------------------------------------------------------
+
+
+def _pwn(n: int) -> str:
+    """Markup that, if it ever became markup, would run: it sets window.__pwned (no quotes or slashes,
+    which the reasons' counting would blank)."""
+    return f"<img src=x onerror=window.__pwned={n}>"
+
+
+def _hostile_run(folder: Path) -> dict[str, str]:
+    """A run folder whose ids, failure reason, near-duplicate group, model, catalog and own name are
+    markup: 3 rows, row 2 a near-duplicate of row 0, row 1 failed. Returns the markup by place."""
+    marks = {"id": _pwn(1), "reason": f"generate: {_pwn(2)} broke", "duplicate": "<svg onload=window.__pwned=3>",
+             "model": "<script>window.__pwned=4</script>", "catalog": f"{_pwn(5)}.parquet",
+             "folder": folder.name, "dialog": "<img src=x onerror=alert(6)>"}
+    image = folder / "images" / "generate" / "a.png"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    sha = sha256_file(image)
+    path = str(image.relative_to(folder))
+    ok = [True, False, True]
+    table = pa.table({
+        "id": [marks["id"], marks["dialog"], marks["duplicate"]],
+        "prompt": ["a red square", "a second square", "a red square again"],
+        "variant": pa.array([0, 0, 0], pa.int32()),
+        "status": ["ok", "failed", "ok"],
+        "error": [None, marks["reason"], None],
+        "stage": ["generate"] * 3,
+        "generate_key": ["a" * 64, "b" * 64, "c" * 64],
+        "generate_seed": pa.array([1, 2, 3], pa.int64()),
+        "generate_status": ["ok", "failed", "ok"],
+        "generate_error": [None, marks["reason"].removeprefix("generate: "), None],
+        "generate_seconds": [0.1] * 3,
+        "generate_device": ["cpu"] * 3,
+        "generate_image_path": [path if k else None for k in ok],
+        "generate_image_sha256": [sha if k else None for k in ok],
+        "generate_image_width": pa.array([32 if k else None for k in ok], pa.int32()),
+        "generate_image_height": pa.array([32 if k else None for k in ok], pa.int32()),
+        "image_path": [path if k else None for k in ok],
+        "image_sha256": [sha if k else None for k in ok],
+        "phash": ["0" * 16, None, "0" * 16],
+        "near_duplicate_of": [None, None, marks["id"]],
+        "near_duplicate_of_variant": pa.array([None, None, 0], pa.int32()),
+        "near_duplicate_distance": pa.array([None, None, 0], pa.int32()),
+    })
+    from catalogen.duplicates import METADATA_KEY
+
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps({"max_distance": 4})}),
+                   folder / "results.parquet")
+    identity = {"repo": marks["model"], "revision": marks["model"]}
+    (folder / "run.json").write_text(json.dumps({
+        "catalog": {"path": marks["catalog"], "ids": 3, "rows": 3},
+        "config": {"stages": ["generate"], "generate": {"scheduler": marks["model"]}},
+        "models": {"generate": {"pipeline": identity}}, "versions": {"python": marks["model"]},
+        "invocations": [{"started_at": "2025-01-01T00:00:00+00:00"}],
+    }))
+    return marks
+
+
+def test_markup_in_ids_reasons_and_groups_shows_as_text_and_never_runs(browser, tmp_path: Path):
+    folder = tmp_path / _pwn(7)
+    folder.mkdir()
+    marks = _hostile_run(folder)
+    html = write_report(folder)
+    page = Page(browser)
+    dialogs: list[str] = []
+    page.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.open(html)
+    page.page.wait_for_function("document.querySelectorAll('article.row').length === 3")
+    page.page.wait_for_timeout(500)  # an onerror of a broken image fires after its failed load
+    assert page.page.evaluate("window.__pwned") is None and dialogs == []
+    assert page.page.locator("#summary img:not(.thumb), #rows img:not(.thumb), svg, #summary script").count() == 0
+    text = page.page.inner_text("body")
+    for place, mark in marks.items():
+        assert mark in text, place  # the markup itself, as text
+    assert page.page.inner_text("#reasons").count(marks["reason"]) == 1
+    assert [marks["id"], marks["duplicate"]] == page.page.eval_on_selector_all(
+        "#near-duplicates .dup-id", "spans => spans.map(s => s.textContent)")
+    assert page.shown_ids() == [marks["id"], marks["dialog"], marks["duplicate"]]
+    assert page.errors == []
