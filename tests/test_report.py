@@ -386,7 +386,7 @@ def _hostile_run(folder: Path) -> dict[str, str]:
         "near_duplicate_of_variant": pa.array([None, None, 0], pa.int32()),
         "near_duplicate_distance": pa.array([None, None, 0], pa.int32()),
     })
-    from catalogen.duplicates import METADATA_KEY
+    from catalogen.media.duplicates import METADATA_KEY
 
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps({"max_distance": 4})}),
                    folder / "results.parquet")
