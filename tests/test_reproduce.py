@@ -2,8 +2,11 @@
 
 Real tiny-profile runs through the CLI (configs/products.yaml for generate, configs/photos.yaml for
 remove_bg, style, upscale and a JPEG rendition), then each image re-made in a temporary folder and
-compared pixel for pixel; a tampered image, foreign files, a missing model revision or input file,
-and hostile provenance chunks are refused or reported as the README says.
+compared pixel for pixel; a tampered image (one pixel, one level), foreign files, a missing model
+revision or input file, and hostile provenance chunks are refused or reported as the README says.
+Hostile recipes (an enhance step sent to a server with a key and /proc/self/environ, URL images, a
+cache elsewhere, big batches, /proc and FIFO inputs, wrong or missing hashes, malformed parts) are
+obeyed only where they decide pixels; SIGINT / SIGTERM end a reproduction cleanly.
 """
 
 from __future__ import annotations
