@@ -359,11 +359,12 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
         _fail(exc)
     finally:
         set_reporter(None)
-    _finish(state, store)
+    _finish(state, store, cfg.profile)
 
 
-def _finish(state: Any, store: RunStore) -> None:
+def _finish(state: Any, store: RunStore, profile: str) -> None:
     """Print the outcome, the report last; exit with the code the README gives for it."""
+    from catalogen.tiny import profile_note
     from flows.run import outcome_line, run_summary
 
     summary = run_summary(state)
@@ -372,7 +373,10 @@ def _finish(state: Any, store: RunStore) -> None:
     if not isinstance(summary, dict):  # cancelled before it ran: another run holds the folder
         _fail(state.message or "the run was cancelled")
 
-    typer.echo(f"{outcome_line(summary)}\nresults: {absolute(location(summary['out']) / 'results.parquet')}")
+    typer.echo(outcome_line(summary))
+    if profile_note(profile):
+        typer.echo(profile_note(profile))
+    typer.echo(f"results: {absolute(location(summary['out']) / 'results.parquet')}")
     code = 0
     if summary.get("stopped"):
         err.print(state.message, soft_wrap=True, highlight=False)
