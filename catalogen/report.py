@@ -46,6 +46,7 @@ from catalogen.placement import alpha_box
 from catalogen.pngmeta import A1111_SAMPLERS, format_parameters
 from catalogen.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
 from catalogen.store import STATUSES, RunStateError, temp_file
+from catalogen.tiny import profile_note
 
 REPORT_FILE = "report.html"
 DATA_DIR = "report-data"
@@ -556,6 +557,7 @@ def write_report(run_dir: str | Location, *, workers: int | None = None) -> Loca
         "statuses": STATUSES,
         "data_dir": DATA_DIR,
         "folder": absolute(root),
+        "profile_note": profile_note(str(info.get("config", {}).get("profile", ""))),
         "catalogen_version": catalogen.__version__,
     }
     path = root / REPORT_FILE

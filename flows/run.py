@@ -43,7 +43,7 @@ from catalogen.hashing import stable_hash
 from catalogen.lease import LeaseLost
 from catalogen.progress import tracker
 from catalogen.report import write_report
-from catalogen.results import assemble_results, kept, summarize
+from catalogen.results import NOTE_MEANINGS, assemble_results, kept, summarize
 from catalogen.runplan import (
     RunPlan,
     Selection,
@@ -347,9 +347,10 @@ def run_summary(state: Any) -> Any:
 
 
 def outcome_line(summary: dict[str, Any]) -> str:
-    """`25 rows: 23 ok (2 degenerate), 1 failed, 1 skipped`: the counts a final state carries."""
-    notes = [f"{summary[k]} {k}" for k in ("fallback", "degenerate") if summary.get(k)]
-    ok = f"{summary['ok']} ok" + (f" ({', '.join(notes)})" if notes else "")
+    """`25 rows: 23 ok (2 degenerate: captions flagged as useless), 1 failed, 1 skipped`: the counts a
+    final state carries, each note with what it means."""
+    notes = [f"{summary[k]} {k}: {meaning}" for k, meaning in NOTE_MEANINGS.items() if summary.get(k)]
+    ok = f"{summary['ok']} ok" + (f" ({'; '.join(notes)})" if notes else "")
     line = f"{summary['rows']} rows: {ok}, {summary['failed']} failed, {summary['skipped']} skipped"
     return line + (f", {summary['pending']} pending" if summary.get("pending") else "")
 
