@@ -385,12 +385,13 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
         _fail(exc)
     finally:
         set_reporter(None)
-    _finish(state, store, plan)
+    _finish(state, store, plan, cfg.profile)
 
 
-def _finish(state: Any, store: RunStore, plan: RunPlan) -> None:
+def _finish(state: Any, store: RunStore, plan: RunPlan, profile: str) -> None:
     """Print the outcome, the report last; exit with the code the README gives for it. A stop's
     line counts the parts on disk now, once every worker is gone."""
+    from catalogen.models.tiny.profile import profile_note
     from flows.run import outcome_line, run_summary, stop_line
 
     summary = run_summary(state)
@@ -399,7 +400,10 @@ def _finish(state: Any, store: RunStore, plan: RunPlan) -> None:
     if not isinstance(summary, dict):  # cancelled before it ran: another run holds the folder
         _fail(state.message or "the run was cancelled")
 
-    typer.echo(f"{outcome_line(summary)}\nresults: {display(location(summary['out']) / 'results.parquet')}")
+    typer.echo(outcome_line(summary))
+    if profile_note(profile):
+        typer.echo(profile_note(profile))
+    typer.echo(f"results: {display(location(summary['out']) / 'results.parquet')}")
     code = 0
     if summary.get("stopped"):
         err.print(stop_line(plan), soft_wrap=True, highlight=False)

@@ -38,6 +38,7 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
+<<<<<<< HEAD
 from catalogen.run.dryrun import record_throughput
 from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.storage.hashing import stable_hash
@@ -46,6 +47,16 @@ from catalogen.run.progress import tracker
 from catalogen.publish.report import write_report
 from catalogen.run.results import assemble_results, kept, summarize
 from catalogen.run.plan import (
+=======
+from catalogen.run.dryrun import record_throughput
+from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
+from catalogen.storage.hashing import stable_hash
+from catalogen.storage.lease import LeaseLost
+from catalogen.run.progress import tracker
+from catalogen.publish.report import write_report
+from catalogen.run.results import NOTE_MEANINGS, assemble_results, kept, summarize
+from catalogen.run.plan import (
+>>>>>>> main
     RunPlan,
     Selection,
     ShardOutcomes,
@@ -348,9 +359,10 @@ def run_summary(state: Any) -> Any:
 
 
 def outcome_line(summary: dict[str, Any]) -> str:
-    """`25 rows: 23 ok (2 degenerate), 1 failed, 1 skipped`: the counts a final state carries."""
-    notes = [f"{summary[k]} {k}" for k in ("fallback", "degenerate") if summary.get(k)]
-    ok = f"{summary['ok']} ok" + (f" ({', '.join(notes)})" if notes else "")
+    """`25 rows: 23 ok (2 degenerate: captions flagged as useless), 1 failed, 1 skipped`: the counts a
+    final state carries, each note with what it means."""
+    notes = [f"{summary[k]} {k}: {meaning}" for k, meaning in NOTE_MEANINGS.items() if summary.get(k)]
+    ok = f"{summary['ok']} ok" + (f" ({'; '.join(notes)})" if notes else "")
     line = f"{summary['rows']} rows: {ok}, {summary['failed']} failed, {summary['skipped']} skipped"
     return line + (f", {summary['pending']} pending" if summary.get("pending") else "")
 

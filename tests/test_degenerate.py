@@ -99,6 +99,18 @@ def test_summarize_counts_fallback_and_degenerate_rows_with_their_reasons(run_di
     }
 
 
+def test_the_outcome_line_says_what_its_notes_mean():
+    from flows.run import outcome_line
+
+    summary = {"rows": 25, "ok": 24, "fallback": 2, "degenerate": 12, "failed": 1, "skipped": 0}
+    assert outcome_line(summary) == ("25 rows: 24 ok (2 fallback: LLM answers that could not be used, the prompt kept "
+                                     "as given; 12 degenerate: captions flagged as useless), 1 failed, 0 skipped")
+    assert outcome_line({**summary, "fallback": 0, "degenerate": 0}) == "25 rows: 24 ok, 1 failed, 0 skipped"
+    from catalogen.models.tiny.profile import profile_note
+
+    assert "--profile sdxl" in profile_note("tiny-sdxl") and profile_note("sd15") is None
+
+
 def test_summary_reasons_are_trimmed_for_one_line(tmp_path: Path):
     rows = [{"id": "a", "prompt": "p", "caption": ("degenerate", "word " * 100), "caption_text": "x"}]
     reasons = summarize(pq.read_table(write_run(tmp_path / "run", rows) / "results.parquet"), STAGES)["reasons"]

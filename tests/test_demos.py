@@ -5,7 +5,9 @@ These are the commands the README shows; each runs here on two rows with fewer s
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ from typer.testing import CliRunner
 
 from catalogen.cli import app
 
+TINY_NOTE = ("profile tiny: real architectures, random weights: images and captions are noise; "
+             "use --profile sd15 for real output")
 FEWER_STEPS = ["--set", "generate.steps=2", "--set", "style.steps=2", "--set", "upscale.steps=2"]
 
 
@@ -36,6 +40,15 @@ def test_a_shipped_configuration_runs_its_demo(tmp_path: Path, monkeypatch, cata
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     df = pd.read_parquet(out / "results.parquet")
+    # The tiny profile says what it is, once in the output and in the report's header.
+    assert [line for line in result.output.splitlines() if "random weights" in line] == [TINY_NOTE]
+    header = re.search(r'<p class="note" id="profile-note">(.*?)</p>', (out / "report.html").read_text())
+    assert header is not None and html.unescape(header.group(1)) == TINY_NOTE
+    # A degenerate count says why (tasks/caption.py: a caption useless as a label).
+    degenerate = int((df.filter(like="_status") == "degenerate").any(axis=1).sum())
+    outcome = next(line for line in result.output.splitlines() if line.startswith("2 rows: "))
+    assert (f"2 ok ({degenerate} degenerate: captions flagged as useless)" in outcome) if degenerate else \
+        "degenerate" not in outcome, outcome
     assert len(df) == 2 and (df.status == "ok").all() and (df.stage == stages[-1]).all()
     assert json.loads((out / "run.json").read_text())["config"]["stages"] == stages
     for stage in stages:

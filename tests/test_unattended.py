@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -288,3 +289,70 @@ def test_the_temporary_api_server_dies_with_a_killed_cli(tmp_path: Path):
     proc.wait()
     wait_for(lambda: subprocess.run(["ps", "-p", str(servers[0]), "-o", "stat="], capture_output=True,
                                     text=True).stdout.strip() in ("", "Z"), 30, "the server to stop")
+
+
+def readme_terminals() -> list[list[str]]:
+    """The code blocks of the README's "Scheduling with Prefect" section, up to its first paragraph
+    after them: one per terminal, as lists of command lines."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Scheduling with Prefect\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"\n```\n(.*?)\n```\n", section, flags=re.S)
+    return [[line for line in block.splitlines() if line.strip()] for block in blocks]
+
+
+def fresh_clone(folder: Path) -> Path:
+    """The repository's tracked files, as a clone has them, with the `.venv` `make install` makes."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes((REPO / name).read_bytes())
+    (folder / ".venv").symlink_to(BIN.parent)
+    return folder
+
+
+@pytest.mark.timeout(600)
+def test_the_readmes_prefect_section_works_as_written(prefect_server: str, tmp_path: Path):
+    server, deploy_and_work, run_now = readme_terminals()
+    # Terminal 1 is the session's server, started as the README says (on a free port, so the URL
+    # the other terminals export is that port's).
+    assert server == ["source .venv/bin/activate", "prefect server start"]
+    clone = fresh_clone(tmp_path / "catalogen")
+    env = {k: v for k, v in cli_env().items() if not k.startswith("PREFECT_API")}  # the README exports it
+    env.update(PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5")  # poll often
+
+    def script(lines: list[str]) -> list[str]:
+        body = "\n".join(lines).replace("http://127.0.0.1:4200/api", prefect_server)
+        return ["bash", "-e", "-c", body]
+
+    log = tmp_path / "terminal-2.log"
+    with open(log, "w") as out:
+        worker = subprocess.Popen(script(deploy_and_work), cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        def worker_up() -> bool:
+            if worker.poll() is not None:
+                return True
+            try:
+                return bool(api(prefect_server, "work_pools/catalogen/workers/filter", {}))
+            except urllib.error.HTTPError:  # no such pool yet
+                return False
+
+        wait_for(worker_up, 300, "the worker to start", every=2)
+        assert worker.poll() is None, log.read_text()[-3000:]
+        third = subprocess.run(script(run_now), cwd=clone, env=env, capture_output=True, text=True, timeout=420)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        for deployment in api(prefect_server, "deployments/filter", {}):
+            if deployment["name"] in ("nightly-dataset", "nightly-products", "photos", "dataset-on-dask"):
+                api(prefect_server, f"deployments/{deployment['id']}", method="DELETE")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:] + log.read_text()[-3000:]
+    assert "Flow run finished successfully in 'Completed'" in third.stdout
+    out = clone / "outputs" / "nightly-dataset"
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 25 and (results.status == "ok").all()
+    # The CLI line, against the same server and folder, had nothing left to make.
+    invocations = json.loads((out / "run.json").read_text())["invocations"]
+    assert [i["pending"] for i in invocations] == [{"generate": 25, "caption": 25}, {"generate": 0, "caption": 0}]
+    assert "25 rows: 25 ok" in third.stdout and third.stdout.splitlines()[-1] == f"report: {out / 'report.html'}"

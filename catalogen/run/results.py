@@ -30,6 +30,9 @@ from catalogen.run.plan import RunPlan, done_results, stage_modules
 from catalogen.storage.store import STATUSES, SUCCEEDED
 
 NOTED = ("fallback", "degenerate")  # success statuses a person should still hear about
+# What each means, where a count of them is printed (see catalogen/storage/store.py STATUSES)
+NOTE_MEANINGS = {"fallback": "LLM answers that could not be used, the prompt kept as given",
+                 "degenerate": "captions flagged as useless"}
 SUMMARY_REASON_CHARS = 120  # reasons in summarize(): one line of a terminal or a Prefect artifact
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PATH = re.compile(r"(?<![\w.])/[^\s,;:)]+")

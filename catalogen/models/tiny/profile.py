@@ -25,6 +25,16 @@ TINY_VERSION = "2"
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
+def profile_note(profile: str) -> str | None:
+    """What a tiny profile's output is, said once where a person reads a run (its output, its
+    report), since noise can look like a bug; None for a real profile."""
+    if not profile.startswith("tiny"):
+        return None
+    real = "sdxl" if profile == "tiny-sdxl" else "sd15"
+    return (f"profile {profile}: real architectures, random weights: images and captions are noise; "
+            f"use --profile {real} for real output")
+
+
 def _bytes_to_unicode() -> list[str]:
     """The printable alphabet of byte-level BPE (the same mapping CLIP's tokenizer uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
