@@ -38,16 +38,6 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
-<<<<<<< HEAD
-from catalogen.run.dryrun import record_throughput
-from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
-from catalogen.storage.hashing import stable_hash
-from catalogen.storage.lease import LeaseLost
-from catalogen.run.progress import tracker
-from catalogen.publish.report import write_report
-from catalogen.run.results import assemble_results, kept, summarize
-from catalogen.run.plan import (
-=======
 from catalogen.run.dryrun import record_throughput
 from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.storage.hashing import stable_hash
@@ -56,7 +46,6 @@ from catalogen.run.progress import tracker
 from catalogen.publish.report import write_report
 from catalogen.run.results import NOTE_MEANINGS, assemble_results, kept, summarize
 from catalogen.run.plan import (
->>>>>>> main
     RunPlan,
     Selection,
     ShardOutcomes,

@@ -40,14 +40,6 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 import catalogen
-<<<<<<< HEAD:catalogen/publish/report.py
-from catalogen.storage.locations import Location, absolute, is_remote, location, put, read_table
-from catalogen.media.duplicates import duplicate_groups, recorded_max_distance
-from catalogen.media.placement import alpha_box
-from catalogen.media.pngmeta import A1111_SAMPLERS, format_parameters
-from catalogen.run.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
-from catalogen.storage.store import STATUSES, RunStateError, temp_file
-=======
 from catalogen.storage.locations import Location, absolute, is_remote, location, put, read_table
 from catalogen.media.duplicates import duplicate_groups, recorded_max_distance
 from catalogen.media.placement import alpha_box
@@ -55,7 +47,6 @@ from catalogen.media.pngmeta import A1111_SAMPLERS, format_parameters
 from catalogen.run.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
 from catalogen.storage.store import STATUSES, RunStateError, temp_file
 from catalogen.models.tiny.profile import profile_note
->>>>>>> main:catalogen/publish/report.py
 
 REPORT_FILE = "report.html"
 DATA_DIR = "report-data"
