@@ -44,6 +44,7 @@ from catalogen import registry, stopping
 from catalogen.prefect_api import PrefectAPI, prefect_environment, start_prefect_api
 from catalogen.runplan import (
     CatalogChanged,
+    RunPlan,
     Selection,
     check_folder_catalog,
     prepare,
@@ -292,9 +293,13 @@ def run(
 def _one_batch(catalog: Location, cfg: RunConfig) -> Callable[[], Any]:
     """The dry run's calibration: one batch through every stage in a temporary folder (flows/calibrate.py)."""
     def measure() -> Any:
-        from flows.calibrate import calibrate
+        from flows.calibrate import CalibrationStopped, calibrate
 
-        return calibrate(catalog, cfg)
+        try:
+            return calibrate(catalog, cfg)
+        except CalibrationStopped as exc:  # as a stopped run ends: 130 / 143
+            err.print(str(exc), soft_wrap=True, highlight=False)
+            raise typer.Exit(stopping.exit_code()) from None
     return measure
 
 
@@ -330,7 +335,7 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
         overrides, origins = _settings(set_, **named)
         cfg, store, _ = run_settings(catalog, out, config, overrides, origins)
         _refuse_if_busy(store)
-        prepare(catalog, cfg, store.root, selection)  # remembered: the flow reuses it
+        plan = prepare(catalog, cfg, store.root, selection)  # remembered: the flow reuses it
         check_folder_catalog(store, catalog, new_catalog)
     except REFUSALS as exc:
         api.abandon()
@@ -358,12 +363,13 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
         _fail(exc)
     finally:
         set_reporter(None)
-    _finish(state, store)
+    _finish(state, store, plan)
 
 
-def _finish(state: Any, store: RunStore) -> None:
-    """Print the outcome, the report last; exit with the code the README gives for it."""
-    from flows.run import outcome_line, run_summary
+def _finish(state: Any, store: RunStore, plan: RunPlan) -> None:
+    """Print the outcome, the report last; exit with the code the README gives for it. A stop's
+    line counts the parts on disk now, once every worker is gone."""
+    from flows.run import outcome_line, run_summary, stop_line
 
     summary = run_summary(state)
     if isinstance(summary, BaseException) and not state.is_cancelled():
@@ -374,7 +380,7 @@ def _finish(state: Any, store: RunStore) -> None:
     typer.echo(f"{outcome_line(summary)}\nresults: {Path(summary['out']) / 'results.parquet'}")
     code = 0
     if summary.get("stopped"):
-        err.print(state.message, soft_wrap=True, highlight=False)
+        err.print(stop_line(plan), soft_wrap=True, highlight=False)
         code = stopping.exit_code()
     elif summary["failed"]:
         err.print(f"[yellow]some rows failed; see the error column, and redo them with:[/] "

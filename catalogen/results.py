@@ -115,6 +115,18 @@ def assemble_results(plan: RunPlan, pending_label: str | None = None) -> pa.Tabl
     return table.filter(pa.array(plan.scope | recorded))
 
 
+def kept(plan: RunPlan) -> tuple[int, int, dict[str, int]]:
+    """What the parts on disk hold now, counted as the same command would: (rows finished, that is
+    with a result in every stage; rows of the results; per stage, the rows with a result, which a
+    re-run skips). Read at the end of a stopped run, after its last part was written, so a stop
+    line says what was kept, however the run's summary counted before."""
+    recorded = {name: done_results(plan, name, []).column("status").is_valid().to_numpy(zero_copy_only=False)
+                for name in plan.config.stages}
+    rows = plan.in_scope() | np.logical_or.reduce(list(recorded.values())) if recorded else plan.in_scope()
+    finished = np.logical_and.reduce(list(recorded.values())) & rows if recorded else rows
+    return int(finished.sum()), int(rows.sum()), {name: int((mask & rows).sum()) for name, mask in recorded.items()}
+
+
 IMAGE_LIST_FIELDS = ("path", "sha256", "bytes", "width", "height", "format")
 
 

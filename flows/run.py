@@ -42,7 +42,7 @@ from catalogen.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.hashing import stable_hash
 from catalogen.progress import tracker
 from catalogen.report import write_report
-from catalogen.results import assemble_results, summarize
+from catalogen.results import assemble_results, kept, summarize
 from catalogen.runplan import (
     RunPlan,
     Selection,
@@ -63,7 +63,7 @@ from catalogen.runplan import (
 )
 from catalogen.store import STATUSES, RunFolderBusy
 from flows.runners import Placement, Workers, cancel_remote, placement, record_workers
-from tasks.runner import needs_device, shard_task
+from tasks.runner import needs_device, relay, shard_task
 
 # catalogen's loggers reach Prefect's console and API (PREFECT_LOGGING_EXTRA_LOGGERS=catalogen),
 # and any other handler, also when the flow's code runs outside a flow run.
@@ -201,6 +201,9 @@ def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
         name = state.outcomes.shard.name
         try:
             counts = future.result()
+            relay(counts)
+            if counts.get("abandoned"):
+                continue  # given up at the stop: its rows stay pending; nothing after it starts
             absorb_part(plan, state.outcomes, stage, plan.store.read_table(plan.store.part_path(stage, name)))
             # Removed here, not by the task: a task whose worker died after its part was written runs
             # again elsewhere, and must find its input (it writes the same part again).
@@ -209,8 +212,6 @@ def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
             tracker.shard(stage, name, rows)  # the task's own reports stay in its process when that is a worker's
             driven.workers.add(counts)
             heartbeat.shard_done(stage, rows, len(in_flight))
-        except stopping.Abandoned:
-            continue  # its rows stay pending; nothing after it starts
         except Exception as exc:  # noqa: BLE001 - its rows read as failed in the results
             log.error("%s shard %s crashed: %s", stage, name, exc)
             driven.crashed.append(f"{stage}/{name}")
@@ -401,8 +402,7 @@ def catalogen_run(
     line = outcome_line(summary)
     log.info("report: %s", report) if report else log.info("results: %s", plan.store.results_path)
     if summary["stopped"]:
-        done = summary["rows"] - summary.get("pending", 0)
-        message = f"stopped: {done} of {summary['rows']} rows done ({line}); run the same command again to resume"
+        message = stop_line(plan)
         return Cancelled(message=message, data=RunOutcome(message, summary))
     if summary["failed"] or summary["crashed_shards"]:
         message = f"{summary['failed']} of {summary['rows']} rows failed"
@@ -411,6 +411,14 @@ def catalogen_run(
         message = f"{message}: {line}; see {plan.store.results_path}"
         return Failed(message=message, data=RunOutcome(message, summary))
     return Completed(message=line, data=summary)
+
+
+def stop_line(plan: RunPlan) -> str:
+    """`stopped: 4 of 25 rows finished; generate kept 8, caption 4; run the same command to continue`:
+    what the parts on disk hold when it is written (what the same command then skips)."""
+    finished, rows, stages = kept(plan)
+    counts = [f"{name} {'kept ' if not index else ''}{n}" for index, (name, n) in enumerate(stages.items())]
+    return f"stopped: {finished} of {rows} rows finished; {', '.join(counts)}; run the same command to continue"
 
 
 def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str]) -> tuple[dict[str, Any], Path | None]:

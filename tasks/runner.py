@@ -5,6 +5,9 @@ runs in a thread of the flow's process, in a Dask worker process, or on another 
 sees the same folder. The shard's part file appears, complete, only once every row has an
 outcome. `run_shard` is plain Python (it logs through the `catalogen` logger, which Prefect
 shows when it runs inside a flow); `shard_task` is the same function as a Prefect task.
+
+In a Dask worker, the shard's own lines (its summary, failed rows, model loads) go back in its
+result, and the flow logs them (`relay`): a worker's console is not the user's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -20,6 +24,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from catalogen import stopping
 from catalogen.config import RunConfig
@@ -65,8 +70,15 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     """Process one shard of one stage under a device lease and write its part.
 
     Returns row counts per status, and the process that ran it (`host:pid`) with the models it
-    loaded meanwhile: a Dask worker's own records never reach the flow's process otherwise.
+    loaded meanwhile, and in a Dask worker its log lines: a worker's own records never reach the
+    flow's process otherwise.
     """
+    with _lines_for_the_flow() as lines:
+        outcome = _run_shard(run_dir, stage, shard)
+    return {**outcome, "lines": lines} if lines else outcome
+
+
+def _run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     mark = load_mark()
     store = RunStore(run_dir)
     cfg, models = read_config(store)
@@ -97,6 +109,44 @@ def run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     tracker.shard(stage, shard, out.num_rows)
     return {"shard": shard, "stage": stage, "device": device_name, **counts,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "loads": loads_since(mark)}
+
+
+class _Lines(logging.Handler):
+    """catalogen's records of one thread, as (level, logger, message)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
+        self.lines: list[tuple[int, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.lines.append((record.levelno, record.name, record.getMessage()))
+
+
+@contextmanager
+def _lines_for_the_flow() -> Iterator[list[tuple[int, str, str]]]:
+    """In a Dask worker, catalogen's lines of this shard's thread, kept for its result (`relay`);
+    elsewhere nothing: the flow's own process shows them as they are logged."""
+    if not _in_dask_worker():
+        yield []
+        return
+    ours = logging.getLogger("catalogen")
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
+    handler = _Lines()
+    ours.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        ours.removeHandler(handler)
+
+
+def relay(outcome: dict[str, Any]) -> None:
+    """Log a shard's lines that a Dask worker kept in its result, under their own loggers, as the
+    threads runner logs them."""
+    for level, name, message in outcome.get("lines") or ():
+        logging.getLogger(name).log(level, "%s", message)
 
 
 def needs_device(stage: str, cfg: RunConfig) -> bool:
@@ -150,8 +200,18 @@ def _retry_unless_stopping(task: Any, task_run: Any, state: Any) -> bool:
     return not stopping.STOPPING.is_set()
 
 
+def _shard_unless_stopped(run_dir: str, stage: str, shard: str) -> dict[str, Any] | State:
+    """`run_shard`; a shard given up at a stop (not started, or still running when the grace period
+    ended) is no failure: its task ends Completed, named Abandoned, and its rows stay pending."""
+    try:
+        return run_shard(run_dir, stage, shard)
+    except stopping.Abandoned as exc:
+        outcome = {"stage": stage, "shard": shard, "abandoned": str(exc)}
+        return Completed(name="Abandoned", message=str(exc), data=outcome)
+
+
 shard_task = task(
-    run_shard,
+    _shard_unless_stopped,
     name="run-shard",
     task_run_name="{stage}-{shard}",
     cache_policy=NO_CACHE,

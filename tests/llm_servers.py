@@ -17,6 +17,8 @@ it. The requested model name picks the behaviour, so one server covers every cas
 - `huge`: a good answer padded to `huge_chars` characters
 - `bad-utf8`: 200 with a JSON body that is not valid UTF-8
 - `trickle`: headers at once, then the body one byte every `trickle_s` seconds
+- `held`: answers as `normal` does once the test adds a word of the user's text to `released`
+  (a shard held in flight exactly as long as the test wants)
 
 Every request is counted per model, with its Authorization header, its body and how many
 requests were in flight at once.
@@ -55,6 +57,7 @@ class ServerState:
     seen_texts: set[tuple[str, str]] = field(default_factory=set)
     in_flight: int = 0
     max_in_flight: int = 0
+    released: set[str] = field(default_factory=set)  # `held`: answer texts holding any of these
 
     def reset(self) -> None:
         with self.lock:
@@ -114,6 +117,10 @@ async def _respond(state: ServerState, request: Request, body: dict[str, Any]) -
     if model == "normal":
         await asyncio.sleep(state.delay_s)
         return JSONResponse(_completion(body, normal_answer(text, body.get("seed"))))
+    if model == "held":
+        while not any(word in text for word in set(state.released)):
+            await asyncio.sleep(0.02)
+        return JSONResponse(_completion(body, normal_answer(text, None)))
     if model == "slow":
         await asyncio.sleep(state.slow_s)
         return JSONResponse(_completion(body, normal_answer(text, None)))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import BIN, REPO, cli_env, prompts, write_catalog
@@ -176,14 +177,26 @@ def start_cli(out: Path, catalog: Path, *args: str, api_url: str | None = None) 
     )
 
 
+def part_ids(out: Path, stage: str) -> set[str]:
+    """The ids in a stage's parts on disk, read with pyarrow: what the same command then skips."""
+    parts = list((out / "stages" / stage).glob("part-*.parquet"))
+    return {i for part in parts for i in pq.read_table(part, columns=["id"]).column("id").to_pylist()}
+
+
+def stop_line(stderr: str) -> str:
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1, stderr
+    return stopped[0]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum, code, resume", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
 def test_a_signal_stops_the_cli_cleanly_and_the_same_command_resumes(tmp_path: Path, signum: int, code: int,
                                                                      resume: bool):
     catalog = write_catalog(tmp_path / "catalog.parquet", prompts(6))
     out = tmp_path / "out"
-    args = ("--rows-per-shard", "1", "--set", "generate.steps=12", "--set", "stop_grace_s=2",
-            "--set", "generate.width=32", "--set", "generate.height=32")
+    args = ("--rows-per-shard", "1", "--stages", "generate,caption", "--set", "generate.steps=12",
+            "--set", "stop_grace_s=2", "--set", "generate.width=32", "--set", "generate.height=32")
     proc = start_cli(out, catalog, *args)
     wait_for(lambda: list((out / "stages" / "generate").glob("part-*.parquet")) or proc.poll() is not None,
              240, "a first part", every=0.1)
@@ -192,24 +205,72 @@ def test_a_signal_stops_the_cli_cleanly_and_the_same_command_resumes(tmp_path: P
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and "ConnectError" not in stderr
     assert "View at" not in stderr  # no link to a temporary server that is gone when the command ends
-    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
-    assert len(stopped) == 1 and stopped[0].endswith("; run the same command again to resume"), stderr
+    # A shard that never started (it waited for the device) or was given up is no error.
+    assert not [line for line in stderr.splitlines() if "ERROR" in line or "Failed" in line], stderr
     assert stdout.splitlines()[-1] == f"report: {out / 'report.html'}"  # the last line names the report
+    # The stop line counts what the parts on disk hold per stage: what the same command skips.
+    generated, captioned = part_ids(out, "generate"), part_ids(out, "caption")
+    assert stop_line(stderr) == (f"stopped: {len(generated & captioned)} of 6 rows finished; generate kept "
+                                 f"{len(generated)}, caption {len(captioned)}; run the same command to continue")
     results = pd.read_parquet(out / "results.parquet")
-    parts = list((out / "stages" / "generate").glob("part-*.parquet"))
-    assert (results.status == "ok").sum() == len(parts) < 6
-    assert set(results.status) == {"ok", "pending"}
-    assert f"stopped: {len(parts)} of 6 rows done" in stopped[0]
+    assert set(results.id[results.status == "ok"]) == generated & captioned and 1 <= len(generated) < 6
+    assert set(results.id[results.status == "pending"]) == set(results.id) - (generated & captioned)
     assert not (out / "work").exists() or not any((out / "work").rglob("*.parquet"))
     if not resume:
         return
 
-    again = subprocess.run([str(BIN / "catalogen"), "run", str(catalog), "--out", str(out)], env=cli_env(),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([str(BIN / "catalogen"), "run", str(catalog), "--out", str(out)],
+                           env={**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO"}, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0, again.stderr
+    assert f"generate {6 - len(generated)} of 6 rows pending, caption {6 - len(captioned)} of 6" in again.stderr
     resumed = pd.read_parquet(out / "results.parquet")
     assert (resumed.status == "ok").all() and len(resumed) == 6
     assert set(resumed.generate_steps) == {12}  # the folder's settings, not the defaults
+
+
+GRACE_S = 10  # stop_grace_s of the next test
+QUICK_S, SLOW_S = 3, GRACE_S + 3  # after the stop, when the server answers each shard
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_in_flight_may_finish_within_the_grace_and_not_after(prefect_server: str, tmp_path: Path):
+    """Two shards held in flight by the LLM server at the stop: the one answered 3 s into the 10 s
+    grace writes its part, its row ok; the one answered 3 s after the grace was abandoned at the
+    grace's end: no part, its row pending, and the command ended by then with 130."""
+    from llm_servers import LLMServer
+
+    server = LLMServer().start()
+    catalog = write_catalog(tmp_path / "catalog.parquet", {"id": ["quick", "slow"],
+                                                          "prompt": ["a QUICK answer", "a SLOW answer"]})
+    out = tmp_path / "out"
+    try:
+        proc = start_cli(out, catalog, "--stages", "enhance", "--rows-per-shard", "1", "--set", f"stop_grace_s={GRACE_S}",
+                         "--set", "enhance.backend=openai", "--set", "enhance.model=held",
+                         "--set", f"enhance.base_url={server.url}", "--set", "enhance.timeout_s=120",
+                         "--set", f"enhance.answer_cache={tmp_path / 'answers.sqlite'}", api_url=prefect_server)
+        wait_for(lambda: server.state.requests["held"] == 2 or proc.poll() is not None, 240, "both shards in flight",
+                 every=0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        stopped = time.monotonic()
+        for word, after in (("QUICK", QUICK_S), ("SLOW", SLOW_S)):
+            while proc.poll() is None and time.monotonic() < stopped + after:
+                time.sleep(0.05)
+            server.state.released.add(word)
+        stdout, stderr = proc.communicate(timeout=GRACE_S + 20)
+        took = time.monotonic() - stopped
+    finally:
+        server.state.released.add("")  # every request answers, so the server stops
+        server.stop()
+    assert proc.returncode == 130, stderr
+    assert took < GRACE_S + 20, took  # the grace, then results, report and exit: not a wait for the slow shard
+    assert part_ids(out, "enhance") == {"quick"}
+    results = pd.read_parquet(out / "results.parquet").set_index("id")
+    assert results.status.to_dict() == {"quick": "ok", "slow": "pending"}
+    assert results.loc["quick", "enhance_prompt"].startswith("product photograph of a QUICK answer")
+    assert stop_line(stderr) == "stopped: 1 of 2 rows finished; enhance kept 1; run the same command to continue"
+    assert "abandoning 1 shard(s) still in flight after 10 s" in stderr
+    assert not [line for line in stderr.splitlines() if "ERROR" in line or "Failed" in line], stderr
 
 
 @pytest.mark.timeout(200)
