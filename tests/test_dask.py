@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import BIN, REPO, cli_env
@@ -60,18 +62,43 @@ def environ_kept() -> Iterator[None]:
     os.environ.update(saved)
 
 
+SHARD_LINE = re.compile(r"\| catalogen\.runner - (\w+ shard \w+: \d+ rows on \S+) in [\d.]+ s "
+                        r"\(waited [\d.]+ s for the device\): (.+)$")
+
+
+def shard_lines(stderr: str) -> list[str]:
+    """Each shard's summary line as the run printed it, without its timings; sorted."""
+    return sorted(": ".join(m.groups()) for m in map(SHARD_LINE.search, stderr.splitlines()) if m)
+
+
+def loads(stderr: str) -> set[str]:
+    return {line.split(" - ", 1)[1] for line in stderr.splitlines() if "| catalogen.models - loading " in line}
+
+
 @pytest.fixture(scope="module")
-def threads(tmp_path_factory) -> pd.DataFrame:
+def threads_run(tmp_path_factory) -> tuple[pd.DataFrame, str]:
     out = tmp_path_factory.mktemp("threads") / "out"
-    finish(start(out, "--runner", "threads"))
-    return made(out)
+    stderr = finish(start(out, "--runner", "threads"))
+    return made(out), stderr
+
+
+@pytest.fixture(scope="module")
+def threads(threads_run) -> pd.DataFrame:
+    return threads_run[0]
 
 
 @pytest.mark.timeout(300)
-def test_a_local_cluster_makes_the_same_bytes_and_keeps_models_resident_per_worker(tmp_path: Path, threads):
+def test_a_local_cluster_makes_the_same_bytes_and_keeps_models_resident_per_worker(tmp_path: Path, threads_run):
+    threads, threads_stderr = threads_run
     out = tmp_path / "out"
-    finish(start(out, "--runner", "dask", "--dask-workers", "2"))
+    stderr = finish(start(out, "--runner", "dask", "--dask-workers", "2"))
     pd.testing.assert_frame_equal(made(out), threads)
+    # A quiet console: catalogen's lines, each shard's summary as the threads runner prints it (relayed
+    # from the worker's result), distributed's lines only from WARNING, and workers that end by themselves.
+    assert not [line for line in stderr.splitlines() if "distributed." in line], stderr
+    assert "still alive" not in stderr and "killing" not in stderr, stderr
+    assert len(shard_lines(stderr)) == 12 and shard_lines(stderr) == shard_lines(threads_stderr), stderr
+    assert loads(stderr) == loads(threads_stderr) >= {f"loading {model} on cpu" for model in MODELS}
     assert len(threads) == 6 and threads.image_sha256.notna().all() and threads.caption_caption.notna().all()
 
     ran = workers(out)
@@ -122,9 +149,16 @@ def test_ctrl_c_stops_a_dask_run_and_keeps_what_is_done(tmp_path: Path):
     results = pd.read_parquet(out / "results.parquet")
     parts = list((out / "stages" / "generate").glob("part-*.parquet"))
     assert set(results.status) <= {"ok", "pending"} and "pending" in set(results.status)
-    # A cancelled task may still finish its part before its worker is stopped; the next run takes it.
+    # A cancelled task may still finish its part before its worker is stopped; the next run takes it,
+    # and the stop line, counted once the workers are gone, says so.
     assert 1 <= (results.generate_status == "ok").sum() <= len(parts) and (results.generate_status == "ok").sum() < 6
-    assert [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    kept = {stage: {i for part in (out / "stages" / stage).glob("part-*.parquet")
+                    for i in pq.read_table(part, columns=["id"]).column("id").to_pylist()}
+            for stage in ("generate", "caption")}
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert stopped == [f"stopped: {len(kept['generate'] & kept['caption'])} of 6 rows finished; generate kept "
+                       f"{len(kept['generate'])}, caption {len(kept['caption'])}; run the same command to continue"]
+    assert not [line for line in stderr.splitlines() if "ERROR" in line or "Failed" in line], stderr
 
 
 @pytest.mark.timeout(400)
