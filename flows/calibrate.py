@@ -4,6 +4,8 @@ The catalog's first rows (one batch: the largest `batch_size` among the stages) 
 stage with the run's settings, by the same flow as `catalogen run`, into a temporary folder that
 is removed afterwards; the seconds and bytes per row that run records (catalogen.dryrun) price the
 dry run. Nothing is written into the output folder; the model cache may be filled, as by any run.
+SIGINT or SIGTERM stops it as they stop a run (the batch's flow gets its grace), the temporary
+folder is removed, and `CalibrationStopped` tells the dry run to end with the signal's exit code.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from catalogen import stopping
 from catalogen.config import RunConfig
 from catalogen.prefect_api import prefect_environment, start_prefect_api
 from catalogen.store import RunStore
@@ -27,8 +30,22 @@ def batch_rows(cfg: RunConfig) -> int:
     return max([s for s in sizes if isinstance(s, int) and s > 0] or [DEFAULT_BATCH])
 
 
+class CalibrationStopped(Exception):
+    """A stop (SIGINT, SIGTERM) during the calibration: nothing was measured, nothing is left."""
+
+
 def calibrate(catalog: Any, cfg: RunConfig) -> tuple[dict[str, Any], int]:
     """Run one batch of the catalog's first rows in a temporary folder; its throughput and row count."""
+    stopping.reset()
+    with stopping.on_signals():
+        history, rows = _one_batch(catalog, cfg)
+    if stopping.STOPPING.is_set():
+        raise CalibrationStopped(f"stopped by {stopping.signal_name()} while calibrating; its temporary folder "
+                                 "is removed and nothing was written")
+    return history, rows
+
+
+def _one_batch(catalog: Any, cfg: RunConfig) -> tuple[dict[str, Any], int]:
     rows = batch_rows(cfg)
     prefect_environment()
     api = start_prefect_api()
@@ -40,6 +57,8 @@ def calibrate(catalog: Any, cfg: RunConfig) -> tuple[dict[str, Any], int]:
         config.write_text(yaml.safe_dump(settings, sort_keys=True, allow_unicode=True))
         out = Path(folder) / "out"
         url = api.ready()
+        if stopping.STOPPING.is_set():  # stopped while the API started: no batch
+            return {}, rows
         from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
         from flows.run import catalogen_run

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
-from conftest import REPO
+import pytest
+from conftest import BIN, REPO, cli_env, prompts, write_catalog
 from typer.testing import CliRunner
 
 from catalogen.cli import app
@@ -115,3 +120,29 @@ def test_calibration_times_one_batch_in_a_folder_it_removes(tmp_path: Path, monk
     assert set(Path(tempfile.gettempdir()).glob("catalogen-calibrate-*")) == scratch
     refused = invoke(*command[:-2], "--calibrate")  # without --dry-run: a usage error
     assert refused.exit_code == 2 and not out.exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_calibration_as_it_stops_a_run(tmp_path: Path, signum: int, code: int):
+    scratch = tmp_path / "tmp"  # the calibration's temporary folder is made here
+    scratch.mkdir()
+    catalog = write_catalog(tmp_path / "catalog.parquet", prompts(4))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [str(BIN / "catalogen"), "run", str(catalog), "--out", str(out), "--set", "generate.steps=150",
+         "--set", "generate.width=32", "--set", "generate.height=32", "--set", "stop_grace_s=1",
+         "--dry-run", "--calibrate"],
+        env={**cli_env(), "TMPDIR": str(scratch)}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(scratch.glob("catalogen-calibrate-*/out/run.json")) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signum)  # mid-batch, as Ctrl-C or a supervisor's SIGTERM does
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert f"stopped by {signal.Signals(signum).name} while calibrating" in stderr and "Traceback" not in stderr
+    assert "rows to do" not in stdout  # no estimate from a batch that did not finish
+    assert not list(scratch.glob("catalogen-calibrate-*")) and not out.exists()
