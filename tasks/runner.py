@@ -206,7 +206,8 @@ def _shard_unless_stopped(run_dir: str, stage: str, shard: str) -> dict[str, Any
     try:
         return run_shard(run_dir, stage, shard)
     except stopping.Abandoned as exc:
-        return Completed(name="Abandoned", message=str(exc), data={"stage": stage, "shard": shard, "abandoned": str(exc)})
+        outcome = {"stage": stage, "shard": shard, "abandoned": str(exc)}
+        return Completed(name="Abandoned", message=str(exc), data=outcome)
 
 
 shard_task = task(
