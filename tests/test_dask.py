@@ -87,7 +87,7 @@ def threads(threads_run) -> pd.DataFrame:
     return threads_run[0]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_a_local_cluster_makes_the_same_bytes_and_keeps_models_resident_per_worker(tmp_path: Path, threads_run):
     threads, threads_stderr = threads_run
     out = tmp_path / "out"
@@ -110,7 +110,7 @@ def test_a_local_cluster_makes_the_same_bytes_and_keeps_models_resident_per_work
     assert json.loads((out / "run.json").read_text())["config"]["runner"] == "dask"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_a_worker_killed_mid_run_costs_only_its_shards(tmp_path: Path, threads, environ_kept):
     from distributed import Client
 
@@ -133,7 +133,7 @@ def test_a_worker_killed_mid_run_costs_only_its_shards(tmp_path: Path, threads, 
         assert len(list((out / "stages" / stage).glob("part-*.parquet"))) == 6
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_ctrl_c_stops_a_dask_run_and_keeps_what_is_done(tmp_path: Path):
     out = tmp_path / "out"
     proc = subprocess.Popen([str(BIN / "catalogen"), "run", *DEMO, "--out", str(out), "--runner", "dask",

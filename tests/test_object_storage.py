@@ -101,7 +101,7 @@ def on_disk(tmp_path_factory, s3) -> pd.DataFrame:
     return made(str(out / "results.parquet"))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_run_in_a_bucket_equals_the_run_on_disk_and_every_folder_command_works_there(on_disk, s3, tmp_path):
     url = f"s3://{BUCKET}/runs/dask"
     stdout, stderr = finished(start(f"s3://{BUCKET}/catalogs/demo_prompts.parquet", url,
@@ -174,7 +174,7 @@ def test_a_run_in_a_bucket_equals_the_run_on_disk_and_every_folder_command_works
         assert SECRET.encode() not in fs.cat_file(name), name
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_sigkilled_run_in_a_bucket_resumes_and_a_second_run_is_refused(on_disk, s3):
     url = f"s3://{BUCKET}/runs/killed"
     fs = bucket_fs()
@@ -375,7 +375,7 @@ def test_a_run_that_lost_its_lease_writes_nothing_over_the_run_that_took_the_fol
     assert "Traceback" not in a_text
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_ends_a_run_whose_endpoint_went_silent_within_the_grace_and_ten_seconds(s3, proxy, tmp_path,
                                                                                        signum, code):
