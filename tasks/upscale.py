@@ -24,9 +24,11 @@ Key: the base pipeline and ControlNet (repo, resolved revision), every setting t
 pixels (factor, paste_product, strength, conditioning scale, steps, guidance, scheduler, tile size and overlap),
 the row's prompts, seed and input image; the pipeline adds the keys of the upstream rows it read.
 
-A tile's noise comes from its own CPU generator, seeded from (row seed, tile index) (`tile_seed`),
-and every call runs at the full batch size, so a row's image depends neither on the other rows nor
-on which of its tiles share a call.
+A tile's noise comes from its own CPU generator, seeded from (row seed, tile index) (`tile_seed`).
+A call holds one row's tiles only, in tile order, padded to the full batch size with copies: CPU
+kernels round a sample by one level differently at another place in the batch (measured), so
+sharing calls across rows would make a row's pixels depend on its neighbours and `reproduce`,
+which makes the row alone, would differ.
 
     >>> planned = plan(rows, cfg, {"pipeline": pipeline_identity, "controlnet": controlnet_identity})
     >>> results = process(planned, StageContext(cfg, RunStore("out"), identities, device, torch.float32))
@@ -652,14 +654,6 @@ def _absorb(outcome: Outcome, seconds: float) -> _Work | None:
     return work if work.left == 0 else None
 
 
-def _batch_signature(work: _Work) -> tuple:
-    """Tiles that can share one call: same tile shape and settings, same prompt encoding plan."""
-    row = work.row
-    settings = ("steps", "guidance_scale", "strength", "controlnet_conditioning_scale", "scheduler")
-    return (work.grid.tile_width, work.grid.tile_height, *(row[k] for k in settings), bool(row["negative_prompt"]),
-            work.chunks)
-
-
 def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     """Upscale one image per planned row; failures are recorded per row, never raised.
 
@@ -683,7 +677,7 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     # 2. Read each row's input and cut its output into tiles; a row whose input cannot be used fails here.
     rows = planned.select(PLAN_SCHEMA.names).to_pylist()
     results: list[dict[str, Any] | None] = [None] * len(rows)
-    groups: dict[tuple, list[_Tile]] = {}
+    groups: list[list[_Tile]] = []  # one row's tiles each: see the module docstring
     for position, row in enumerate(rows):
         try:
             work = _prepare(position, row, pipe, ctx)
@@ -691,14 +685,13 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
             results[position] = {**row, **common, "status": "failed", "error": str(exc), "seconds": 0.0,
                                  "finished_at": datetime.now(timezone.utc)}
             continue
-        tiles = groups.setdefault(_batch_signature(work), [])
-        tiles += [_Tile(work, index) for index in range(len(work.grid.boxes))]
+        groups.append([_Tile(work, index) for index in range(len(work.grid.boxes))])
     done = sum(r is not None for r in results)
     ctx.progress(done)
 
     # 3. Run the tiles through the batcher; blend each into its row; write a row once its last tile is in.
     batcher = AdaptiveBatcher(_batch_runner(pipe, controlnet), ctx.config.upscale.batch_size)
-    for tiles in groups.values():
+    for tiles in groups:
         started = time.perf_counter()
         for outcomes in batcher.run(tiles):
             seconds = (time.perf_counter() - started) / len(outcomes)

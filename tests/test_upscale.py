@@ -141,8 +141,8 @@ def test_output_size_is_exact_and_alpha_is_kept(tmp_path: Path, factor: int):
 
 
 def test_a_tiled_row_depends_on_its_own_row_only(tmp_path: Path):
-    # 24x16 x2 = 48x32 in tiles of 32: two tiles. In batches of 3 the target's tiles share calls
-    # with its neighbours' tiles; alone, they are padded with copies.
+    # 24x16 x2 = 48x32 in tiles of 32: two tiles, padded with a copy to the batch of 3 whether the
+    # row is alone or between neighbours (sharing calls with them moved a pixel by one level).
     target = {"id": "target", "prompt": "a brass lamp", "seed": 11, "image": noise(24, 16, 3)}
     settings = {"upscale.tile_size": 32, "upscale.tile_overlap": 4, "upscale.batch_size": 3}
     models.clear_cache()

@@ -28,7 +28,7 @@ from catalogen.models.identity import MissingModelsError, ModelIdentity
 from catalogen.models.rembg import KIND as REMBG_KIND, resolve_rembg
 from catalogen.models.tiny.profile import ensure_tiny, tiny_root
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("catalogen.models")  # the name its lines have always carried
 
 TINY_PREFIX = "tiny:"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
