@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("stages and publishing", ("tasks", "catalogen.publish"),
      "one module per stage; the report and exports, which read what a run recorded"),
     ("run", ("catalogen.run",), "plan, recipes, batching, device leases, results, status"),
+    ("review rules", ("catalogen.review",), "a reviewer's decisions; ranking candidates and gating them"),
     ("stage contract", ("catalogen.registry", "catalogen.stage"), "what a stage is and is given; where stages are found"),
     ("models", ("catalogen.models",), "identity, loading, add-ons, diffusion; the tiny profile"),
     ("configuration", ("catalogen.config",), "the run's settings; each stage's section is attached by the registry"),
