@@ -19,7 +19,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, get_args
+from typing import Annotated, Any, Callable, Literal, Mapping, get_args
 
 import yaml
 from pydantic import (
@@ -103,6 +103,18 @@ class DaskSettings(Strict):
     )
 
 
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Amount = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class BudgetSettings(Strict):
+    """What one invocation of `catalogen run` may spend; reaching any one stops it as a stop does."""
+
+    device_hours: Amount | None = Field(None, description="device time held by the stages, in hours")
+    cost: Amount | None = Field(None, description="money, in the unit of `costs:` prices (needs `costs:`)")
+    wall_hours: Amount | None = Field(None, description="wall-clock time of the invocation, in hours")
+
+
 class RunConfig(Strict):
     """The run-wide settings; `config_model()` adds one section per registered stage."""
 
@@ -143,6 +155,12 @@ class RunConfig(Strict):
     duplicates: DuplicatesSettings = Field(
         DuplicatesSettings(), description="near-duplicate final images, found by pHash at the end of a run"
     )
+
+    costs: dict[str, Price] = Field(
+        {}, description="price per device-hour by device kind (cpu, cuda) or name ('NVIDIA H100 80GB HBM3'); "
+        "a name wins over a kind. None: costs are null, not 0",
+    )
+    budget: BudgetSettings = Field(BudgetSettings(), description="what one invocation may spend; none: no limit")
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

@@ -3,8 +3,8 @@
 A decision is never rewritten: each is a new file with a unique name, created whole (renamed into
 place and synced on a disk, one PUT on a bucket), so two reviewers at once lose nothing and a
 server killed after answering has already written what it answered. A row's state is its latest
-decision; `undo` takes back the decision it names. Whether a decision still applies (the image it
-was made on, `key`, is still the row's) is for the caller that knows the row's current key.
+decision; `undo` takes back the decision it names. A decision applies only while the row's image
+is still the one it was made on (`key`, the image's sha256): catalogen/review/state.py checks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Decision:
     id: str  # the catalog row's id
     decision: str  # one of KINDS
     variant: int  # the candidate decided on; for `choose`, the one that ships
-    key: str  # the key of the image it was made on (results.parquet's `key`)
+    key: str  # the image it was made on: its `image_sha256` in results.parquet
     reviewer: str
     at: str  # ISO 8601, UTC, microseconds: the order decisions are applied in
     reason: str = ""  # why a row was rejected
