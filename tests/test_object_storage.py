@@ -152,7 +152,7 @@ def test_a_run_in_a_bucket_equals_the_run_on_disk_and_every_folder_command_works
     # an orphan image is listed by clean, and removed with --yes
     fs.pipe_file(f"{BUCKET}/runs/dask/images/generate/zz/orphan.png", b"x")
     listed = catalogen("clean", url)
-    assert listed.returncode == 0 and listed.stdout.splitlines()[0] == "images/generate/zz/orphan.png"
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0] == f"{url}/images/generate/zz/orphan.png"
     assert catalogen("clean", url, "--yes").returncode == 0
     assert not fs.exists(f"{BUCKET}/runs/dask/images/generate/zz/orphan.png")
     assert catalogen("verify", url).returncode == 0
