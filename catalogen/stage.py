@@ -19,10 +19,12 @@ a row `skipped` when its upstream did not succeed.
 Optional: `POSITION` (its place in pipeline order, see catalogen/registry.py; default last),
 `PATH_COLUMNS` (catalog columns of file paths, checked and made absolute like catalog images),
 `PATH_SETTINGS` (its settings that name a file, e.g. style's `style_image`), `SETTINGS_FROM` (other
-sections it reads, e.g. `generate` for its model) and `needs_device(cfg)` (False: the stage's shards
-take no device lease, e.g. a server). `PATH_COLUMNS`, `PATH_SETTINGS` and `SETTINGS_FROM` also decide
-what each image's recipe holds (catalogen/run/recipe.py); a stage that makes images puts
-`**ctx.recipe_entry(row)` in their provenance, so `catalogen reproduce` can make them again.
+sections it reads, e.g. `generate` for its model), `needs_device(cfg)` (False: the stage's shards
+take no device lease, e.g. a server) and `disk_bound(cfg)` (a rough bound of the bytes one row's
+files take, for `run --dry-run` before any run measured them; default: the planned width x height
+as PNG). `PATH_COLUMNS`, `PATH_SETTINGS` and `SETTINGS_FROM` also decide what each image's recipe
+holds (catalogen/run/recipe.py); a stage that makes images puts `**ctx.recipe_entry(row)` in their
+provenance, so `catalogen reproduce` can make them again.
 
 Every stage's `OUTPUT_SCHEMA` starts with `SHARED_COLUMNS`; a stage that makes images adds
 `IMAGE_COLUMNS` (use `output_schema`). The results and resume read nothing else.

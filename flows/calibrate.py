@@ -3,7 +3,9 @@
 The catalog's first rows (one batch: the largest `batch_size` among the stages) run through every
 stage with the run's settings, by the same flow as `catalogen run`, into a temporary folder that
 is removed afterwards; the seconds and bytes per row that run records (catalogen.run.dryrun) price the
-dry run. Nothing is written into the output folder; the model cache may be filled, as by any run.
+dry run, which keeps them in the shared store beside the model cache under its own settings' keys
+(catalogen/run/measurements.py). Nothing is written into the output folder; the model cache may be
+filled, as by any run.
 SIGINT or SIGTERM stops it as they stop a run (the batch's flow gets its grace), the temporary
 folder is removed, and `CalibrationStopped` tells the dry run to end with the signal's exit code.
 """
@@ -61,9 +63,11 @@ def _one_batch(catalog: Any, cfg: RunConfig) -> tuple[dict[str, Any], int]:
             return {}, rows
         from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
+        from catalogen.run.dryrun import kept_out_of_the_shared_store
         from flows.run import catalogen_run
 
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}):
+        api_settings = {PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}
+        with temporary_settings(api_settings), kept_out_of_the_shared_store():
             catalogen_run(catalog=str(catalog), out=str(out), config=str(config), limit=rows, return_state=True)
         store = RunStore(out)
         history = store.read_run_json().get("throughput") if store.is_run() else None

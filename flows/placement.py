@@ -95,6 +95,8 @@ class Workers:
 
     shards: Counter = field(default_factory=Counter)
     loads: dict[str, dict[int, str]] = field(default_factory=dict)
+    load_seconds: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)  # stage -> (worker, seq)
+    stage_workers: dict[str, set[str]] = field(default_factory=dict)
 
     def add(self, outcome: Mapping[str, Any]) -> None:
         worker = outcome.get("worker")
@@ -102,6 +104,21 @@ class Workers:
             return
         self.shards[worker] += 1
         self.loads.setdefault(worker, {}).update(outcome.get("loads") or {})
+        stage = str(outcome.get("stage"))
+        self.stage_workers.setdefault(stage, set()).add(worker)
+        seconds = self.load_seconds.setdefault(stage, {})
+        for seq, took in (outcome.get("load_seconds") or {}).items():
+            if not any((worker, seq) in loads for loads in self.load_seconds.values()):
+                seconds[(worker, seq)] = took  # a load two shards saw counts once, for the first one's stage
+
+    def stage_loads(self) -> dict[str, dict[str, float]]:
+        """Per stage: the workers that ran it and the seconds the models it loaded took in each
+        (`catalogen.run.dryrun` adds them once per worker, apart from the seconds per row)."""
+        found = {stage: dict.fromkeys(sorted(workers), 0.0) for stage, workers in self.stage_workers.items()}
+        for stage, loads in self.load_seconds.items():
+            for (worker, _), took in loads.items():
+                found[stage][worker] += took
+        return found
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """{"host:pid": {"shards": 3, "loads": {"tiny:sd15 (pipeline)": 1, …}}}"""

@@ -38,7 +38,7 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
-from catalogen.run.dryrun import record_throughput
+from catalogen.run.dryrun import record_folder_files, record_throughput
 from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.storage.hashing import stable_hash
 from catalogen.storage.lease import LeaseLost
@@ -283,13 +283,22 @@ def _with_duplicates(plan: RunPlan, results, hash_new: bool):
     return results
 
 
-def _record_throughput(plan: RunPlan, results, started) -> None:
-    """Seconds and bytes per row, per stage and device kind, into run.json (what `run --dry-run` prices
-    with); one that cannot be recorded is logged, not fatal."""
+def _record_throughput(plan: RunPlan, results, started, workers: Workers) -> None:
+    """Seconds and bytes per row and load seconds, per stage and device kind, into run.json and the
+    shared store beside the model cache (what `run --dry-run` prices with); one that cannot be
+    recorded is logged, not fatal."""
     try:
-        record_throughput(plan.store, results, plan.config.stages, started)
+        record_throughput(plan, results, started, workers.stage_loads())
     except Exception as exc:  # noqa: BLE001 - the run's outputs are complete without it
         log.warning("could not record throughput in %s: %s: %s", plan.store.run_json, type(exc).__name__, exc)
+
+
+def _record_folder_files(plan: RunPlan, results) -> None:
+    """Bytes per row of the folder's own files, into the shared store (`run --dry-run` counts them)."""
+    try:
+        record_folder_files(plan, results)
+    except Exception as exc:  # noqa: BLE001 - the run's outputs are complete without it
+        log.warning("could not measure the files of %s: %s: %s", plan.store.root, type(exc).__name__, exc)
 
 
 def _write_report(plan: RunPlan) -> Path | None:
@@ -456,9 +465,10 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
     results = assemble_results(plan, pending_label="pending" if driven.stopped else None)
     results = _with_duplicates(plan, results, hash_new=not driven.stopped)
     plan.store.write_results(results)
-    _record_throughput(plan, results, started)
+    _record_throughput(plan, results, started, driven.workers)
     plan.store.clear_leftovers()
     report = _write_report(plan)
+    _record_folder_files(plan, results)
     summary = {**summarize(results, cfg.stages), "out": str(plan.store.root), "crashed_shards": len(driven.crashed),
                "pending_before": pending, "report": str(report) if report else None, "stopped": driven.stopped}
     summary["pending"] = int(pc.sum(pc.equal(results.column("status"), "pending")).as_py() or 0)

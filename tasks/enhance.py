@@ -23,7 +23,6 @@ the backends, the parser and the cache.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,7 +34,7 @@ from pydantic import Field
 from catalogen.run.batching import AdaptiveBatcher
 from catalogen.config import ModelSpec, RunConfig
 from catalogen.storage.hashing import column_keys, sha256_bytes
-from catalogen.models.loading import ModelIdentity, cached
+from catalogen.models.loading import ModelIdentity, WorkTimer, cached
 from catalogen.stage import StageContext, output_schema
 from catalogen.storage.store import now_utc
 from tasks.llm import (
@@ -221,14 +220,14 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     step = settings.batch_size if settings.backend == "local" else settings.concurrency * 4
     batcher = AdaptiveBatcher(run, step)
     records: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    timer = WorkTimer()  # a model loaded meanwhile is not a row's time
     for outcomes in batcher.run(rows):
-        seconds = (time.perf_counter() - started) / len(outcomes)
+        seconds = timer.elapsed() / len(outcomes)
         finished = now_utc()
         for outcome in outcomes:
             records.append(_record(outcome, settings, revision, ctx, seconds, finished))
         ctx.progress(len(records))
-        started = time.perf_counter()
+        timer.restart()
     return pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
 
 

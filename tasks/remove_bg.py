@@ -26,7 +26,6 @@ row only.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,7 +42,7 @@ from catalogen.media.credentials import sign_stage_image
 from catalogen.storage.hashing import column_keys, sha256_bytes
 from catalogen.media.images import ImageLoadError, catalog_sources, read_planned
 from catalogen.media.labels import read_label, source_type
-from catalogen.models.loading import TINY_PREFIX, ModelIdentity, cached
+from catalogen.models.loading import TINY_PREFIX, ModelIdentity, WorkTimer, cached
 from catalogen.media.placement import (
     alpha_box,
     canvas_size,
@@ -431,9 +430,9 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     # 2. Each row alone: read and decode, cut out, measure, write; record every row.
     results = []
     for done, row in enumerate(planned.select(PLAN_SCHEMA.names).to_pylist(), start=1):
-        started = time.perf_counter()
+        timer = WorkTimer()
         record = _process_row(row, session, ctx)
-        results.append({**row, **common, **record, "seconds": time.perf_counter() - started,
+        results.append({**row, **common, **record, "seconds": timer.elapsed(),
                         "finished_at": datetime.now(timezone.utc)})
         ctx.progress(done)
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)

@@ -34,7 +34,6 @@ No model and no device: `needs_device` is False.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping
@@ -49,7 +48,7 @@ from catalogen.media.credentials import sign_stage_image
 from catalogen.storage.hashing import column_keys, sha256_bytes
 from catalogen.media.images import ImageLoadError, catalog_sources, read_planned
 from catalogen.media.labels import EXTENSIONS, Label, encode, read_label
-from catalogen.models.loading import ModelIdentity
+from catalogen.models.loading import ModelIdentity, WorkTimer
 from catalogen.media.placement import color_hex, parse_color, place
 from catalogen.stage import StageContext, output_schema
 
@@ -187,6 +186,25 @@ class Settings(RootModel[list[Rendition]]):
         if repeated:
             raise ValueError(f"rendition name(s) {', '.join(repeated)} used twice; give each its own `name`")
         return self
+
+
+UNSIZED_SIDE = 1024  # what the disk bound takes a rendition without size or box (the source's size) to be
+
+
+def disk_bound(cfg: RunConfig) -> float | None:
+    """A rough bound of the bytes one row's renditions take, for a dry run before any run measured
+    them: each file's pixels (its box; its long side squared) x its format's bytes per pixel."""
+    from catalogen.run.dryrun import BYTES_PER_PIXEL
+
+    items = cfg.renditions.root
+    if not items:
+        return None
+    total = 0.0
+    for item in items:
+        side = item.size or UNSIZED_SIDE
+        width, height = parse_box(item.box) if item.box else (side, side)
+        total += width * height * BYTES_PER_PIXEL[item.format]
+    return total
 
 
 PLAN_SCHEMA = pa.schema([
@@ -392,9 +410,9 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     """
     results = []
     for done, row in enumerate(planned.select(PLAN_SCHEMA.names).to_pylist(), start=1):
-        started = time.perf_counter()
+        timer = WorkTimer()
         record = _process_row(row, ctx)
         results.append({"id": row["id"], "variant": row["variant"], "key": row["key"], "device": "cpu", **record,
-                        "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc)})
+                        "seconds": timer.elapsed(), "finished_at": datetime.now(timezone.utc)})
         ctx.progress(done)
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)

@@ -29,7 +29,7 @@ from prefect.states import Completed, State
 from catalogen import stopping
 from catalogen.config import RunConfig
 from catalogen.run.devices import Device, default_dtype, lease, visible_devices
-from catalogen.models.loading import load_mark, loads_since
+from catalogen.models.loading import load_mark, load_seconds_since, loads_since
 from catalogen.run.progress import tracker
 from catalogen.run.recipe import run_catalog, take_recipes
 from catalogen.run.plan import read_config
@@ -108,7 +108,8 @@ def _run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     counts = _log_outcome(stage, shard, out, device_name, seconds, waited)
     tracker.shard(stage, shard, out.num_rows)
     return {"shard": shard, "stage": stage, "device": device_name, **counts,
-            "worker": f"{socket.gethostname()}:{os.getpid()}", "loads": loads_since(mark)}
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "loads": loads_since(mark),
+            "load_seconds": load_seconds_since(mark)}
 
 
 class _Lines(logging.Handler):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping
@@ -60,7 +59,7 @@ from catalogen.media.credentials import sign_stage_image
 from catalogen.models.diffusion import finite, load_pipeline
 from catalogen.storage.hashing import MAX_SEED, column_keys, stable_hash
 from catalogen.media.images import ImageLoadError, catalog_sources, open_input, read_planned
-from catalogen.models.loading import ModelIdentity, cached
+from catalogen.models.loading import ModelIdentity, WorkTimer, cached
 from catalogen.media.placement import Box, alpha_box, composite, product_layer, product_pixels_equal, scale_box
 from catalogen.media.labels import source_type
 from catalogen.media.pngmeta import encode_png, format_parameters
@@ -692,9 +691,9 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
     # 3. Run the tiles through the batcher; blend each into its row; write a row once its last tile is in.
     batcher = AdaptiveBatcher(_batch_runner(pipe, controlnet), ctx.config.upscale.batch_size)
     for tiles in groups:
-        started = time.perf_counter()
+        timer = WorkTimer()  # a model loaded meanwhile is not a row's time
         for outcomes in batcher.run(tiles):
-            seconds = (time.perf_counter() - started) / len(outcomes)
+            seconds = timer.elapsed() / len(outcomes)
             complete = []
             for outcome in outcomes:
                 work = _absorb(outcome, seconds)
@@ -708,7 +707,7 @@ def process(planned: pa.Table, ctx: StageContext) -> pa.Table:
                 work.release()
             done += len(complete)
             ctx.progress(done)
-            started = time.perf_counter()
+            timer.restart()
     return pa.Table.from_pylist(results, schema=OUTPUT_SCHEMA)
 
 

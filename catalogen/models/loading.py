@@ -237,6 +237,28 @@ _cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
 _lock = threading.RLock()
 _loads: list[dict[str, Any]] = []
 _sequence = 0  # numbers every load and release of this process; never reset
+_clock = threading.local()  # per thread: seconds spent in `cached` (loading, or waiting for a load)
+
+
+def loading_seconds() -> float:
+    """Seconds this thread has spent getting models from `cached` (a load, or waiting on another
+    thread's): what `WorkTimer` leaves out of a row's time."""
+    return getattr(_clock, "seconds", 0.0)
+
+
+class WorkTimer:
+    """Seconds of work since (re)start, this thread's model loading left out, so every stage's
+    seconds per row mean the same thing wherever its models happen to load (loads are recorded
+    once per load, in `load_events` and run.json's throughput)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self._started, self._loading = time.perf_counter(), loading_seconds()
+
+    def elapsed(self) -> float:
+        return max(0.0, time.perf_counter() - self._started - (loading_seconds() - self._loading))
 
 
 def _record(event: dict[str, Any]) -> None:
@@ -256,6 +278,12 @@ def loads_since(mark: int) -> dict[int, str]:
     once in one process may each report the same load; its number keeps it counted once."""
     with _lock:
         return {e["seq"]: f"{e['repo']} ({e['what']})" for e in _loads if e["event"] == "load" and e["seq"] >= mark}
+
+
+def load_seconds_since(mark: int) -> dict[int, float]:
+    """Seconds each of this process's loads since `mark` took, by sequence number (as `loads_since`)."""
+    with _lock:
+        return {e["seq"]: e["seconds"] for e in _loads if e["event"] == "load" and e["seq"] >= mark}
 
 
 def load_count() -> int:
@@ -324,6 +352,14 @@ def cached(key: tuple, device: str, build: Callable[[], Any], budget_gb: float |
     `key` is (what, repo, revision, device, dtype, …). Loads are serialised, so two threads never
     load the same model twice.
     """
+    asked = time.perf_counter()
+    try:
+        return _cached(key, device, build, budget_gb)
+    finally:
+        _clock.seconds = loading_seconds() + time.perf_counter() - asked
+
+
+def _cached(key: tuple, device: str, build: Callable[[], Any], budget_gb: float | None) -> Any:
     with _lock:
         entry = _cache.get(key)
         if entry is not None:

@@ -10,7 +10,6 @@ pad every call to that size: see tasks/generate.py for why an image must not see
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
@@ -18,6 +17,7 @@ from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 import torch
 
 from catalogen import stopping
+from catalogen.models.loading import WorkTimer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -85,14 +85,14 @@ def record_batches(
 
     A job has `position` (its index in `results`) and `row` (its planned values). `records` turns a
     batch's outcomes into their rows' outcome columns (status, error, image, ...); the batch's time
-    is shared by its rows, and the batch size each ran at is recorded.
+    is shared by its rows (model loads left out: `WorkTimer`), and the batch size each ran at is recorded.
     """
     done = sum(result is not None for result in results)
     for jobs in groups:
-        started = time.perf_counter()
+        timer = WorkTimer()
         for outcomes in batcher.run(jobs):
             found = records(outcomes)
-            seconds = (time.perf_counter() - started) / len(outcomes)
+            seconds = timer.elapsed() / len(outcomes)
             finished = datetime.now(timezone.utc)
             for outcome, record in zip(outcomes, found):
                 results[outcome.item.position] = {
@@ -101,4 +101,4 @@ def record_batches(
                 }
             done += len(outcomes)
             progress(done)
-            started = time.perf_counter()
+            timer.restart()
