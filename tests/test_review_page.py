@@ -394,3 +394,36 @@ def test_compaction_folds_every_decision_into_one_file_and_an_interrupted_one_lo
     later = _decide(store, "chair", "regenerate", note="n")  # a single file beside the folded one
     assert decisions.read(store) == [*before, later]
     assert set(decisions.latest(decisions.read(store))) == {"lamp", "chair"}
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def test_the_report_shows_each_rows_review_state_reviewer_and_reason_and_filters_by_state(run, chromium, tmp_path):
+    from catalogen.publish.report import write_report
+
+    folder = fresh_copy(run, tmp_path)
+    store = RunStore(folder)
+    sha = {(r["id"], r["variant"]): r["image_sha256"] for r in pq.read_table(folder / "results.parquet").to_pylist()}
+    for row_id, kind, variant, reason in (("hostile", "reject", 0, "smudged <label>"), ("lamp", "choose", 1, "")):
+        decisions.record(store, Decision(id=row_id, decision=kind, variant=variant, key=sha[(row_id, variant)],
+                                         reviewer="dora", at=decisions.now(), reason=reason))
+    html = write_report(folder)
+    context = chromium.new_context()
+    page = context.new_page()
+    page.goto(Path(html).resolve().as_uri())
+    page.wait_for_selector("body[data-rendered]")
+
+    def shown(state: str) -> list[tuple[str, str]]:
+        before = page.get_attribute("body", "data-rendered")
+        page.select_option("#filter-review", state)
+        page.wait_for_function(f"document.body.dataset.rendered !== {json.dumps(before)}")
+        return [tuple(card) for card in page.eval_on_selector_all("article.row", "cards => cards.map(c => [c.dataset.id, c.dataset.review])")]
+
+    assert shown("rejected") == [("hostile", "rejected")] * VARIANTS
+    assert page.text_content("article.row dd.review") == "rejected · smudged <label> · by dora"
+    assert shown("alternate") == [("lamp", "alternate")] * (VARIANTS - 1)
+    assert sorted(shown("approved")) == sorted([("cup", "approved")] * VARIANTS + [("chair", "approved")] * VARIANTS
+                                               + [("lamp", "approved")])
+    assert "review=approved" in page.url
+    context.close()

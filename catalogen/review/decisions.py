@@ -15,6 +15,7 @@ a decision written meanwhile stays in its own file.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -96,9 +97,16 @@ def _in_file(store: RunStore, relative: str) -> list[Decision]:
 
 
 def files(store: RunStore) -> list[str]:
-    """The files decisions are kept in now (paths under the run folder), for `read(skip=...)`."""
-    return [relative for relative, _ in store.files_under(FOLDER)
-            if relative.endswith(".jsonl" if relative.rsplit("/", 1)[-1].startswith(COMPACTED) else ".json")]
+    """The files decisions are kept in now (paths under the run folder), for `read(skip=...)`: one
+    listing of names (no stat per file: a page asks before each decision)."""
+    folder = store.root / FOLDER
+    try:
+        names = [n.rsplit("/", 1)[-1] for n in store.root.fs.ls(folder.path, detail=False)] if store.remote \
+            else os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(f"{FOLDER}/{name}" for name in names
+                  if name.endswith(".jsonl" if name.startswith(COMPACTED) else ".json") and not name.startswith("."))
 
 
 def _read_files(store: RunStore, relatives: Iterable[str]) -> dict[str, Decision]:

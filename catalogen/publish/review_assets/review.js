@@ -2,7 +2,7 @@
 // Every text reaches the page through textContent, never as HTML.
 "use strict";
 
-const view = { page: 1, pages: 1, items: [], index: 0, asking: null, renders: 0 };
+const view = { page: 1, pages: 1, items: [], index: 0, asking: null, renders: 0, counts: {}, reasons: [] };
 const $ = (id) => document.getElementById(id);
 
 function element(tag, text, className) {
@@ -40,8 +40,14 @@ async function load(page, index) {
 }
 
 function tally(data) {
-  $("counts").textContent = Object.entries(data.counts).filter(([, n]) => n).map(([s, n]) => `${s} ${n}`).join(" · ");
-  reasons(data.reasons);
+  view.counts = data.counts;
+  view.reasons = data.reasons;
+  showTally();
+}
+
+function showTally() {
+  $("counts").textContent = Object.entries(view.counts).filter(([, n]) => n).map(([s, n]) => `${s} ${n}`).join(" · ");
+  reasons(view.reasons);
 }
 
 function reasons(found) {
@@ -141,9 +147,23 @@ function detail(item) {
   }
 }
 
+// A decision's answer is the product alone: the counts and reasons follow it here (a page load
+// counts them again, other reviewers' decisions included).
 function replace(product) {
   const i = view.items.findIndex((item) => item.id === product.id);
-  if (i >= 0) view.items[i] = product;
+  if (i < 0) return;
+  const old = view.items[i];
+  view.items[i] = product;
+  view.counts[old.state] = (view.counts[old.state] || 1) - 1;
+  view.counts[product.state] = (view.counts[product.state] || 0) + 1;
+  const counted = (reason) => view.reasons.find(([r]) => r === reason);
+  if (old.reason && counted(old.reason)) counted(old.reason)[1] -= 1;
+  if (product.reason) {
+    if (counted(product.reason)) counted(product.reason)[1] += 1;
+    else view.reasons.push([product.reason, 1]);
+  }
+  view.reasons = view.reasons.filter(([, n]) => n > 0);
+  showTally();
 }
 
 async function decide(kind, variant, extra) {
@@ -154,7 +174,6 @@ async function decide(kind, variant, extra) {
   try {
     const data = await api("/api/decide", { id: item.id, decision: kind, variant, key: candidate.key, ...extra });
     replace(data.product);
-    tally(data);
     say(`${kind} ${item.id} variant ${variant}: saved by ${data.decision.reviewer}`);
   } catch (error) {
     say(`${kind} ${item.id}: ${error.message}`, true);
@@ -166,7 +185,6 @@ async function undo() {
   try {
     const data = await api("/api/undo", {});
     replace(data.product);
-    tally(data);
     const i = view.items.findIndex((item) => item.id === data.product.id);
     if (i >= 0) view.index = i;
     say(`undid ${data.decision.undoes} (${data.product.id}): ${data.product.state}`);
