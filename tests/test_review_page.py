@@ -3,7 +3,7 @@ server as users start it (the CLI, a subprocess), decisions checked on disk (dec
 state.current), not only on the page.
 
 One tiny run of 4 ids x 3 variants is made once for the module; tests that change the folder
-beyond decisions work on a copy.
+beyond decisions work on a copy. The bucket case uses test_object_storage's moto S3 server.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from conftest import BIN, FAST, cli_env, write_catalog
@@ -32,6 +31,7 @@ from catalogen.review.decisions import Decision
 from catalogen.review.state import current
 from catalogen.storage.store import RunStore
 from flows.run import catalogen_run, run_summary
+from test_object_storage import s3  # noqa: F401 - the module's moto S3 server, a fixture
 
 CHROMIUM = os.environ.get("CATALOGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -176,13 +176,13 @@ class Page:
         self.context.close()
 
 
-def states(folder: Path) -> dict[tuple[str, int], tuple]:
+def states(folder: Path | str) -> dict[tuple[str, int], tuple]:
     table = current(RunStore(folder))
     return {(r["id"], r["variant"]): (r["review_state"], r["review_reason"], r["review_by"], r["selected"])
             for r in table.select(["id", "variant", "review_state", "review_reason", "review_by", "selected"]).to_pylist()}
 
 
-def standing(folder: Path) -> dict[str, Decision]:
+def standing(folder: Path | str) -> dict[str, Decision]:
     return decisions.latest(decisions.read(RunStore(folder)))
 
 
@@ -305,7 +305,7 @@ def test_every_request_needs_the_token_and_only_the_runs_images_are_served(run, 
     for path in ("/", "/api/products", f"/files/{image}", "/assets/review.js"):
         assert server.request(path, token=None)[0] == 401, path
         assert server.request(path, token="not-the-token")[0] == 403, path
-    assert server.request(f"/?token=not-the-token", token=None)[0] == 403
+    assert server.request("/?token=not-the-token", token=None)[0] == 403
     body = {"id": "cup", "decision": "approve", "variant": 0, "key": "x"}
     assert server.request("/api/decide", body, token=None)[0] == 401
     assert server.request("/api/decide", json.dumps(body).encode(), content_type="application/x-www-form-urlencoded")[0] == 403
@@ -355,10 +355,15 @@ def test_a_changed_image_needs_review_again_and_the_page_reloads_the_results(run
     sha = table.column("image_sha256").to_pylist()
     sha[0] = "0" * 64  # cup v0 was made again: another image
     table = table.set_column(table.schema.get_field_index("image_sha256"), "image_sha256", pa.array(sha))
-    # and the rows now bring a catalog photo (as product rows do), relative to the catalog's folder
-    RunStore(folder).write_results(table.append_column("image", pa.array(["photo.png"] * table.num_rows)))
+    # and the rows now bring a catalog photo (as product rows do), relative to the catalog's folder,
+    table = table.append_column("image", pa.array(["photo.png"] * table.num_rows))
+    # and a product more, first in the catalog
+    desk = table.filter(pa.compute.equal(table.column("id"), "chair"))
+    desk = desk.set_column(0, "id", pa.array(["desk"] * desk.num_rows))
+    RunStore(folder).write_results(pa.concat_tables([desk, table]))
     page = server.products(state="needs_review")
     assert [i["id"] for i in page["items"]] == ["cup"] and page["items"][0]["reason"].startswith("the image changed")
+    assert [i["id"] for i in server.products()["items"]] == ["desk", *IDS]
     assert states(folder)[("cup", 0)][0] == "needs_review"
     stale = server.request("/api/decide", {"id": "cup", "decision": "approve", "variant": 0, "key": item["candidates"][0]["key"]})
     assert stale[0] == 409 and b"changed" in stale[1]
@@ -427,3 +432,28 @@ def test_the_report_shows_each_rows_review_state_reviewer_and_reason_and_filters
                                                + [("lamp", "approved")])
     assert "review=approved" in page.url
     context.close()
+
+
+# --- a run folder in a bucket ---------------------------------------------------------------------
+
+
+def test_a_run_folder_in_a_bucket_is_reviewed_and_its_decisions_are_objects_there(run, servers, s3):
+    import fsspec
+
+    from test_object_storage import BUCKET
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    fs.put(str(run), f"{BUCKET}/review-run", recursive=True)
+    url = f"s3://{BUCKET}/review-run"
+    server = serve(servers, url, "--reviewer", "erin", env=cli_env())
+    assert server.line.startswith(f"review {url} at http://127.0.0.1:")
+    item = server.products()["items"][0]
+    status, image = server.request(item["candidates"][0]["image"])
+    assert status == 200 and image == (run / item["candidates"][0]["image"].removeprefix("/files/")).read_bytes()
+    status, body = server.request("/api/decide", {"id": item["id"], "decision": "reject", "variant": item["main"],
+                                                  "key": item["candidates"][0]["key"], "reason": "wrong colour"})
+    assert status == 200, body
+    kept = standing(url)[item["id"]]
+    assert (kept.decision, kept.reason, kept.reviewer) == ("reject", "wrong colour", "erin")
+    assert fs.ls(f"{BUCKET}/review-run/{decisions.FOLDER}") == [f"{BUCKET}/review-run/{decisions.FOLDER}/{kept.name}"]
+    assert server.products(state="rejected")["items"][0]["by"] == "erin"

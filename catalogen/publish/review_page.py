@@ -138,6 +138,7 @@ class ReviewData:
         """Read results.parquet and every decision; index products, files and states."""
         with self.lock:
             self.version = self._results_version()
+            self.main: np.ndarray | None = None  # set once the decisions are applied
             table = with_defaults(self.store.read_table(self.store.results_path))
             self.table = table
             self.small = table.select(["id", "variant", "image_sha256", *REVIEW_SCHEMA.names])
@@ -215,7 +216,7 @@ class ReviewData:
         decided = apply_decisions(self.small.take(rows), {i: self.standing[i] for i in ids if i in self.standing})
         for name in REVIEW_SCHEMA.names:
             self.now[name][rows] = _objects(decided.column(name))
-        if hasattr(self, "main"):
+        if self.main is not None:
             for product in products:
                 self.main[product] = self._main_row(product)
 
