@@ -235,6 +235,14 @@ def test_keyboard_decisions_are_written_at_once_and_a_reload_keeps_them(run, chr
     assert states(folder)[("chair", 0)][:3] == ("approved", None, "default")
     assert page.page.get_attribute("#detail", "data-state") == "approved"
 
+    # The buttons do what the keys do; K goes back.
+    before = page.page.get_attribute("body", "data-rendered")
+    page.page.click("#actions button[data-key='a']")
+    page.page.wait_for_function(f"document.body.dataset.rendered !== {json.dumps(before)}")
+    assert (standing(folder)["chair"].decision, standing(folder)["chair"].reviewer) == ("approve", "alice <b>")
+    page.key("k")
+    assert page.shown() == "lamp"
+
     # A reload keeps every state, as the folder has it.
     page.page.reload()
     page.drawn()
