@@ -557,6 +557,53 @@ def report(
     typer.echo(display(path))
 
 
+@app.command()
+def review(
+    run_dir: str = RunArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; any but 127.0.0.1, localhost or ::1 needs --allow-remote."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port to listen on (0: any free one)."),
+    reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Name recorded with each decision (default: your user name)."),
+    open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow --host to be an address other machines can reach."),
+    compact: bool = typer.Option(False, "--compact", help="Fold the decision files into one and exit (no page)."),
+) -> None:
+    """Serve a page where a person approves, rejects, chooses or regenerates each product; prints its URL.
+
+    Each decision is written at once under review/decisions/ in the run folder. Ctrl-C stops it.
+    """
+    _require_run(run_dir)
+    from catalogen.publish import review_page
+    from catalogen.review import decisions
+
+    store = RunStore(run_dir)
+    if compact:
+        try:
+            kept, removed = decisions.compact(store)
+        except (decisions.DecisionError, OSError) as exc:
+            _fail(exc)
+        typer.echo(f"{kept} decision(s) in one file ({removed} file(s) folded)")
+        return
+    if host not in review_page.LOCAL_HOSTS and not allow_remote:
+        _fail(f"--host {host} lets other machines reach the page; add --allow-remote to allow it")
+    import getpass
+
+    try:
+        data = review_page.ReviewData(store, reviewer or getpass.getuser())
+        sock = review_page.listen(host, port)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except (review_page.ReviewError, decisions.DecisionError, RunStateError) as exc:
+        _fail(exc)
+    token = review_page.new_token()
+    url = review_page.url_of(sock, host, token)
+    typer.echo(f"review {display(run_dir)} at {url} (Ctrl-C stops)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    review_page.serve(data, sock, token, display(run_dir))
+
+
 EXPORT_EXIT_CODES = (
     "Exit codes: 0 done; 1 refused, nothing created: the run folder, an option that does not fit the run "
     "(a column it lacks), or --out (the filesystem root, the run folder or a folder inside it, a file, a path "

@@ -40,12 +40,13 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 import catalogen
-from catalogen.storage.locations import Location, absolute, is_remote, location, put, read_table
+from catalogen.storage.locations import Location, absolute, is_remote, location, put
 from catalogen.media.duplicates import duplicate_groups, recorded_max_distance
 from catalogen.media.placement import alpha_box
 from catalogen.media.pngmeta import A1111_SAMPLERS, format_parameters
 from catalogen.run.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
-from catalogen.storage.store import STATUSES, RunStateError, temp_file
+from catalogen.review import state as review_state
+from catalogen.storage.store import STATUSES, RunStateError, RunStore, temp_file
 from catalogen.models.tiny.profile import profile_note
 
 REPORT_FILE = "report.html"
@@ -60,6 +61,7 @@ ASSETS = Path(__file__).with_name("report_assets")
 
 # One character per status in index.js, so the filters scan 100,000 rows without parsing objects.
 STATUS_CODES = {"ok": "o", "fallback": "b", "degenerate": "d", "failed": "f", "skipped": "s"}
+REVIEW_CODES = {"approved": "a", "rejected": "r", "needs_review": "n", "alternate": "l"}  # review_state, the same way
 NO_STATUS = "-"
 # The prompt a row started from (before an enhance stage rewrote it) and the one the image was made from.
 BEFORE_COLUMNS = ("enhance_source_prompt", "generate_source_prompt")
@@ -80,13 +82,14 @@ class ThumbJob:
 
 
 def read_run(run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """results.parquet and run.json (empty when absent: a results file alone still makes a report)."""
+    """results.parquet, with each row's review state as of now (reviewers' decisions applied), and
+    run.json (empty when absent: a results file alone still makes a report)."""
     results_path = run_dir / "results.parquet"
     if not results_path.exists():
         raise RunStateError(f"{results_path} does not exist: run `catalogen run` into {run_dir} first")
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return read_table(results_path), info
+    return review_state.current(RunStore(run_dir)), info
 
 
 def run_stages(results: pa.Table, info: dict[str, Any]) -> list[str]:
@@ -430,6 +433,9 @@ def row_record(row: dict[str, Any], stages: list[str], shown_images: list[str], 
         "after": after,
         "neg": row.get("generate_negative_prompt") or None,
         "cap": row.get(CAPTION_COLUMN),
+        "rv": row.get("review_state"),
+        "rr": row.get("review_reason"),
+        "rb": row.get("review_by"),
         "dup": _near_duplicate_of(row),
         "par": parameters_line(row),
         "ss": [row.get(f"{s}_status") for s in stages],
@@ -441,7 +447,8 @@ def row_record(row: dict[str, Any], stages: list[str], shown_images: list[str], 
 
 def _row_columns(results: pa.Table, stages: list[str], shown_images: list[str]) -> list[str]:
     wanted = ["id", "variant", "status", "stage", "error", "prompt", "seed", *BEFORE_COLUMNS, *AFTER_COLUMNS,
-              CAPTION_COLUMN, "near_duplicate_of", "near_duplicate_of_variant", "near_duplicate_distance"]
+              CAPTION_COLUMN, "near_duplicate_of", "near_duplicate_of_variant", "near_duplicate_distance",
+              "review_state", "review_reason", "review_by"]
     wanted += [f"generate_{name}" for name in PARAMETER_COLUMNS]
     for stage in stages:
         wanted += [f"{stage}_{c}" for c in ("status", "error", "seed")]
@@ -460,9 +467,9 @@ def row_chunks(results: pa.Table, stages: list[str], shown_images: list[str], th
         yield [row_record(row, stages, shown_images, thumbs) for row in rows]
 
 
-def status_string(values: pa.ChunkedArray) -> str:
-    """One character per row (STATUS_CODES, NO_STATUS for none): what the status filter scans."""
-    return "".join(STATUS_CODES.get(v, NO_STATUS) for v in values.to_pylist())
+def status_string(values: pa.ChunkedArray, codes: dict[str, str] = STATUS_CODES) -> str:
+    """One character per row (`codes`, NO_STATUS for none): what the status and review filters scan."""
+    return "".join(codes.get(v, NO_STATUS) for v in values.to_pylist())
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -504,6 +511,8 @@ def _index(results: pa.Table, stages: list[str], shown_images: list[str], reason
         "codes": {code: status for status, code in STATUS_CODES.items()},
         "status": status_string(results.column("status")),
         "stageStatus": {s: status_string(results.column(f"{s}_status")) for s in stages},
+        "reviewCodes": {code: state for state, code in REVIEW_CODES.items()},
+        "review": status_string(results.column("review_state"), REVIEW_CODES),
         "reasons": [{"reason": reason, "rows": count} for reason, count in reasons],
         "reasonOf": reason_of,
     }
@@ -555,6 +564,7 @@ def write_report(run_dir: str | Location, *, workers: int | None = None) -> Loca
         "rows_with_reason": sum(count for _, count in reasons),
         "duplicates": near_duplicates(results, thumbs),
         "statuses": STATUSES,
+        "review_states": review_state.STATES,
         "data_dir": DATA_DIR,
         "folder": absolute(root),
         "profile_note": profile_note(str(info.get("config", {}).get("profile", ""))),

@@ -15,12 +15,17 @@
   const codeOf = {};
   Object.keys(report.codes).forEach(function (code) { codeOf[report.codes[code]] = code; });
   const chunkLoads = {};
-  const view = { status: "", stage: "", reason: "", page: 0, pageRows: report.pageRows, matches: null };
+  const reviewCodeOf = {};
+  Object.keys(report.reviewCodes).forEach(function (code) { reviewCodeOf[report.reviewCodes[code]] = code; });
+  const view = { status: "", stage: "", reason: "", review: "", page: 0, pageRows: report.pageRows, matches: null };
 
   // --- filtering ------------------------------------------------------------------------------
 
   function rowMatches(i, wanted) {
     if (view.reason !== "" && report.reasonOf[i] !== Number(view.reason)) {
+      return false;
+    }
+    if (view.review !== "" && report.review[i] !== reviewCodeOf[view.review]) {
       return false;
     }
     if (!wanted) {
@@ -160,6 +165,7 @@
     const card = el("article", "row st-" + row.s);
     card.dataset.id = row.id;
     card.dataset.status = row.s;
+    card.dataset.review = row.rv || "";
     const head = el("header");
     head.appendChild(el("span", "badge " + row.s, row.s));
     head.appendChild(el("span", "id", row.id));
@@ -187,6 +193,7 @@
     field(fields, "negative", row.neg);
     field(fields, "caption", row.cap, "caption");
     field(fields, "near-duplicate of", row.dup, "duplicate");
+    field(fields, "review", row.rv ? [row.rv, row.rr, row.rb ? "by " + row.rb : ""].filter(Boolean).join(" · ") : "", "review");
     field(fields, "error", row.e, "error");
     if (row.se) {
       Object.keys(row.se).forEach(function (stage) {
@@ -255,7 +262,7 @@
 
   function saveHash() {
     const params = new URLSearchParams();
-    ["status", "stage", "reason"].forEach(function (key) { if (view[key] !== "") { params.set(key, view[key]); } });
+    ["status", "stage", "reason", "review"].forEach(function (key) { if (view[key] !== "") { params.set(key, view[key]); } });
     if (view.page) {
       params.set("page", String(view.page + 1));
     }
@@ -273,11 +280,13 @@
     view.status = params.get("status") || "";
     view.stage = report.stages.indexOf(params.get("stage")) >= 0 ? params.get("stage") : "";
     view.reason = params.get("reason") || "";
+    view.review = reviewCodeOf[params.get("review")] ? params.get("review") : "";
     view.page = Math.max(0, (parseInt(params.get("page"), 10) || 1) - 1);
     view.pageRows = parseInt(params.get("per"), 10) || report.pageRows;
     $("filter-status").value = view.status;
     $("filter-stage").value = view.stage;
     $("filter-reason").value = view.reason;
+    $("filter-review").value = view.review;
     $("page-size").value = String(view.pageRows);
   }
 
@@ -285,6 +294,7 @@
     view.status = $("filter-status").value;
     view.stage = $("filter-stage").value;
     view.reason = $("filter-reason").value;
+    view.review = $("filter-review").value;
     view.page = 0;
     filterRows();
     return draw();
@@ -303,7 +313,7 @@
       option.value = String(k);
       reasonSelect.appendChild(option);
     });
-    ["filter-status", "filter-stage", "filter-reason"].forEach(function (id) { $(id).addEventListener("change", refilter); });
+    ["filter-status", "filter-stage", "filter-reason", "filter-review"].forEach(function (id) { $(id).addEventListener("change", refilter); });
     $("page-size").addEventListener("change", function () {
       view.pageRows = Number($("page-size").value);
       goTo(0);
