@@ -47,6 +47,8 @@ from catalogen.media.pngmeta import A1111_SAMPLERS, format_parameters
 from catalogen.run.results import NOTED, error_reason, image_prefix, recorded_images, row_notes, rows_with
 from catalogen.storage.store import STATUSES, RunStateError, temp_file
 from catalogen.models.tiny.profile import profile_note
+from catalogen.publish.spending import spending
+from catalogen.run.costs import money
 
 REPORT_FILE = "report.html"
 DATA_DIR = "report-data"
@@ -559,6 +561,8 @@ def write_report(run_dir: str | Location, *, workers: int | None = None) -> Loca
         "folder": absolute(root),
         "profile_note": profile_note(str(info.get("config", {}).get("profile", ""))),
         "catalogen_version": catalogen.__version__,
+        "spending": spending(results, stages),
+        "money": money,
     }
     path = root / REPORT_FILE
     replace_file(path, render_html(context).encode())
