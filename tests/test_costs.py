@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from catalogen.cli import app
 from catalogen.config import BudgetSettings, ConfigError, load_config
-from catalogen.run.costs import (Meter, amount, budget_line, check_budget, given, row_totals, spending_lines,
+from catalogen.run.costs import (Meter, amount, budget_line, check_budget, given, price, row_totals, spending_lines,
                                  with_device_time)
 from catalogen.stage import Device
 from catalogen.storage.store import RunStore
@@ -227,3 +227,15 @@ def test_wall_hours_count_from_the_invocations_start():
     assert meter.check() is None
     meter.started -= 3600.0
     assert meter.check() == "wall_hours" and meter.spent("wall_hours") >= 1.0
+
+
+def test_a_devices_name_wins_over_its_kind():
+    costs = {"cuda": 2.10, "NVIDIA H100 80GB HBM3": 3.20, "cpu": 0.05}
+    assert price(costs, Device("cuda:0", "gpu-a", "NVIDIA H100 80GB HBM3")) == 3.20
+    assert price(costs, Device("cuda:1", "gpu-b", "NVIDIA A10G")) == 2.10
+    assert price(costs, Device("cpu", "cpu")) == 0.05
+    assert price({"cuda": 2.10}, Device("cpu", "cpu")) is None
+    # the price of the device that ran it: 36 device-seconds on the H100 cost 0.032
+    assert with_device_time(pa.table({"device_seconds": [None, None], "cost": [None, None]},
+                                     schema=pa.schema([("device_seconds", pa.float64()), ("cost", pa.float64())])),
+                            72.0, 3.20).column("cost").to_pylist() == pytest.approx([0.032, 0.032])
