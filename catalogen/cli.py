@@ -356,6 +356,7 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
         api = start_prefect_api()  # seconds of start-up, overlapped with planning a large catalog
         overrides, origins = _settings(set_, **named)
         cfg, store, _ = run_settings(catalog, out, config, overrides, origins)
+        _check_budget(cfg)
         _refuse_if_busy(store)
         plan = prepare(catalog, cfg, store.root, selection)  # remembered: the flow reuses it
         check_folder_catalog(store, catalog, new_catalog)
@@ -388,6 +389,14 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
     _finish(state, store, plan, cfg.profile)
 
 
+def _check_budget(cfg: RunConfig) -> None:
+    """A cost budget needs a price for the run's devices: refused here, before the flow starts."""
+    from catalogen.run.costs import check_budget
+    from catalogen.run.devices import visible_devices
+
+    check_budget(cfg, visible_devices(cfg.device))
+
+
 def _finish(state: Any, store: RunStore, plan: RunPlan, profile: str) -> None:
     """Print the outcome, the report last; exit with the code the README gives for it. A stop's
     line counts the parts on disk now, once every worker is gone."""
@@ -405,6 +414,8 @@ def _finish(state: Any, store: RunStore, plan: RunPlan, profile: str) -> None:
         typer.echo(profile_note(profile))
     typer.echo(f"results: {display(location(summary['out']) / 'results.parquet')}")
     code = 0
+    if summary.get("budget"):  # stopped by its budget: done for tonight, exit 0
+        typer.echo(summary["budget"])
     if summary.get("stopped"):
         err.print(stop_line(plan), soft_wrap=True, highlight=False)
         code = stopping.exit_code()
@@ -421,6 +432,7 @@ def _finish(state: Any, store: RunStore, plan: RunPlan, profile: str) -> None:
 def status(run_dir: str = RunArg) -> None:
     """Done, failed and pending rows per stage, from the run folder alone (no model, no Prefect)."""
     _require_run(run_dir)
+    from catalogen.run.costs import spending_lines
     from catalogen.run.inspect import folder_status
 
     try:
@@ -437,6 +449,8 @@ def status(run_dir: str = RunArg) -> None:
     Console().print(table)
     typer.echo(f"running now: {report['running']}" if report["running"] else "not running")
     store = RunStore(run_dir)
+    for line in spending_lines(store.read_run_json()):
+        typer.echo(line)
     if any(counts.get("failed") for counts in report["stages"].values()):
         typer.echo(f"redo the failed rows: {rerun_command(store, '--retry-failed')}")
     elif any(counts.get("pending") for counts in report["stages"].values()) and not report["running"]:

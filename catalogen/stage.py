@@ -54,6 +54,10 @@ SHARED_COLUMNS = [
     pa.field("error", pa.string()),  # the reason, for failed, skipped and fallback rows
     pa.field("seconds", pa.float64()),
     pa.field("device", pa.string()),
+    # The row's share of the time its shard held the device lease (catalogen/run/costs.py), and that
+    # time's price; filled by the runner, not the stage (a stage leaves them null).
+    pa.field("device_seconds", pa.float64()),
+    pa.field("cost", pa.float64()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
 ]
 # An optional planned column: why a row will not run in this stage (null: it runs). The runner
@@ -73,6 +77,12 @@ class Device:
 
     name: str  # what torch calls it in this process: "cpu", "cuda:0", …
     physical_id: str  # stable across processes, whatever CUDA_VISIBLE_DEVICES says
+    model: str = ""  # what the hardware is called ("NVIDIA H100 80GB HBM3"), a key of `costs:`; "" for the CPU
+
+    @property
+    def kind(self) -> str:
+        """`cpu` or `cuda`: the other key of `costs:`."""
+        return self.name.split(":", 1)[0]
 
     def __str__(self) -> str:
         return self.name

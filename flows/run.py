@@ -38,6 +38,9 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogen import stopping
+from catalogen.config import ConfigError
+from catalogen.run.costs import Meter, amount, budget_line, check_budget, given, record_costs
+from catalogen.run.devices import visible_devices
 from catalogen.run.dryrun import record_folder_files, record_throughput
 from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.storage.hashing import stable_hash
@@ -117,6 +120,7 @@ class _ShardProgress:
 class _Driven:
     crashed: list[str]  # "stage/shard" of shards whose task failed
     stopped: bool = False  # a stop was asked for: rows not reached stay pending
+    budget: str | None = None  # the budget setting that stopped it (catalogen/run/costs.py), if one did
     workers: Workers = field(default_factory=Workers)  # the processes that ran shards, and their model loads
 
 
@@ -144,12 +148,26 @@ class _Heartbeat:
         log.info("progress: %s rows; %d shard(s) in flight", counts, in_flight)
 
 
-def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
+def _over_budget(meter: Meter, in_flight: dict[PrefectFuture, _InFlight], grace: float,
+                 starting: int | None = None) -> bool:
+    """Whether a budget stops the run now: spent, or crossed by the shard of `starting` rows (see Meter.check)."""
+    if meter.reached is not None:
+        return True
+    if meter.check([(len(s.outcomes.shard.rows), s.stage) for s in in_flight.values()], starting) is None:
+        return False
+    log.warning("budget.%s reached (%s of %s spent): no new shard starts; %d shard(s) in flight get up to %g s "
+                "to finish", meter.reached, amount(meter.spent(meter.reached)), given(getattr(meter.budget, meter.reached)),
+                len(in_flight), grace)
+    stopping.STOPPING.set()  # as a signal does: shards waiting for a device do not start
+    return True
+
+
+def _drive(plan: RunPlan, masks, done, where: Placement, meter: Meter) -> _Driven:
     """Run every shard through its stages, at most `where.window` task runs at once.
 
-    On a stop (SIGINT, SIGTERM, a Prefect cancel) no new task starts; tasks in flight get
-    `stop_grace_s` to finish, then are abandoned: they write no part, so their rows stay pending
-    (tasks in other processes are cancelled with their futures).
+    On a stop (SIGINT, SIGTERM, a Prefect cancel, a budget reached: `meter`) no new task starts;
+    tasks in flight get `stop_grace_s` to finish, then are abandoned: they write no part, so their
+    rows stay pending (tasks in other processes are cancelled with their futures).
     """
     shards = cut_shards(plan, masks)
     steps = len(plan.config.stages)
@@ -171,17 +189,25 @@ def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
         future.add_done_callback(finished.put)
         return index - start
 
+    upcoming = next(queue_, None)  # the next shard to start
+    grace = plan.config.stop_grace_s
     while True:
+        if upcoming is not None and deadline is None and not stopping.STOPPING.is_set():
+            _over_budget(meter, in_flight, grace)  # spent (wall time too), while shards wait to start
         if stopping.STOPPING.is_set() and deadline is None:
-            deadline = time.monotonic() + plan.config.stop_grace_s
+            deadline = time.monotonic() + grace
             driven.stopped = True
-            log.warning("%s received: no new shard starts; %d shard(s) in flight get up to %g s to finish",
-                        stopping.signal_name() or "stop", len(in_flight), plan.config.stop_grace_s)
-        while deadline is None and len(in_flight) < where.window:
-            shard = next(queue_, None)
-            if shard is None:
+            driven.budget = meter.reached if stopping.signal_name() is None else None
+            if driven.budget is None:
+                log.warning("%s received: no new shard starts; %d shard(s) in flight get up to %g s to finish",
+                            stopping.signal_name() or "stop", len(in_flight), grace)
+        while deadline is None and upcoming is not None and len(in_flight) < where.window:
+            if _over_budget(meter, in_flight, grace, len(upcoming.rows)):
                 break
-            progress.advance(submit(initial_outcomes(shard, done), 0))
+            progress.advance(submit(initial_outcomes(upcoming, done), 0))
+            upcoming = next(queue_, None)
+        if stopping.STOPPING.is_set() and deadline is None:
+            continue  # a budget reached just now: the stop above takes it from here
         if not in_flight:
             return driven
         if deadline is not None and time.monotonic() >= deadline and not stopping.ABANDON.is_set():
@@ -206,7 +232,9 @@ def _drive(plan: RunPlan, masks, done, where: Placement) -> _Driven:
             relay(counts)
             if counts.get("abandoned"):
                 continue  # given up at the stop: its rows stay pending; nothing after it starts
-            absorb_part(plan, state.outcomes, stage, plan.store.read_table(plan.store.part_path(stage, name)))
+            part = plan.store.read_table(plan.store.part_path(stage, name))
+            absorb_part(plan, state.outcomes, stage, part)
+            meter.add(stage, part)
             # Removed here, not by the task: a task whose worker died after its part was written runs
             # again elsewhere, and must find its input (it writes the same part again).
             plan.store.shard_input_path(stage, name).unlink(missing_ok=True)
@@ -381,7 +409,8 @@ def catalogen_run(
     """Run every configured stage over the catalog's pending rows and write results.parquet.
 
     Relative paths start at the project root. Without `config`, an existing output folder's
-    recorded settings are used (then `overrides`). Ends Completed when every row succeeded, Failed
+    recorded settings are used (then `overrides`). Ends Completed when every row succeeded, or when
+    its `budget:` stopped it (the message: `budget reached: …; run again to continue`), Failed
     when any failed, Cancelled when stopped (SIGINT, SIGTERM, a cancel from the Prefect API) or
     when another run holds the folder; the state's message carries the counts.
 
@@ -405,6 +434,11 @@ def catalogen_run(
     _log_at_prefects_level()
     catalog, out, config = project_path(catalog), project_path(out), project_path(config)
     cfg, store, recorded = run_settings(catalog, out, config, settings, named)
+    try:
+        check_budget(cfg, visible_devices(cfg.device))
+    except ConfigError as exc:  # a deployment's settings: one line in its state, no traceback
+        log.error("%s; this run did nothing", exc)
+        return Failed(message=f"{exc}; this run did nothing")
     plan = prepare(catalog, cfg, store.root, Selection(limit, sample))
     try:
         with stopping.on_signals(), plan.store.exclusive():
@@ -425,7 +459,7 @@ def catalogen_run(
             message += f" ({summary['crashed_shards']} shard(s) crashed)"
         message = f"{message}: {line}; see {plan.store.results_path}"
         return Failed(message=message, data=RunOutcome(message, summary))
-    return Completed(message=line, data=summary)
+    return Completed(message=summary.get("budget") or line, data=summary)
 
 
 def stop_line(plan: RunPlan) -> str:
@@ -458,8 +492,12 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
         tracker.begin(name, scope)
         tracker.shard(name, "(done before)", scope - pending[name])
     started = datetime.now(timezone.utc)
-    driven = _drive(plan, masks, done, placement(cfg))
+    meter = Meter(cfg.budget, cfg.stages)
+    driven = _drive(plan, masks, done, placement(cfg), meter)
+    if driven.budget is not None and stopping.signal_name() is None:
+        stopping.reset()  # the budget's stop is over: a later run in this process starts unstopped
     record_workers(plan.store, driven.workers)
+    record_costs(plan.store, meter)
     for name in cfg.stages:
         tracker.end(name)
     results = assemble_results(plan, pending_label="pending" if driven.stopped else None)
@@ -470,8 +508,14 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
     report = _write_report(plan)
     _record_folder_files(plan, results)
     summary = {**summarize(results, cfg.stages), "out": str(plan.store.root), "crashed_shards": len(driven.crashed),
-               "pending_before": pending, "report": str(report) if report else None, "stopped": driven.stopped}
+               "pending_before": pending, "report": str(report) if report else None,
+               "stopped": driven.stopped and driven.budget is None}  # a budget's stop is no interruption
     summary["pending"] = int(pc.sum(pc.equal(results.column("status"), "pending")).as_py() or 0)
+    summary["costs"] = meter.totals()
+    if driven.budget is not None and summary["pending"]:
+        limit = getattr(cfg.budget, driven.budget)
+        summary["budget"] = budget_line(driven.budget, meter.spent(driven.budget), limit, summary["pending"], summary["rows"])
+        log.warning("%s", summary["budget"])
     for name, counts in summary["stages"].items():
         if pending[name] == 0:
             log.info("%s: nothing to do (%s)", name, ", ".join(f"{n} {s}" for s, n in counts.items()) or "no rows")

@@ -28,6 +28,7 @@ from prefect.states import Completed, State
 
 from catalogen import stopping
 from catalogen.config import RunConfig
+from catalogen.run.costs import price, with_device_time
 from catalogen.run.devices import Device, default_dtype, lease, visible_devices
 from catalogen.models.loading import load_mark, load_seconds_since, loads_since
 from catalogen.run.progress import tracker
@@ -88,6 +89,7 @@ def _run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
     blocked = rows.filter(rows.column(SKIP_COLUMN).is_valid())
     todo = rows.filter(rows.column(SKIP_COLUMN).is_null()).drop_columns([SKIP_COLUMN])
     parts = [_skipped(blocked, module.OUTPUT_SCHEMA)] if blocked.num_rows else []
+    parts = [with_device_time(part, 0.0, 0.0 if cfg.costs else None) for part in parts]  # skipped: no device held
     device_name, waited, seconds = "-", 0.0, 0.0
     if todo.num_rows:
         asked = time.perf_counter()
@@ -99,10 +101,12 @@ def _run_shard(run_dir: str, stage: str, shard: str) -> dict[str, Any]:
                 dtype=default_dtype(device, cfg.dtype), progress=_progress(stage, shard, blocked.num_rows),
                 recipes=recipes,
             )
-            parts.append(module.process(todo, ctx))
+            done = module.process(todo, ctx)
             seconds = time.perf_counter() - started
+        held = seconds if needs_device(stage, cfg) else 0.0  # a server's work holds no device here
+        parts.append(with_device_time(done, held, price(cfg.costs, device)))
         device_name = device.name
-    out = pa.concat_tables(parts)
+    out = pa.concat_tables([part.select(module.OUTPUT_SCHEMA.names) for part in parts])
     stopping.check()  # abandoned during the work: its rows stay pending, whatever the stage recorded
     store.write_part(stage, shard, out)
     counts = _log_outcome(stage, shard, out, device_name, seconds, waited)

@@ -68,9 +68,11 @@ def plan(rows, cfg, models):
 def process(planned, ctx):
     n = planned.num_rows
     text = [p.upper() + ctx.config.shout.suffix for p in planned.column("prompt").to_pylist()]
-    return pa.table({"id": planned.column("id"), "variant": planned.column("variant"), "key": planned.column("key"),
-                     "text": text, "status": ["ok"] * n, "error": [None] * n, "seconds": [0.0] * n,
-                     "device": [ctx.device.name] * n, "finished_at": [None] * n}).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    rows = [{"id": i, "variant": v, "key": k, "text": t, "status": "ok", "error": None, "seconds": 0.0,
+             "device": ctx.device.name, "finished_at": None}
+            for i, v, k, t in zip(planned.column("id").to_pylist(), planned.column("variant").to_pylist(),
+                                  planned.column("key").to_pylist(), text)]
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)  # columns the runner fills (device_seconds, cost) left null
 '''
 
 

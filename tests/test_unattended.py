@@ -98,11 +98,14 @@ def flow_run_logs(api_url: str, run_id: str) -> list[str]:
 
 @pytest.mark.timeout(420)
 def test_a_schedule_fires_and_an_overlapping_run_waits_its_turn(prefect_server: str, tmp_path: Path):
-    catalog = write_catalog(tmp_path / "nightly.parquet", prompts(2))
+    """The scheduled run has a budget of 3.6 ms of device time: it stops after its first shard, Completed
+    with the budget's line; the run started by hand meanwhile, with room, waits, then finishes the rest."""
+    catalog = write_catalog(tmp_path / "nightly.parquet", prompts(3))
     out = tmp_path / "nightly"
     # A cron due at the next minute that is at least 40 s away (time to deploy), once a day after that.
     due = (datetime.now(timezone.utc) + timedelta(seconds=100)).replace(second=0, microsecond=0)
-    parameters = {"catalog": str(catalog), "out": str(out), "overrides": {**FAST, "generate.steps": 2}}
+    overrides = {**FAST, "generate.steps": 2, "rows_per_shard": 1}
+    parameters = {"catalog": str(catalog), "out": str(out), "overrides": {**overrides, "budget.device_hours": 0.000001}}
     schedule = {"cron": f"{due.minute} {due.hour} * * *", "timezone": "UTC", "active": True}
     with worker(prefect_server, "catalogen-schedule", tmp_path / "worker.log"):
         deployment = deploy(prefect_server, tmp_path, "due-soon", "catalogen-schedule", parameters, schedules=[schedule])
@@ -115,7 +118,8 @@ def test_a_schedule_fires_and_an_overlapping_run_waits_its_turn(prefect_server: 
         wait_for(lambda: any(r["state"]["type"] == "RUNNING" for r in runs_of(prefect_server, deployment)),
                  200, "the scheduled run to start")
         # Someone starts the same deployment by hand meanwhile: it waits, it does not collide.
-        manual = prefect("deployment", "run", "catalogen-run/due-soon", api_url=prefect_server)
+        manual = prefect("deployment", "run", "catalogen-run/due-soon", "--params",
+                         json.dumps({"overrides": {**overrides, "budget.device_hours": 1}}), api_url=prefect_server)
         assert "Created flow run" in manual.stdout
         both = wait_for(lambda: final(prefect_server, deployment, 2), 240, "both runs to finish", every=2)
     log = (tmp_path / "worker.log").read_text()
@@ -124,13 +128,17 @@ def test_a_schedule_fires_and_an_overlapping_run_waits_its_turn(prefect_server: 
     first = next(r for r in both if r["auto_scheduled"])
     second = next(r for r in both if not r["auto_scheduled"])
     assert second["start_time"] >= first["end_time"]  # one at a time on the folder
-    assert first["state"]["message"] == "2 rows: 2 ok, 0 failed, 0 skipped"
-    assert pd.read_parquet(out / "results.parquet").status.tolist() == ["ok", "ok"]
+    budget = re.fullmatch(r"budget reached: [0-9.]+ of 0.000001 device-hours; ([12]) of 3 rows pending; "
+                          r"run again to continue", first["state"]["message"])
+    assert budget, first["state"]["message"]
+    assert second["state"]["message"] == "3 rows: 3 ok, 0 failed, 0 skipped"
+    assert pd.read_parquet(out / "results.parquet").status.tolist() == ["ok", "ok", "ok"]
     lines = flow_run_logs(prefect_server, first["id"])
-    assert any(line.startswith("catalogen.flow: plan for") and "generate 2 of 2 rows pending" in line for line in lines), lines
+    assert any(line.startswith("catalogen.flow: plan for") and "generate 3 of 3 rows pending" in line for line in lines), lines
     assert any(line.startswith("catalogen.flow: report: ") for line in lines), lines
-    wait_for(lambda: any("generate: nothing to do (2 ok)" in line for line in flow_run_logs(prefect_server, second["id"])),
-             30, "the second run's logs")
+    # the second continued where the first stopped
+    wait_for(lambda: any(f"generate {budget.group(1)} of 3 rows pending" in line
+                         for line in flow_run_logs(prefect_server, second["id"])), 30, "the second run's logs")
     assert not any("View at" in line for line in lines)
     api(prefect_server, f"deployments/{deployment['id']}", method="DELETE")
 

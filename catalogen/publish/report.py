@@ -48,6 +48,8 @@ from catalogen.run.results import NOTED, error_reason, image_prefix, recorded_im
 from catalogen.review import state as review_state
 from catalogen.storage.store import STATUSES, RunStateError, RunStore, temp_file
 from catalogen.models.tiny.profile import profile_note
+from catalogen.publish.spending import spending
+from catalogen.run.costs import money
 
 REPORT_FILE = "report.html"
 DATA_DIR = "report-data"
@@ -569,6 +571,8 @@ def write_report(run_dir: str | Location, *, workers: int | None = None) -> Loca
         "folder": absolute(root),
         "profile_note": profile_note(str(info.get("config", {}).get("profile", ""))),
         "catalogen_version": catalogen.__version__,
+        "spending": spending(results, stages),
+        "money": money,
     }
     path = root / REPORT_FILE
     replace_file(path, render_html(context).encode())

@@ -36,7 +36,7 @@ def _cuda_device(index: int) -> Device:
 
     props = torch.cuda.get_device_properties(index)
     uuid = getattr(props, "uuid", None)
-    return Device(f"cuda:{index}", f"gpu-{uuid}" if uuid else f"gpu-{index}")
+    return Device(f"cuda:{index}", f"gpu-{uuid}" if uuid else f"gpu-{index}", props.name)
 
 
 def visible_devices(requested: str = "auto") -> list[Device]:

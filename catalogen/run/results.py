@@ -12,7 +12,8 @@ first stage that failed (with that stage's name in `error`), and `skipped` only 
 skipped the row; `stage` names that stage; `image_*` describe the final image, the one of the
 last stage that made one (each stage's own image stays in its `<stage>_image_*` columns);
 `product_identical` says whether that final image holds the product's own pixels (the check of the
-product stage that made it; null where that stage knows of no product).
+product stage that made it; null where that stage knows of no product); `device_seconds` and `cost`
+sum the row's `<stage>_device_seconds` and `<stage>_cost` (catalogen/run/costs.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalogen.media.images import catalog_as_given
+from catalogen.run.costs import row_totals
 from catalogen.run.plan import RunPlan, done_results, stage_modules
 from catalogen.storage.store import STATUSES, SUCCEEDED
 
@@ -84,6 +86,7 @@ def _summary(plan: RunPlan, stage_tables: dict[str, pa.Table], pending_label: st
                "stage": pa.array(reached, pa.string())}
     summary.update({column: pa.array(image[column], typ) for column, typ in IMAGE_FIELDS})
     summary["product_identical"] = pa.array(product, pa.bool_())
+    summary.update(row_totals(stage_tables))  # device_seconds, cost: the row's, over its stages
     return summary
 
 
