@@ -104,6 +104,26 @@ def test_a_bad_image_fails_its_row_alone_and_a_photo_without_a_prompt_gets_no_cl
     assert out[2]["clip"] is None and out[2]["clip_text"] is None and out[2]["aesthetic"] is not None
 
 
+def test_a_score_depends_on_its_row_alone_and_the_batch_size_is_not_in_the_key(tmp_path):
+    names = _photos(tmp_path, 5)
+    table = pa.table({"id": [f"r{i}" for i in range(5)], "image": names, "prompt": [f"a red chair {i}" for i in range(5)]})
+
+    def planned(rows: pa.Table, batch_size: int):
+        cfg = fast_config(stages=["score"], **{"score.batch_size": batch_size})
+        return plan_table(rows, cfg, tmp_path / f"out-{batch_size}-{rows.num_rows}")
+
+    def scored(rows: pa.Table) -> list[dict]:
+        plan = planned(rows, 4)
+        return score.process(plan.planned["score"], context(plan, "score")).to_pylist()
+
+    batched, alone = scored(table), scored(table.slice(2, 1))  # 4 + a padded tail of 1; then row 2 alone
+    # equal up to float rounding: the CPU kernels round a row differently by its place in the batch (~1e-8)
+    assert batched[2]["aesthetic"] == pytest.approx(alone[0]["aesthetic"], abs=1e-4)
+    assert batched[2]["clip"] == pytest.approx(alone[0]["clip"], abs=1e-4)
+    assert len({r["aesthetic"] for r in batched}) == 5  # each image its own score
+    assert planned(table, 1).planned["score"].column("key") == planned(table, 4).planned["score"].column("key")
+
+
 def test_model_settings_take_a_plain_repo_id_and_refuse_the_wrong_kind():
     cfg = fast_config(**{"score.clip_model": "openai/clip-vit-base-patch32",
                          "score.aesthetic_model": {"repo": "x", "kind": "clip"}})
