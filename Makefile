@@ -31,6 +31,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scaleout.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/enhance.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/score.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/product.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/duplicates.py

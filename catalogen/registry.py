@@ -6,11 +6,12 @@ ships it, in that package's pyproject.toml (the entry point's name is the stage'
     [project.entry-points."catalogen.stages"]
     shout = "my_package.shout"
 
-catalogen registers its own seven stages (tasks/) the same way, so the core never imports them and a
+catalogen registers its own eight stages (tasks/) the same way, so the core never imports them and a
 new stage edits nothing here: fsspec's `fsspec.specs` and pytest's `pytest11` work alike. Pipeline
 order (how stages are listed, and their settings sections) follows each module's `POSITION`: the
-built-ins take 10, 20, … 70 (enhance, generate, remove_bg, style, upscale, caption, renditions), so a stage
-that belongs between remove_bg and style says 35; one without a `POSITION` comes last.
+built-ins take 10, 20, … 70 (enhance, generate, remove_bg, style, upscale, caption, renditions; score
+sits at 65), so a stage that belongs between remove_bg and style says 35; one without a `POSITION`
+comes last.
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ from catalogen.media.images import (
     catalog_sources,
     read_planned,
 )
+from catalogen.models.clip import KIND as CLIP_KIND
+from catalogen.models.clip import PROFILE_CLIP, as_rgb, clip_scores, load_clip, padded
 from catalogen.models.loading import ModelIdentity, cached
 from catalogen.stage import StageContext, output_schema
 
@@ -63,16 +65,15 @@ MAKES_IMAGES = False
 SHARD_ORDER: tuple[str, ...] = ()  # every row shares one prompt and one set of generation settings
 
 CAPTIONER_KIND = "blip2"
-CLIP_KIND = "clip"
-_TINY = {"captioner": ModelSpec(repo="tiny:blip2", kind=CAPTIONER_KIND),
-         "clip": ModelSpec(repo="tiny:clip", kind=CLIP_KIND)}
-_REAL = {"captioner": ModelSpec(repo="Salesforce/blip2-opt-2.7b", kind=CAPTIONER_KIND),
-         "clip": ModelSpec(repo="openai/clip-vit-large-patch14", kind=CLIP_KIND)}
-PROFILES: dict[str, dict[str, ModelSpec]] = {"tiny": _TINY, "tiny-sdxl": _TINY, "sd15": _REAL, "sdxl": _REAL}
+_TINY = ModelSpec(repo="tiny:blip2", kind=CAPTIONER_KIND)
+_REAL = ModelSpec(repo="Salesforce/blip2-opt-2.7b", kind=CAPTIONER_KIND)
+# Per profile: the captioner, and the CLIP the score stage shares (catalogen.models.clip).
+PROFILES: dict[str, dict[str, ModelSpec]] = {
+    profile: {"captioner": captioner, "clip": PROFILE_CLIP[profile]}
+    for profile, captioner in {"tiny": _TINY, "tiny-sdxl": _TINY, "sd15": _REAL, "sdxl": _REAL}.items()
+}
 
 ClipText = Literal["prompt", "base_prompt", "caption"]
-# The background a transparent image (a cut-out) is captioned on: BLIP-2 and CLIP take RGB.
-BACKGROUND = (255, 255, 255)
 
 
 def _as_spec(value: Any, kind: str) -> Any:
@@ -279,36 +280,9 @@ def load_captioner(identity: ModelIdentity, device: str, dtype: torch.dtype, bud
     return cached((CAPTIONER_KIND, identity.repo, identity.revision, device, str(dtype)), device, build, budget_gb)
 
 
-def load_clip(identity: ModelIdentity, device: str, dtype: torch.dtype, budget_gb: float | None = None):
-    """A CLIP model and its processor from the model's folder (safetensors only), once per process."""
-
-    def build():
-        from transformers import CLIPModel, CLIPProcessor
-
-        model = CLIPModel.from_pretrained(identity.path, dtype=dtype, use_safetensors=True)
-        return model.to(device).eval(), CLIPProcessor.from_pretrained(identity.path)
-
-    return cached((CLIP_KIND, identity.repo, identity.revision, device, str(dtype)), device, build, budget_gb)
-
-
 def read_image(row: Mapping[str, Any], run_folder: Path, settings: ImageSettings) -> tuple[bytes, Image.Image]:
     """The bytes and decoded image a row captions (raises ImageLoadError with the reason)."""
     return read_planned(row["source_image"], row["source_identity"], row["source_bytes"], run_folder, settings)
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    """The image in RGB; transparent pixels (a cut-out's background) become `BACKGROUND`."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, BACKGROUND)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
-
-
-def _padded(items: list, size: int) -> list:
-    """`items` filled up to `size` with copies of the last one (their results are dropped)."""
-    return items + [items[-1]] * (size - len(items))
 
 
 @dataclass(frozen=True)
@@ -335,7 +309,7 @@ def _captions(tools: _Tools, images: list[Image.Image], size: int) -> list[str]:
     model, processor = tools.captioner
     s = tools.settings
     real = len(images)
-    batch = _padded(images, size)
+    batch = padded(images, size)
     inputs = processor(images=batch, text=[s.prompt] * size, return_tensors="pt", padding=True)
     inputs = inputs.to(tools.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(tools.dtype)
@@ -343,34 +317,6 @@ def _captions(tools: _Tools, images: list[Image.Image], size: int) -> list[str]:
         ids = model.generate(**inputs, max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=False)
     new = ids[:real, inputs["input_ids"].shape[1]:]
     return [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
-
-
-def clip_scores(clip, images: list[Image.Image], texts: list[str], size: int, device: str,
-                dtype: torch.dtype) -> list[float]:
-    """CLIPScore without its weight's rounding: max(100 x cosine(image, text), 0), per pair.
-
-    Texts are cut at the model's 77 tokens and padded to that length, so a score does not depend
-    on the other texts in the batch; short lists are padded to `size` like the captions.
-    """
-    model, processor = clip
-    real = len(images)
-    inputs = processor(
-        text=_padded(texts, size), images=_padded(images, size), return_tensors="pt",
-        padding="max_length", truncation=True, max_length=model.config.text_config.max_position_embeddings,
-    )
-    inputs = inputs.to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    with torch.inference_mode():
-        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        text_embeds = model.get_text_features(input_ids=inputs["input_ids"],
-                                              attention_mask=inputs["attention_mask"]).pooler_output
-    image_embeds = torch.nn.functional.normalize(image_embeds[:real].float(), dim=-1)
-    text_embeds = torch.nn.functional.normalize(text_embeds[:real].float(), dim=-1)
-    cosine = (image_embeds * text_embeds).sum(dim=-1)
-    if not torch.isfinite(cosine).all():
-        hint = "" if dtype == torch.float32 else "; try dtype float32"
-        raise FloatingPointError(f"the CLIP model produced NaN or infinite embeddings ({dtype}){hint}")
-    return (100 * cosine).clamp(min=0).tolist()
 
 
 def _clip_text(row: dict[str, Any], caption: str, source: ClipText) -> str | None:
@@ -409,7 +355,7 @@ def _run_batch(tools: _Tools, jobs: list[_Job], size: int) -> list[dict[str, Any
         except ImageLoadError as exc:
             records[index] = {"status": "failed", "error": f"cannot read the image: {exc}"}
             continue
-        images.append(_rgb(image))
+        images.append(as_rgb(image))
         records[index] = {"source_sha256": sha256_bytes(data)}
         ready.append(index)
     if not ready:

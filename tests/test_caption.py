@@ -17,6 +17,7 @@ from conftest import REPO, context, fast_config, plan_table, write_catalog
 from PIL import Image
 
 from catalogen.models import loading as model_cache
+from catalogen.models.clip import as_rgb
 from catalogen.config import load_config
 from catalogen.run.devices import Device
 from catalogen.storage.hashing import sha256_bytes
@@ -253,7 +254,7 @@ def test_a_transparent_image_is_captioned_on_white(tmp_path):
     planned, ctx = _setup(tmp_path, _rows([None, None], [_png(cutout), _png(flat)]))
     out = caption.process(planned, ctx).to_pylist()
 
-    assert np.asarray(caption._rgb(cutout))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(as_rgb(cutout))[0, 0].tolist() == [255, 255, 255]
     assert out[0]["caption"] == out[1]["caption"]
 
 

@@ -136,14 +136,14 @@ def test_limit_and_sample_together_are_a_usage_error(tmp_path: Path):
      "stages: a stage is listed twice in ['generate', 'generate'] (from --set stages=[generate,generate])"),
     (["run", "catalogs/demo_prompts.parquet", "--stages", "generate,foo", "--out", "{tmp}/out"],
      "stages: unknown stage 'foo'. Known stages: enhance, generate, remove_bg, style, upscale, caption, "
-     "renditions (from --stages generate,foo)"),
+     "score, renditions (from --stages generate,foo)"),
     # A misspelt stage gets the same did-you-mean as a misspelt setting, from a flag or a file.
     (["run", "catalogs/demo_prompts.parquet", "--stages", "generate,captions", "--out", "{tmp}/out"],
      "stages: unknown stage 'captions'; did you mean 'caption'? Known stages: enhance, generate, remove_bg, style, "
-     "upscale, caption, renditions (from --stages generate,captions)"),
+     "upscale, caption, score, renditions (from --stages generate,captions)"),
     (["validate", "catalogs/demo_prompts.parquet", "--config", "{tmp}/stages.yaml"],
      "stages: unknown stage 'captions'; did you mean 'caption'? Known stages: enhance, generate, remove_bg, style, "
-     "upscale, caption, renditions (from {tmp}/stages.yaml)"),
+     "upscale, caption, score, renditions (from {tmp}/stages.yaml)"),
 ])
 def test_a_bad_stage_list_names_the_flag_it_came_from(tmp_path: Path, args: list[str], origin: str):
     (tmp_path / "stages.yaml").write_text("stages: [captions]\n")

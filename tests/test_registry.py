@@ -20,7 +20,7 @@ from catalogen.config import load_config
 from catalogen.registry import GROUP, stages
 from catalogen.run.plan import prepare
 
-BUILT_INS = ["enhance", "generate", "remove_bg", "style", "upscale", "caption", "renditions"]
+BUILT_INS = ["enhance", "generate", "remove_bg", "style", "upscale", "caption", "score", "renditions"]
 
 # A stage another package ships: it adds each row's prompt in capitals, as text.
 SHOUT = '''

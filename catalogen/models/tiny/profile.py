@@ -211,6 +211,7 @@ _BUILDERS: dict[str, str] = {
     "rembg": "catalogen.models.tiny.vision:build_rembg",
     "blip2": "catalogen.models.tiny.vision:build_blip2",
     "clip": "catalogen.models.tiny.vision:build_clip",
+    "aesthetic": "catalogen.models.tiny.vision:build_aesthetic",
     "llm": "catalogen.models.tiny.llm:build_llm",
     "controlnet-sd15": "catalogen.models.tiny.adapters:build_controlnet_sd15",
     "controlnet-sdxl": "catalogen.models.tiny.adapters:build_controlnet_sdxl",

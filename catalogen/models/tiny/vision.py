@@ -9,6 +9,8 @@ it through exactly the API it uses for the real model:
 - `blip2`: a `Blip2ForConditionalGeneration` with an OPT language model, and its `Blip2Processor`
   (a byte-level BPE tokenizer trained here on a few sentences). Captions are noise made of word pieces.
 - `clip`: a `CLIPModel` and `CLIPProcessor`, for an image-text agreement score.
+- `aesthetic`: the LAION aesthetic predictor's MLP head (catalogen.models.aesthetic) over the tiny
+  CLIP's 32-dim embedding, as one safetensors file; random, stretched so images differ by a point or so.
 
 Weights come from a fixed torch seed, so every machine builds byte-identical files.
 """
@@ -42,6 +44,12 @@ _NUM_QUERY_TOKENS = 4
 _IMAGE_SIZE = 32
 # Random weights at the usual 0.02 scale give every image the same caption; at 0.5 the image shows.
 _INIT_RANGE = 0.5
+
+# The tiny CLIP's embedding width, and the aesthetic head over it: the published head's depth, narrower.
+_CLIP_PROJECTION = 32
+_AESTHETIC_SIZES = (_CLIP_PROJECTION, 64, 32, 16, 8, 1)
+_AESTHETIC_CENTRE = 5.0  # a zero embedding's score: the middle of the AVA scale the real head rates on
+_AESTHETIC_GAIN = 250.0  # stretches the random head's output, so images differ by a point or so
 
 # Printable ASCII as byte-level BPE spells it (the space byte is "Ġ").
 _PRINTABLE_BYTES = [chr(code) for code in range(0x21, 0x7F)] + ["Ġ"]
@@ -284,7 +292,7 @@ def build_clip(folder: Path, cache_dir: Path) -> None:
             pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(small, image_size=_IMAGE_SIZE, patch_size=8),
-        projection_dim=32,
+        projection_dim=_CLIP_PROJECTION,
     )
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
@@ -292,3 +300,20 @@ def build_clip(folder: Path, cache_dir: Path) -> None:
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder, safe_serialization=True)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def build_aesthetic(folder: Path, cache_dir: Path) -> None:
+    """The aesthetic head over the tiny CLIP's embeddings, saved as `model.safetensors` with the
+    published head's tensor names."""
+    from safetensors.torch import save_file
+
+    from catalogen.models.aesthetic import AestheticHead
+
+    torch.manual_seed(0)
+    head = AestheticHead(_AESTHETIC_SIZES)
+    with torch.no_grad():
+        head.layers[-1].weight.mul_(_AESTHETIC_GAIN)
+        offset = head(torch.zeros(1, _CLIP_PROJECTION))[0]  # what the biases add up to
+        head.layers[-1].bias.add_(_AESTHETIC_CENTRE - offset)
+    state = {name: tensor.contiguous() for name, tensor in head.state_dict().items()}
+    save_file(state, str(Path(folder) / "model.safetensors"))
