@@ -32,6 +32,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/enhance.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/product.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/select_gates.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/duplicates.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/renditions.py

@@ -17,7 +17,8 @@ height); results.parquet shows each as columns `renditions_<name>_path`, `_sha25
 `_width`, `_height` (catalogen.run.results), so `verify`, `clean`, the report and
 `export --image rendition:NAME` treat them as images.
 
-Settings: the `renditions:` section, a list; an item is a preset's name (`PRESETS`) or a mapping of
+Settings: the `renditions:` section, a list (or `{only: approved, items: [...]}`: renditions only for
+approved rows, see catalogen/review and flows/run.py); an item is a preset's name (`PRESETS`) or a mapping of
 the fields of `Rendition` (with `preset:` as its defaults). Why one stage with a list, not one
 stage per rendition: a row's sources are read and decoded once for all its renditions, and every
 rendition of a row shares the row's status.
@@ -175,14 +176,33 @@ class Rendition(Strict):
         return None if self.background == TRANSPARENT else parse_color(self.background)
 
 
-class Settings(RootModel[list[Rendition]]):
-    """The renditions each row gets, in order (the `renditions:` section is a list)."""
+class Section(Strict):
+    """The section as a mapping, when it says more than the list: `{only: approved, items: [...]}`."""
 
-    root: list[Rendition] = []
+    only: Literal["all", "approved"] = Field(
+        "all", description="approved: renditions only for rows whose review state is approved (catalogen/review); "
+        "a row approved later gets its renditions on the next run. Not part of the key",
+    )
+    items: list[Rendition] = []
+
+
+class Settings(RootModel[list[Rendition] | Section]):
+    """The renditions each row gets, in order: the `renditions:` section is a list, or a mapping of
+    `items` (that list) and `only` (which rows get them)."""
+
+    root: list[Rendition] | Section = []
+
+    @property
+    def items(self) -> list[Rendition]:
+        return self.root.items if isinstance(self.root, Section) else self.root
+
+    @property
+    def only(self) -> str:
+        return self.root.only if isinstance(self.root, Section) else "all"
 
     @model_validator(mode="after")
     def _unique(self) -> "Settings":
-        names = [r.name for r in self.root]
+        names = [r.name for r in self.items]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"rendition name(s) {', '.join(repeated)} used twice; give each its own `name`")
@@ -229,7 +249,7 @@ def config_faults(cfg: RunConfig) -> list[str]:
     """No rendition at all, or a source stage that does not run before this one."""
     if NAME not in cfg.stages:
         return []
-    renditions = cfg.renditions.root
+    renditions = cfg.renditions.items
     origin = cfg.origin(NAME)
     if not renditions:
         return [f"renditions: the stage runs but no rendition is configured; list some, e.g. "
@@ -255,7 +275,7 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     """Each row's key: every rendition's settings, and the catalog image's identity; the sources
     from upstream are filled in by the pipeline (nulls here)."""
     sources = catalog_sources(rows)
-    settings = [r.model_dump() for r in cfg.renditions.root]
+    settings = [r.model_dump() for r in cfg.renditions.items]
     keys = pa.array(column_keys([NAME, VERSION, settings], [sources["source_identity"]]), pa.string())
     named = {column: pa.nulls(rows.num_rows, pa.string()) for column, _ in list(SOURCES.values())[1:]}
     return pa.Table.from_pydict(
@@ -370,7 +390,7 @@ def _make(row: dict[str, Any], rendition: Rendition, sources: dict, ctx: StageCo
 def _process_row(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Every rendition of one row; the first that cannot be made fails the row, with its name."""
     made, sources = [], {}
-    for rendition in ctx.config.renditions.root:
+    for rendition in ctx.config.renditions.items:
         try:
             made.append(_make(row, rendition, sources, ctx))
         except ImageLoadError as exc:
