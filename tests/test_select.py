@@ -226,6 +226,25 @@ def test_an_approval_makes_just_its_renditions_on_the_next_run_and_export_keeps_
     assert both.exit_code == 2 and not (tmp_path / "x").exists()
 
 
+def test_the_flows_final_state_and_artifact_say_how_many_rows_need_review(gated_run):
+    """A run that leaves rows for review ends Completed; its message and artifact give the exact command."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.run import artifact_key, catalogen_run
+
+    catalog, out = gated_run
+    waiting = sum(r["review_state"] == "needs_review" for r in current(RunStore(out)).to_pylist())
+    state = catalogen_run(catalog=str(catalog), out=str(out), return_state=True)
+    assert state.is_completed() and waiting >= 1
+    assert state.message.endswith(f"; {waiting} row(s) need review: catalogen review {out}"), state.message
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(out)])),
+                                      sort=ArtifactSort.UPDATED_DESC, limit=1)
+    assert f"{waiting} needs review" in found[0].data and f"catalogen review {out}" in found[0].data
+
+
 def test_a_change_of_by_reranks_without_running_a_stage(gated_run):
     catalog, out = gated_run
     before = {stage: parts(out, stage) for stage in ("generate", "renditions")}
