@@ -42,7 +42,7 @@ from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 from PIL import Image, ImageOps
-from pydantic import Field, RootModel, field_validator, model_validator
+from pydantic import Field, PrivateAttr, RootModel, field_validator, model_serializer, model_validator
 
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
@@ -176,29 +176,45 @@ class Rendition(Strict):
         return None if self.background == TRANSPARENT else parse_color(self.background)
 
 
-class Section(Strict):
-    """The section as a mapping, when it says more than the list: `{only: approved, items: [...]}`."""
-
-    only: Literal["all", "approved"] = Field(
-        "all", description="approved: renditions only for rows whose review state is approved (catalogen/review); "
-        "a row approved later gets its renditions on the next run. Not part of the key",
-    )
-    items: list[Rendition] = []
+ONLY = ("all", "approved")
 
 
-class Settings(RootModel[list[Rendition] | Section]):
+class Settings(RootModel[list[Rendition]]):
     """The renditions each row gets, in order: the `renditions:` section is a list, or a mapping of
-    `items` (that list) and `only` (which rows get them)."""
+    `items` (that list) and `only`: `approved` makes them for approved rows only (catalogen/review;
+    a row approved later gets them on the next run). `only` is not part of the key."""
 
-    root: list[Rendition] | Section = []
+    root: list[Rendition] = []
+    _only: str = PrivateAttr("all")
 
     @property
     def items(self) -> list[Rendition]:
-        return self.root.items if isinstance(self.root, Section) else self.root
+        return self.root
 
     @property
     def only(self) -> str:
-        return self.root.only if isinstance(self.root, Section) else "all"
+        return self._only
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _section(cls, value: Any, handler: Any) -> "Settings":
+        """The mapping form; a plain list's errors keep their places (`renditions.0.size`)."""
+        if not isinstance(value, Mapping):
+            return handler(value)
+        unknown = sorted(set(value) - {"only", "items"})
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}: the section is a list, or {{only, items}}")
+        only = value.get("only", "all")
+        if only not in ONLY:
+            raise ValueError(f"only: {only!r} is not one of {', '.join(ONLY)}")
+        made = handler(value.get("items", []))
+        made._only = only
+        return made
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        items = handler(self)
+        return items if self._only == "all" else {"only": self._only, "items": items}
 
     @model_validator(mode="after")
     def _unique(self) -> "Settings":
