@@ -33,6 +33,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/caption.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/score.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/product.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/select_gates.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/duplicates.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/renditions.py

@@ -143,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(None, {"stages": ["remove_bg", "renditions"], "renditions": args.renditions.split(",")})
-    items = cfg.renditions.root
+    items = cfg.renditions.items
     with tempfile.TemporaryDirectory(prefix="catalogen-bench-renditions-") as work:
         store = RunStore(Path(work) / "run")
         paths = make_cutouts(store, args.images, args.size)

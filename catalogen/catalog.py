@@ -406,15 +406,18 @@ def column_or_nulls(table: pa.Table, name: str, typ: pa.DataType) -> pa.Array:
     return pa.nulls(table.num_rows, typ)
 
 
-def expand_rows(catalog: pa.Table, default_variants: int, run_seed: int) -> pa.Table:
+def expand_rows(catalog: pa.Table, default_variants: int, run_seed: int, extra: np.ndarray | None = None) -> pa.Table:
     """One row per (id, variant): `id` (text), `variant`, `seed` and `index` (the catalog row).
 
     A row's own `seed` gives variant v the seed `seed + v` (as A1111 numbers a batch); otherwise
     the seed derives from (run seed, id, variant) alone, so it never depends on a row's position.
-    These names live in their own table, so they can never clash with a catalog column.
+    These names live in their own table, so they can never clash with a catalog column. `extra`:
+    per catalog row, variants added after its own (a reviewer's regenerations), numbered on.
     """
     n = catalog.num_rows
     counts = pc.fill_null(column_or_nulls(catalog, "num_variants", pa.int64()), default_variants).to_numpy()
+    if extra is not None:
+        counts = counts + extra
     index = np.repeat(np.arange(n, dtype=np.int64), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     variant = pa.array((np.arange(len(index), dtype=np.int64) - starts).astype(np.int32))

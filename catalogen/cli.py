@@ -181,13 +181,15 @@ def validate(
 ) -> None:
     """Check a catalog against a configuration; list every fault by column and row id. Writes nothing."""
     cfg = _config(config, set_, profile=(profile, "--profile"))
-    from catalogen.run.plan import config_faults, load_checked_catalog, plan_rows
+    from catalogen.run.plan import config_faults, faults_error, load_checked_catalog, plan_rows, review_faults
 
     try:
         problems = config_faults(cfg)
         if problems:
             raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
         table = load_checked_catalog(catalog, cfg)
+        if review_faults(cfg, table.schema):
+            raise faults_error(review_faults(cfg, table.schema))
     except (CatalogError, ConfigError) as exc:
         _fail(exc)
     images = plan_rows(table, cfg).num_rows
@@ -268,6 +270,7 @@ def run(
     profile: Optional[str] = ProfileOpt,
     out: Optional[str] = typer.Option(None, "--out", "-o", callback=_out_folder, help="Output folder, a path or a URL such as s3://bucket/run (default outputs/<catalog>-<path hash>-<profile>)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute rows whose last attempt failed."),
+    regenerate_rejected: bool = typer.Option(False, "--regenerate-rejected", help="Remake each row a reviewer asked to regenerate, as a new variant: the next seed, the decision's note appended to the prompt; only those rows are computed."),
     new_catalog: bool = typer.Option(False, "--new-catalog", help="Run a catalog other than the one the output folder was made from (its results are replaced)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial run: only the catalog's first N rows (rows done earlier stay in the results)."),
     sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Trial run: N rows picked by a seeded hash of their ids (the same N rows every time)."),
@@ -306,7 +309,7 @@ def run(
         return
     try:
         _run(_absolute(catalog), config, _absolute(out) if out else None,
-             Selection(limit, sample), retry_failed, new_catalog, named, set_)
+             Selection(limit, sample), retry_failed, new_catalog, named, set_, regenerate_rejected)
     except KeyboardInterrupt:  # Ctrl-C while checking and planning, before any row started
         err.print("stopped before any row started; run the same command again to start")
         raise typer.Exit(130) from None
@@ -346,7 +349,8 @@ def _dry_run(catalog: Location, config: Path | None, out: Location | None, selec
 
 
 def _run(catalog: Location, config: Path | None, out: Location | None, selection: Selection, retry_failed: bool,
-         new_catalog: bool, named: dict[str, tuple[Any, str]], set_: list[str] | None) -> None:
+         new_catalog: bool, named: dict[str, tuple[Any, str]], set_: list[str] | None,
+         regenerate_rejected: bool = False) -> None:
     prefect_environment()
     api = PrefectAPI()
     try:
@@ -380,6 +384,7 @@ def _run(catalog: Location, config: Path | None, out: Location | None, selection
             state = with_runner(catalogen_run, cfg)(
                 catalog=str(catalog), out=str(store.root), config=str(config) if config else None,
                 overrides=overrides, origins=origins, retry_failed=retry_failed, new_catalog=new_catalog,
+                regenerate_rejected=regenerate_rejected,
                 limit=selection.limit, sample=selection.sample, return_state=True,
             )
     except (RunFolderBusy, RunStateError, ConfigError) as exc:
@@ -401,7 +406,7 @@ def _finish(state: Any, store: RunStore, plan: RunPlan, profile: str) -> None:
     """Print the outcome, the report last; exit with the code the README gives for it. A stop's
     line counts the parts on disk now, once every worker is gone."""
     from catalogen.models.tiny.profile import profile_note
-    from flows.run import outcome_line, run_summary, stop_line
+    from flows.run import outcome_line, review_line, run_summary, stop_line
 
     summary = run_summary(state)
     if isinstance(summary, BaseException) and not state.is_cancelled():
@@ -410,6 +415,8 @@ def _finish(state: Any, store: RunStore, plan: RunPlan, profile: str) -> None:
         _fail(state.message or "the run was cancelled")
 
     typer.echo(outcome_line(summary))
+    if review_line(summary):
+        typer.echo(review_line(summary))
     if profile_note(profile):
         typer.echo(profile_note(profile))
     typer.echo(f"results: {display(location(summary['out']) / 'results.parquet')}")
@@ -447,6 +454,9 @@ def status(run_dir: str = RunArg) -> None:
     for stage, counts in report["stages"].items():
         table.add_row(stage, *(str(counts.get(c, 0)) for c in ("ok", "fallback", "degenerate", "failed", "skipped", "pending")))
     Console().print(table)
+    if report.get("review"):
+        counts = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in report["review"].items())
+        typer.echo(f"review: {counts}" + (f"; decide: catalogen review {display(run_dir)}" if report["review"]["needs_review"] else ""))
     typer.echo(f"running now: {report['running']}" if report["running"] else "not running")
     store = RunStore(run_dir)
     for line in spending_lines(store.read_run_json()):
@@ -694,6 +704,8 @@ def export(
     split: str = typer.Option("train=1", "--split", callback=_split_spec, help="Named fractions, e.g. train=0.9,val=0.1: a row's split is fixed by a hash of its id."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Rows per shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out (only files it wrote; anything else there is refused)."),
+    approved: bool = typer.Option(False, "--approved", help="Keep only approved rows (the run's gates with reviewers' decisions applied); the manifest counts the rest by review state and reason."),
+    selected: bool = typer.Option(False, "--selected", help="Keep only the candidates select: chose (best-of-N), whatever their review state."),
 ) -> None:
     """Export the ok rows of a run folder as a training set that `datasets`, `webdataset` or a LoRA trainer loads.
 
@@ -702,7 +714,10 @@ def export(
     """
     options = ExportOptions(format=format_, image_stage=image_stage, text=text, where=tuple(where or ()),
                             split=split, shard_size=shard_size, overwrite=overwrite,
-                            include_degenerate=include_degenerate, dedupe=dedupe)
+                            include_degenerate=include_degenerate, dedupe=dedupe,
+                            review="approved" if approved else "selected" if selected else None)
+    if approved and selected:
+        raise typer.BadParameter("give one of --approved and --selected (approved rows are selected ones)")
     try:
         with _LateBar(f"export {format_}") as bar:
             manifest = export_run(run_dir, out, options, bar)

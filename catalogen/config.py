@@ -115,6 +115,34 @@ class BudgetSettings(Strict):
     wall_hours: Amount | None = Field(None, description="wall-clock time of the invocation, in hours")
 
 
+class SelectSettings(Strict):
+    """Best-of-N: which candidates (variants) of each id ship. Rules are checked against the run's
+    columns before any work (catalogen/review/rules.py); selection is computed when results.parquet
+    is written, so a change here re-ranks and re-runs no stage."""
+
+    by: str | None = Field(
+        None, description="the score candidates are ranked by, highest first: a numeric column or + - * / of "
+        "columns and numbers, e.g. `score_aesthetic + 0.05 * score_clip`; none: by variant, lowest first",
+    )
+    require: list[str] = Field(
+        [], description="rules a candidate must pass to be chosen, as `export --where`: `product_identical == true`",
+    )
+    keep: int = Field(1, ge=1, le=64, description="candidates chosen per id")
+
+    def is_set(self) -> bool:
+        """Whether the run chooses at all: without `by` or `require`, every candidate that succeeded ships."""
+        return self.by is not None or bool(self.require)
+
+
+class ReviewSettings(Strict):
+    """Quality gates over the chosen candidates: rejected when any `reject_if` rule holds, approved
+    when every `approve_if` rule holds (none listed: nothing is approved without a person), else
+    needs_review. No `review:` section: every chosen candidate is approved."""
+
+    approve_if: list[str] = Field([], description="rules that, all holding, approve a chosen candidate")
+    reject_if: list[str] = Field([], description="rules of which any, holding, rejects a chosen candidate")
+
+
 class RunConfig(Strict):
     """The run-wide settings; `config_model()` adds one section per registered stage."""
 
@@ -161,6 +189,8 @@ class RunConfig(Strict):
         "a name wins over a kind. None: costs are null, not 0",
     )
     budget: BudgetSettings = Field(BudgetSettings(), description="what one invocation may spend; none: no limit")
+    select: SelectSettings = Field(SelectSettings(), description="best-of-N: which candidates of each id ship")
+    review: ReviewSettings | None = Field(None, description="quality gates; none: every chosen candidate is approved")
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

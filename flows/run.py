@@ -42,23 +42,32 @@ from catalogen.config import ConfigError
 from catalogen.run.costs import Meter, amount, budget_line, check_budget, given, record_costs
 from catalogen.run.devices import visible_devices
 from catalogen.run.dryrun import record_folder_files, record_throughput
+from catalogen.media.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from catalogen.media.duplicates import add_duplicate_columns, previous_hashes
 from catalogen.storage.hashing import stable_hash
 from catalogen.storage.lease import LeaseLost
 from catalogen.run.progress import tracker
 from catalogen.publish.report import write_report
+from catalogen.review.decisions import DecisionError, latest
+from catalogen.review.decisions import read as read_decisions
+from catalogen.review.regenerate import record_regenerations
+from catalogen.review.select import decide
+from catalogen.review.state import REVIEW_SCHEMA, apply_decisions, review_command, state_counts
 from catalogen.run.results import NOTE_MEANINGS, assemble_results, kept, summarize
 from catalogen.run.plan import (
     RunPlan,
     Selection,
     ShardOutcomes,
     absorb_part,
+    approved_masks,
+    approved_only,
     check_folder_catalog,
     cut_shards,
     done_results,
     handoff_columns,
     initial_outcomes,
     pending_masks,
+    planned_values,
     prepare,
     record_invocation,
     run_settings,
@@ -267,6 +276,9 @@ def _artifact(plan: RunPlan, results, summary: dict[str, Any]) -> str:
     if summary.get("near_duplicates"):
         lines += ["", f"{summary['near_duplicates']} ok row(s) repeat an earlier row's final image (pHash within "
                   f"{plan.config.duplicates.max_distance} bits; column `near_duplicate_of`, groups in the report)"]
+    if summary.get("review"):
+        counts = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in summary["review"].items())
+        lines += ["", f"**Review**: {counts}" + (f"; {review_line(summary)}" if review_line(summary) else "")]
     lines += ["", "**Models**", ""]
     for stage, roles in plan.models.items():
         for role, identity in roles.items():
@@ -309,6 +321,65 @@ def _with_duplicates(plan: RunPlan, results, hash_new: bool):
                  f", {counts['unreadable']} unreadable" if counts["unreadable"] else "",
                  f", {counts['not_hashed']} left for the next run" if counts["not_hashed"] else "")
     return results
+
+
+def _assembled(plan: RunPlan, driven: _Driven, leave_out: list[str] | None = None):
+    """The results with near-duplicates and the run's own selection and gates (catalogen/review/select.py),
+    judged without the stages that wait for them (`leave_out`)."""
+    results = assemble_results(plan, pending_label="pending" if driven.stopped else None, leave_out=leave_out or ())
+    results = _with_duplicates(plan, results, hash_new=not driven.stopped)
+    return decide(results, plan.config.select, plan.config.review, datetime.now(timezone.utc))
+
+
+def _approved_stages(plan: RunPlan, masks, results, driven: _Driven, where: Placement, meter: Meter):
+    """Run the `only: approved` stages over the rows approved now (the gates, then reviewers'
+    decisions); the other pending rows are recorded as held back. Returns the results with them."""
+    try:
+        now = apply_decisions(results, latest(read_decisions(plan.store)))
+    except DecisionError as exc:  # the run's own states decide; the bad file is named
+        log.error("could not read the review decisions in %s: %s; the run's gates decide", plan.store.root, exc)
+        now = results
+    approved = planned_values(plan, now, "review_state") == "approved"
+    done = {name: done_results(plan, name, ["error", *handoff_columns(plan, name)]) for name in plan.config.stages}
+    second = approved_masks(plan, masks, done, approved)
+    if not any(mask.any() for mask in second.values()):
+        return _with_columns_of(assemble_results(plan), results)
+    log.info("%s: %d approved row(s) to make, %d held back until approved", ", ".join(approved_only(plan.config)),
+             int(sum((m & approved).sum() for m in second.values())), int(sum((m & ~approved).sum() for m in second.values())))
+    more = _drive(plan, second, done, where, meter)
+    driven.budget = driven.budget or more.budget
+    driven.crashed += more.crashed
+    driven.stopped |= more.stopped
+    for worker, shards in more.workers.shards.items():
+        driven.workers.shards[worker] += shards
+        driven.workers.loads.setdefault(worker, {}).update(more.workers.loads.get(worker, {}))
+    return _with_columns_of(assemble_results(plan, pending_label="pending" if driven.stopped else None), results)
+
+
+def _with_columns_of(full, judged):
+    """The whole results with the near-duplicate and review columns of those judged before the gated
+    stages ran (their final images are the same; a rendition changes no choice)."""
+    if full.num_rows != judged.num_rows:  # a trial's rows: the same plan and scope, so never expected
+        raise RuntimeError(f"results of {full.num_rows} rows, judged on {judged.num_rows}")
+    for name in [*(n for n, _ in DUPLICATE_COLUMNS), *REVIEW_SCHEMA.names]:
+        if name in judged.column_names:
+            full = full.append_column(judged.schema.field(name), judged.column(name))
+    return full.replace_schema_metadata(judged.schema.metadata)
+
+
+def _review_counts(plan: RunPlan, results) -> dict[str, int]:
+    """Rows per review state as of now: the run's selection and gates with reviewers' decisions over them."""
+    try:
+        return state_counts(apply_decisions(results, latest(read_decisions(plan.store))))
+    except DecisionError as exc:  # the run's own states stand; the page reports the bad file
+        log.error("could not read the review decisions in %s: %s", plan.store.root, exc)
+        return state_counts(results)
+
+
+def review_line(summary: dict[str, Any]) -> str:
+    """`3 row(s) need review: catalogen review <folder>`, or '' when none does."""
+    waiting = summary.get("review", {}).get("needs_review", 0)
+    return f"{waiting} row(s) need review: {review_command(summary['out'])}" if waiting else ""
 
 
 def _record_throughput(plan: RunPlan, results, started, workers: Workers) -> None:
@@ -405,6 +476,7 @@ def catalogen_run(
     limit: int | None = None,
     sample: int | None = None,
     origins: dict[str, str] | None = None,
+    regenerate_rejected: bool = False,
 ) -> Any:
     """Run every configured stage over the catalog's pending rows and write results.parquet.
 
@@ -425,6 +497,8 @@ def catalogen_run(
         limit: run only the catalog's first N rows (rows done earlier stay in the results).
         sample: run only N rows picked by a seeded hash of their ids.
         origins: where each override came from (e.g. "--profile"), for messages and run.json.
+        regenerate_rejected: remake each row a reviewer asked to regenerate as a new variant
+            (catalogen/review/regenerate.py); only those rows are computed.
     """
     settings = dict(overrides or {})
     named = dict(origins or {})
@@ -439,6 +513,10 @@ def catalogen_run(
     except ConfigError as exc:  # a deployment's settings: one line in its state, no traceback
         log.error("%s; this run did nothing", exc)
         return Failed(message=f"{exc}; this run did nothing")
+    if regenerate_rejected:
+        for entry in record_regenerations(store):
+            log.info("regenerate %s: variant %d (from variant %d%s)", entry["id"], entry["variant"],
+                     entry["from_variant"], f", note {entry['note']!r}" if entry["note"] else "")
     plan = prepare(catalog, cfg, store.root, Selection(limit, sample))
     try:
         with stopping.on_signals(), plan.store.exclusive():
@@ -459,7 +537,9 @@ def catalogen_run(
             message += f" ({summary['crashed_shards']} shard(s) crashed)"
         message = f"{message}: {line}; see {plan.store.results_path}"
         return Failed(message=message, data=RunOutcome(message, summary))
-    return Completed(message=summary.get("budget") or line, data=summary)
+    waiting = review_line(summary)
+    line = summary.get("budget") or line
+    return Completed(message=f"{line}; {waiting}" if waiting else line, data=summary)
 
 
 def stop_line(plan: RunPlan) -> str:
@@ -493,15 +573,19 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
         tracker.shard(name, "(done before)", scope - pending[name])
     started = datetime.now(timezone.utc)
     meter = Meter(cfg.budget, cfg.stages)
-    driven = _drive(plan, masks, done, placement(cfg), meter)
+    where = placement(cfg)
+    gated = approved_only(cfg)
+    plan.held = {}
+    driven = _drive(plan, {n: m & (n not in gated) for n, m in masks.items()}, done, where, meter)
+    results = _assembled(plan, driven, gated)
+    if gated and not driven.stopped:  # the stages that wait for review states: renditions.only approved
+        results = _approved_stages(plan, masks, results, driven, where, meter)
     if driven.budget is not None and stopping.signal_name() is None:
         stopping.reset()  # the budget's stop is over: a later run in this process starts unstopped
     record_workers(plan.store, driven.workers)
     record_costs(plan.store, meter)
     for name in cfg.stages:
         tracker.end(name)
-    results = assemble_results(plan, pending_label="pending" if driven.stopped else None)
-    results = _with_duplicates(plan, results, hash_new=not driven.stopped)
     plan.store.write_results(results)
     _record_throughput(plan, results, started, driven.workers)
     plan.store.clear_leftovers()
@@ -516,11 +600,12 @@ def _run(plan: RunPlan, retry_failed: bool, new_catalog: bool, changes: list[str
         limit = getattr(cfg.budget, driven.budget)
         summary["budget"] = budget_line(driven.budget, meter.spent(driven.budget), limit, summary["pending"], summary["rows"])
         log.warning("%s", summary["budget"])
+    summary["review"] = _review_counts(plan, results)
     for name, counts in summary["stages"].items():
         if pending[name] == 0:
             log.info("%s: nothing to do (%s)", name, ", ".join(f"{n} {s}" for s, n in counts.items()) or "no rows")
     create_markdown_artifact(key=artifact_key(plan.store.root), markdown=_artifact(plan, results, summary),
                              description=f"catalogen run into {plan.store.root}")
     _report_artifacts(plan, results, summary, report)
-    log.info("done: %s", outcome_line(summary))
+    log.info("done: %s%s", outcome_line(summary), f"; {review_line(summary)}" if review_line(summary) else "")
     return summary, report

@@ -17,7 +17,8 @@ height); results.parquet shows each as columns `renditions_<name>_path`, `_sha25
 `_width`, `_height` (catalogen.run.results), so `verify`, `clean`, the report and
 `export --image rendition:NAME` treat them as images.
 
-Settings: the `renditions:` section, a list; an item is a preset's name (`PRESETS`) or a mapping of
+Settings: the `renditions:` section, a list (or `{only: approved, items: [...]}`: renditions only for
+approved rows, see catalogen/review and flows/run.py); an item is a preset's name (`PRESETS`) or a mapping of
 the fields of `Rendition` (with `preset:` as its defaults). Why one stage with a list, not one
 stage per rendition: a row's sources are read and decoded once for all its renditions, and every
 rendition of a row shares the row's status.
@@ -40,7 +41,7 @@ from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 from PIL import Image, ImageOps
-from pydantic import Field, RootModel, field_validator, model_validator
+from pydantic import Field, PrivateAttr, RootModel, field_validator, model_serializer, model_validator
 
 from catalogen.catalog import Rule
 from catalogen.config import ModelSpec, RunConfig, Strict
@@ -174,14 +175,49 @@ class Rendition(Strict):
         return None if self.background == TRANSPARENT else parse_color(self.background)
 
 
+ONLY = ("all", "approved")
+
+
 class Settings(RootModel[list[Rendition]]):
-    """The renditions each row gets, in order (the `renditions:` section is a list)."""
+    """The renditions each row gets, in order: the `renditions:` section is a list, or a mapping of
+    `items` (that list) and `only`: `approved` makes them for approved rows only (catalogen/review;
+    a row approved later gets them on the next run). `only` is not part of the key."""
 
     root: list[Rendition] = []
+    _only: str = PrivateAttr("all")
+
+    @property
+    def items(self) -> list[Rendition]:
+        return self.root
+
+    @property
+    def only(self) -> str:
+        return self._only
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _section(cls, value: Any, handler: Any) -> "Settings":
+        """The mapping form; a plain list's errors keep their places (`renditions.0.size`)."""
+        if not isinstance(value, Mapping):
+            return handler(value)
+        unknown = sorted(set(value) - {"only", "items"})
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}: the section is a list, or {{only, items}}")
+        only = value.get("only", "all")
+        if only not in ONLY:
+            raise ValueError(f"only: {only!r} is not one of {', '.join(ONLY)}")
+        made = handler(value.get("items", []))
+        made._only = only
+        return made
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        items = handler(self)
+        return items if self._only == "all" else {"only": self._only, "items": items}
 
     @model_validator(mode="after")
     def _unique(self) -> "Settings":
-        names = [r.name for r in self.root]
+        names = [r.name for r in self.items]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"rendition name(s) {', '.join(repeated)} used twice; give each its own `name`")
@@ -247,7 +283,7 @@ def config_faults(cfg: RunConfig) -> list[str]:
     """No rendition at all, or a source stage that does not run before this one."""
     if NAME not in cfg.stages:
         return []
-    renditions = cfg.renditions.root
+    renditions = cfg.renditions.items
     origin = cfg.origin(NAME)
     if not renditions:
         return [f"renditions: the stage runs but no rendition is configured; list some, e.g. "
@@ -273,7 +309,7 @@ def plan(rows: pa.Table, cfg: RunConfig, models: Mapping[str, ModelIdentity]) ->
     """Each row's key: every rendition's settings, and the catalog image's identity; the sources
     from upstream are filled in by the pipeline (nulls here)."""
     sources = catalog_sources(rows)
-    settings = [r.model_dump() for r in cfg.renditions.root]
+    settings = [r.model_dump() for r in cfg.renditions.items]
     keys = pa.array(column_keys([NAME, VERSION, settings], [sources["source_identity"]]), pa.string())
     named = {column: pa.nulls(rows.num_rows, pa.string()) for column, _ in list(SOURCES.values())[1:]}
     return pa.Table.from_pydict(
@@ -388,7 +424,7 @@ def _make(row: dict[str, Any], rendition: Rendition, sources: dict, ctx: StageCo
 def _process_row(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Every rendition of one row; the first that cannot be made fails the row, with its name."""
     made, sources = [], {}
-    for rendition in ctx.config.renditions.root:
+    for rendition in ctx.config.renditions.items:
         try:
             made.append(_make(row, rendition, sources, ctx))
         except ImageLoadError as exc:

@@ -65,9 +65,10 @@ def apply_decisions(table: pa.Table, decisions: Mapping[str, Decision]) -> pa.Ta
             state = "approved" if chosen else "alternate"
             row.update(selected=chosen, review_state=state,
                        review_reason=None if chosen else f"{decision.reviewer} chose variant {decision.variant}")
-        elif row["selected"]:  # reject, regenerate: the id ships nothing
-            reason = decision.reason if decision.decision == "reject" else f"regenerate: {decision.note}".rstrip(": ")
-            row.update(review_state="rejected", review_reason=reason)
+        elif decision.decision == "regenerate" and chosen:  # its new variant (if made yet) is judged on its own
+            row.update(review_state="rejected", review_reason=f"regenerate: {decision.note}".rstrip(": "))
+        elif decision.decision == "reject" and row["selected"]:  # the id ships nothing
+            row.update(review_state="rejected", review_reason=decision.reason)
         else:
             continue
         row.update(review_by=decision.reviewer, review_at=at)
@@ -82,3 +83,14 @@ def current(store: RunStore) -> pa.Table:
     """results.parquet with every review column as of now."""
     table = with_defaults(store.read_table(store.results_path))
     return apply_decisions(table, latest(read(store)))
+
+
+def state_counts(table: pa.Table) -> dict[str, int]:
+    """Rows per review state, every state named (0 where none)."""
+    found = {c["values"]: c["counts"] for c in pc.value_counts(table.column("review_state")).to_pylist()}
+    return {state: int(found.get(state, 0)) for state in STATES}
+
+
+def review_command(root: object) -> str:
+    """The command that opens a run's rows for a person to decide."""
+    return f"catalogen review {root}"

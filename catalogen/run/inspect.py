@@ -14,6 +14,8 @@ import pyarrow.compute as pc
 
 from catalogen.storage.hashing import sha256_file
 from catalogen.run.results import image_prefix, is_image_list, recorded_images
+from catalogen.review.decisions import DecisionError
+from catalogen.review.state import current, state_counts
 from catalogen.stage import SHARED_COLUMNS
 from catalogen.storage.store import STATUSES, SUCCEEDED, RunStateError, RunStore, now_utc
 
@@ -55,7 +57,17 @@ def folder_status(store: RunStore) -> dict[str, Any]:
         counts["pending"] = max(0, rows - newest.num_rows)
         stages[stage] = counts
     return {"rows": rows, "catalog": info.get("catalog", {}).get("path"), "stages": stages, "running": store.holder(),
-            "trial": info.get("trial")}
+            "trial": info.get("trial"), "review": review_status(store)}
+
+
+def review_status(store: RunStore) -> dict[str, int] | None:
+    """Rows per review state as of now (the run's gates, then reviewers' decisions); None before any results."""
+    if not store.results_path.exists():
+        return None
+    try:
+        return state_counts(current(store))
+    except DecisionError as exc:
+        raise RunStateError(str(exc)) from None
 
 
 VERIFY_PREFIX = "verify: "

@@ -40,11 +40,13 @@ from catalogen.catalog import (
     expand_rows,
     read_catalog,
     select_rows,
+    column_or_nulls,
     string_ids,
     validate_catalog,
 )
 from catalogen import registry
 from catalogen.media.credentials import credential_faults
+from catalogen.media.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from catalogen.config import ConfigError, RunConfig, config_model, field_bounds
 from catalogen.run.devices import visible_devices
 from catalogen.storage.hashing import column_keys, sha256_file, stable_hash, text_digest
@@ -57,6 +59,8 @@ from catalogen.models.loading import (
     check_loadable,
     resolve_model,
 )
+from catalogen.review.regenerate import regenerations, with_note
+from catalogen.review.select import settings_faults
 from catalogen.stage import SKIP_COLUMN, Stage
 from catalogen.storage.store import ROW_KEY, RunStore, folder_fault
 
@@ -71,8 +75,10 @@ ROLE_COLUMNS = {
     "prompt": ("prompt", "each row needs a prompt, or configure a `template:` that makes one from its columns"),
     "image": ("image", "each row needs an image (a path or the image's bytes), or run a stage that makes one first"),
 }
-SUMMARY_COLUMNS = ("status", "error", "stage", "image_path", "image_sha256", "image_width", "image_height",
-                   "product_identical")
+SUMMARY_TYPES = {"status": pa.string(), "error": pa.string(), "stage": pa.string(), "image_path": pa.string(),
+                 "image_sha256": pa.string(), "image_width": pa.int32(), "image_height": pa.int32(),
+                 "product_identical": pa.bool_()}
+SUMMARY_COLUMNS = tuple(SUMMARY_TYPES)
 _PACKAGES = ("torch", "diffusers", "transformers", "prefect", "pyarrow", "pydantic")
 
 
@@ -136,6 +142,30 @@ def result_names(cfg: RunConfig) -> set[str]:
     for name, module in stage_modules(cfg).items():
         names |= {f"{name}_{c}" for c in module.OUTPUT_SCHEMA.names if c not in ("id", "variant")}
     return names
+
+
+def result_types(cfg: RunConfig, catalog: pa.Schema) -> dict[str, pa.DataType]:
+    """The columns `select:` and `review:` rules may read, by type: the catalog's, `variant`, the
+    summary (`product_identical`…), every stage's of this run's `stages` (`generate_safety_flagged`,
+    `caption_status`…) and the near-duplicate columns. A column no stage of the run makes is unknown."""
+    types = {f.name: f.type for f in catalog}
+    types.update({"variant": pa.int32(), **SUMMARY_TYPES, **dict(DUPLICATE_COLUMNS)})
+    for name, module in stage_modules(cfg).items():
+        types.update({f"{name}_{f.name}": f.type for f in module.OUTPUT_SCHEMA
+                      if f.name not in ("id", "variant") and not pa.types.is_list(f.type)})
+    return types
+
+
+def review_faults(cfg: RunConfig, catalog: pa.Schema) -> list[str]:
+    """`select:` and `review:` rules the run's columns cannot satisfy (see catalogen/review/select.py)."""
+    return settings_faults(cfg.select, cfg.review, result_types(cfg, catalog), cfg.origin)
+
+
+def faults_error(problems: Sequence[str]) -> ConfigError:
+    """One line for one fault, one indented line each for several."""
+    if len(problems) == 1:
+        return ConfigError(f"invalid configuration: {problems[0]}")
+    return ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def config_faults(cfg: RunConfig) -> list[str]:
@@ -259,6 +289,9 @@ def check(catalog_path: str | Path, cfg: RunConfig) -> tuple[pa.Table, dict]:
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
     catalog = load_checked_catalog(catalog_path, cfg)
+    problems = review_faults(cfg, catalog.schema)
+    if problems:
+        raise faults_error(problems)
     visible_devices(cfg.device)  # a device that is not there fails now, not in every shard
     return catalog, resolve_stage_models(cfg)
 
@@ -278,6 +311,7 @@ class RunPlan:
     upstream: dict[str, dict[str, str | None]] = field(default_factory=dict)
     selection: Selection = Selection()
     scope: np.ndarray | None = None  # per row: in this invocation's trial subset (None: every row)
+    held: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> per row: why it is held back (None: not)
 
     def in_scope(self) -> np.ndarray:
         return np.ones(self.rows.num_rows, dtype=bool) if self.scope is None else self.scope
@@ -311,16 +345,40 @@ def base_prompts(catalog: pa.Table, cfg: RunConfig) -> tuple[pa.Array, pa.Array]
     return pc.cast(prompt, pa.string()), own_negative
 
 
-def plan_rows(catalog: pa.Table, cfg: RunConfig) -> pa.Table:
-    """The (id, variant) rows with everything a stage's plan reads from the catalog."""
-    rows = expand_rows(catalog, cfg.num_variants, cfg.seed)
+def plan_rows(catalog: pa.Table, cfg: RunConfig, regenerated: pa.Table | None = None) -> pa.Table:
+    """The (id, variant) rows with everything a stage's plan reads from the catalog; `regenerated`
+    (catalogen/review/regenerate.py) adds variants, each with its note appended to the prompt."""
+    extra, notes = _regenerated(catalog, cfg, regenerated)
+    rows = expand_rows(catalog, cfg.num_variants, cfg.seed, extra)
     index = rows.column("index").to_numpy()
     positive, negative = base_prompts(catalog, cfg)
-    rows = rows.append_column("prompt", expand(positive, index)).append_column("negative_prompt", expand(negative, index))
+    prompt = expand(positive, index)
+    if notes:
+        keys = zip(rows.column("id").to_pylist(), rows.column("variant").to_pylist(), prompt.to_pylist())
+        prompt = pa.array([with_note(p, notes[(i, v)]) if (i, v) in notes else p for i, v, p in keys], pa.string())
+    rows = rows.append_column("prompt", prompt).append_column("negative_prompt", expand(negative, index))
     for name in [*catalog_rules(cfg), *IMAGE_ROW_COLUMNS]:
         if name in catalog.column_names and name not in rows.column_names:
             rows = rows.append_column(name, expand(catalog.column(name).combine_chunks(), index))
     return rows
+
+
+def _regenerated(catalog: pa.Table, cfg: RunConfig, regenerated: pa.Table | None) -> tuple[np.ndarray | None, dict]:
+    """(per catalog row, the variants regenerations add; (id, variant) -> note). A regeneration is
+    used only where it follows the row's own variants without a gap (num_variants may have changed)."""
+    if regenerated is None or regenerated.num_rows == 0:
+        return None, {}
+    ids = string_ids(catalog).to_pylist()
+    position = {row_id: i for i, row_id in enumerate(ids)}
+    own = pc.fill_null(column_or_nulls(catalog, "num_variants", pa.int64()), cfg.num_variants).to_numpy()
+    extra = np.zeros(catalog.num_rows, dtype=np.int64)
+    notes = {}
+    for entry in regenerated.to_pylist():
+        row = position.get(entry["id"])
+        if row is not None and entry["variant"] == own[row] + extra[row]:
+            extra[row] += 1
+            notes[(entry["id"], entry["variant"])] = entry["note"] or ""
+    return extra, notes
 
 
 def plan_stages(rows: pa.Table, cfg: RunConfig, models: Mapping[str, Mapping[str, ModelIdentity]]) -> dict[str, pa.Table]:
@@ -372,14 +430,15 @@ def prepare(
     """
     catalog_path = location(catalog_path)
     stat = catalog_path.stat() if catalog_path.exists() else None
+    folder = RunStore(out if out is not None else default_out(catalog_path, cfg))
     memo_key = (absolute(catalog_path), stat and (getattr(stat, "st_mtime_ns", stat.st_mtime), stat.st_size),
-                cfg.model_dump_json(), str(out), selection)
+                cfg.model_dump_json(), str(out), selection, regenerations(folder).num_rows)
     if memo_key in _memo:
         return _memo[memo_key]
     catalog, models = check(catalog_path, cfg)
-    rows = plan_rows(catalog, cfg)
-    planned = plan_stages(rows, cfg, models)
     store = RunStore(out if out is not None else default_out(catalog_path, cfg))
+    rows = plan_rows(catalog, cfg, regenerations(store))
+    planned = plan_stages(rows, cfg, models)
     scope = selection.mask(catalog, cfg.seed)[rows.column("index").to_numpy()] if selection else None
     plan = RunPlan(catalog_path, catalog, rows, cfg, store, models, planned, upstreams(cfg.stages), selection, scope)
     _memo.clear()
@@ -636,6 +695,41 @@ def pending_masks(plan: RunPlan, retry_failed: bool, done: Mapping[str, pa.Table
     return masks
 
 
+NOT_APPROVED = "held back: not approved (only: approved); made on the next run after it is approved"
+
+
+def approved_only(cfg: RunConfig) -> list[str]:
+    """The stages that run only for approved rows (a section's `only: approved`, e.g. renditions)."""
+    return [name for name in cfg.stages if getattr(getattr(cfg, name, None), "only", "all") == "approved"]
+
+
+def approved_masks(plan: RunPlan, masks: Mapping[str, np.ndarray], done: Mapping[str, pa.Table],
+                   approved: np.ndarray) -> dict[str, np.ndarray]:
+    """The work of the `approved_only` stages once review states are known (`approved`, per planned row):
+    their pending rows, and rows they held back earlier that are approved now. Sets `plan.held` for
+    the pending rows that are not approved: they are recorded as skipped with `NOT_APPROVED`, so a
+    later approval (a reviewer's decision) makes exactly their renditions on the next run."""
+    second = {name: np.zeros(plan.rows.num_rows, dtype=bool) for name in plan.config.stages}
+    for name in approved_only(plan.config):
+        table = done[name]
+        held = (pc.fill_null(pc.equal(table.column("status"), "skipped"), False).to_numpy(zero_copy_only=False)
+                & pc.fill_null(pc.equal(table.column("error"), NOT_APPROVED), False).to_numpy(zero_copy_only=False))
+        second[name] = masks[name] | (held & approved & plan.in_scope())
+        plan.held[name] = np.where(approved, None, NOT_APPROVED).astype(object)
+    return second
+
+
+def planned_values(plan: RunPlan, results: pa.Table, column: str) -> np.ndarray:
+    """A results column per planned row (matched by id and variant; None where the results lack the row)."""
+    left = pa.table({"id": pc.cast(plan.rows.column("id"), pa.string()), "variant": plan.rows.column("variant"),
+                     "_pos": pa.array(np.arange(plan.rows.num_rows))})
+    right = pa.table({"id": pc.cast(results.column("id"), pa.string()),
+                      "variant": pc.cast(results.column("variant"), plan.rows.schema.field("variant").type),
+                      "_value": results.column(column)})
+    joined = left.join(right, keys=["id", "variant"], join_type="left outer").sort_by("_pos")
+    return joined.column("_value").to_numpy(zero_copy_only=False)
+
+
 @dataclass(frozen=True)
 class Shard:
     name: str
@@ -766,6 +860,8 @@ def stage_input(plan: RunPlan, stage: str, outcomes: ShardOutcomes, masks: Mappi
         index = table.schema.get_field_index(column)
         table = table.set_column(index, column, pc.coalesce(pc.cast(values, table.schema.field(column).type), table.column(column)))
     blocked = pa.array([r for r, keep in zip(blocked_reason(plan, outcomes, stage), mine) if keep], pa.string())
+    if stage in plan.held:  # not approved, under `only: approved` (see `approved_only`)
+        blocked = pc.coalesce(blocked, pa.array(plan.held[stage][outcomes.shard.rows[mine]], pa.string()))
     from catalogen.run.recipe import chain, recipe_columns
 
     # Each row's catalog fields, for the provenance its images carry (`catalogen reproduce`); the

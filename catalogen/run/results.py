@@ -80,8 +80,9 @@ def _summary(plan: RunPlan, stage_tables: dict[str, pa.Table], pending_label: st
             # whether the final image kept the product's pixels: the verdict of the stage that made it
             kept = _text(table.column("product_identical")) if "product_identical" in table.column_names else None
             product[has_image] = None if kept is None else kept[has_image]
+    last = list(stage_tables)[-1]
     status[all_skipped] = "skipped"
-    error[all_skipped] = [f"{plan.config.stages[-1]}: {e}" for e in _text(stage_tables[plan.config.stages[-1]].column("error"))[all_skipped]]
+    error[all_skipped] = [f"{last}: {e}" for e in _text(stage_tables[last].column("error"))[all_skipped]]
     summary = {"status": pa.array(status, pa.string()), "error": pa.array(error, pa.string()),
                "stage": pa.array(reached, pa.string())}
     summary.update({column: pa.array(image[column], typ) for column, typ in IMAGE_FIELDS})
@@ -90,16 +91,19 @@ def _summary(plan: RunPlan, stage_tables: dict[str, pa.Table], pending_label: st
     return summary
 
 
-def assemble_results(plan: RunPlan, pending_label: str | None = None) -> pa.Table:
+def assemble_results(plan: RunPlan, pending_label: str | None = None, leave_out: Sequence[str] = ()) -> pa.Table:
     """The results table: catalog columns, `variant`, summary, then every stage's columns.
 
     A row with no result in a stage failed there (its shard crashed), unless the run was stopped:
-    then its status is `pending_label` (a re-run computes it).
+    then its status is `pending_label` (a re-run computes it). The stages in `leave_out` (those that
+    wait for review states, see flows/run.py) are not part of it.
     """
     table = catalog_as_given(plan.catalog).take(plan.rows.column("index"))
     table = table.append_column("variant", plan.rows.column("variant"))
     stage_tables = {}
     for name, module in stage_modules(plan.config).items():
+        if name in leave_out:
+            continue
         columns = [c for c in module.OUTPUT_SCHEMA.names if c not in ("id", "variant")]
         stage_tables[name] = done_results(plan, name, columns)
     for column, values in _summary(plan, stage_tables, pending_label).items():

@@ -67,12 +67,14 @@ from catalogen.media.duplicates import first_of_each, recorded_max_distance
 from catalogen.storage.hashing import sha256_bytes, sha256_file, stable_hash
 from catalogen.storage.locations import Location, LocationError, absolute, is_remote, location, read_table
 from catalogen.run.results import image_prefix, recorded_images
+from catalogen.review.rules import RuleError, parse_rule, rule_mask
 from catalogen.publish.export.hf import HFParquetWriter, hf_features
 from catalogen.publish.export.imagefolder import ImageFolderWriter
 from catalogen.publish.export.shards import TMP, DummyWriter, ExportError, Layout, Sample, Shard
 from catalogen.publish.export.webdataset import WebDatasetWriter
 from catalogen.storage.store import (
     RunFolderBusy,
+    RunStore,
     hold_folder,
     id_hash,
     lock_holder,
@@ -86,9 +88,6 @@ PENDING = "export.pending.json"
 LOCK = ".export.lock"  # held while an export writes; a second export into the folder is refused
 DEFAULT_TEXT_COLUMNS = ("caption_caption", "enhance_prompt", "generate_prompt", "prompt")
 RESERVED = ("key", "text", "image", "file_name")  # export columns a results column must not shadow
-OPERATORS = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": pc.not_equal,
-             ">": pc.greater, "<": pc.less}
-WHERE_PATTERN = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*(.*?)\s*$")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -102,6 +101,7 @@ class ExportOptions:
     include_degenerate: bool = False  # keep rows whose text its stage marked degenerate
     dedupe: bool = False  # leave out near-duplicates of an earlier exported row (catalogen/media/duplicates.py)
     where: tuple[str, ...] = ()  # "COLUMN>=VALUE" filters, all must hold
+    review: str | None = None  # "approved" or "selected": only those rows, as decided now (catalogen/review/state.py)
     split: str = "train=1"  # "train=0.9,val=0.1"
     shard_size: int = 1000  # rows per shard
     overwrite: bool = False
@@ -168,55 +168,21 @@ def sample_key(row_id: str, variant: int) -> str:
     return f"{safe_name(row_id)}-{id_hash(row_id)}-v{variant}"
 
 
-def _where_value(text: str, column: str, typ: pa.DataType, clause: str) -> pa.Scalar:
-    """The filter's value as a scalar comparable with the column."""
-    if pa.types.is_integer(typ) and re.fullmatch(r"[+-]?\d+", text):
-        return pa.scalar(int(text), pa.int64())  # exact, also beyond 2**53 (seeds)
-    if pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ):
-        try:
-            return pa.scalar(float(text), pa.float64())
-        except ValueError:
-            raise ExportError(f"--where {clause!r}: column {column} holds numbers ({typ}); {text!r} is not one") from None
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            text = text[1:-1]
-        return pa.scalar(text, pa.string())
-    if pa.types.is_boolean(typ):
-        if text.lower() not in ("true", "false"):
-            raise ExportError(f"--where {clause!r}: column {column} holds true/false; {text!r} is neither")
-        return pa.scalar(text.lower() == "true")
-    if pa.types.is_timestamp(typ) or pa.types.is_date(typ):
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise ExportError(f"--where {clause!r}: column {column} holds times; {text!r} is not an ISO date/time") from None
-        if pa.types.is_timestamp(typ) and typ.tz and moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return pa.scalar(moment if pa.types.is_timestamp(typ) else moment.date(), typ)
-    raise ExportError(f"--where {clause!r}: column {column} holds {typ}, which filters cannot compare")
-
-
 def parse_where(clause: str) -> tuple[str, str, str]:
-    """`caption_clip_score>=25` -> ("caption_clip_score", ">=", "25"); the syntax alone, no column check."""
-    match = WHERE_PATTERN.match(clause)
-    if not match:
-        raise ExportError(f"--where {clause!r} is not COLUMN<op>VALUE with <op> one of {', '.join(OPERATORS)}, "
-                          "e.g. caption_clip_score>=25")
-    column, op, text = match.groups()
-    return column, op, text
+    """`caption_clip_score>=25` -> ("caption_clip_score", ">=", "25"); the syntax alone, no column check
+    (catalogen/review/rules.py: the same rules as `select.require` and `review:`)."""
+    try:
+        return parse_rule(clause)
+    except RuleError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def where_mask(table: pa.Table, clause: str, source: str = "results.parquet") -> pa.Array:
-    """The rows for which one `COLUMN<op>VALUE` filter holds (a null never does)."""
-    column, op, text = parse_where(clause)
-    if column not in table.column_names:
-        raise ExportError(f"--where {clause!r}: {source} has no column {column!r}; its columns: "
-                          f"{', '.join(table.column_names)}")
-    values = table.column(column)
-    scalar = _where_value(text, column, values.type, clause)
-    if scalar.type == pa.float64() and not pa.types.is_floating(values.type):
-        values = pc.cast(values, pa.float64(), safe=False)  # an integer column against 2.5
-    return pc.fill_null(OPERATORS[op](values, scalar), False)
+    """The rows for which one `COLUMN<op>VALUE` filter holds (a null never does; `== null` asks for one)."""
+    try:
+        return rule_mask(table, clause, "--where", source)
+    except RuleError as exc:
+        raise ExportError(str(exc)) from None
 
 
 # --- rows and columns ------------------------------------------------------------------------
@@ -329,6 +295,35 @@ def dedupe_distance(results: pa.Table, run_dir: Path) -> int:
     return max_distance
 
 
+REVIEW_CHOICES = ("approved", "selected")
+
+
+def _reviewed(results: pa.Table, kept: pa.Array, wanted: str, excluded: dict[str, int]) -> pa.Array:
+    """Narrow `kept` to the approved (or selected) rows; count the others by review state and reason."""
+    if wanted not in REVIEW_CHOICES:
+        raise ExportError(f"review {wanted!r} is not one of {', '.join(REVIEW_CHOICES)}")
+    chosen = results.column("selected") if wanted == "selected" else pc.equal(results.column("review_state"), "approved")
+    narrower = pc.and_(kept, pc.fill_null(chosen, False))
+    left = results.filter(pc.and_(kept, pc.invert(narrower))).select(["review_state", "review_reason"])
+    for row in left.group_by(["review_state", "review_reason"]).aggregate([([], "count_all")]).to_pylist():
+        reason = f"{row['review_state']}: {row['review_reason']}" if row["review_reason"] else row["review_state"]
+        excluded[f"not {wanted}: {reason}"] = row["count_all"]
+    return narrower
+
+
+def decided_results(results: pa.Table, run_dir: Location) -> tuple[pa.Table, str]:
+    """The results with every review column as of now (reviewers' decisions applied), and a digest of
+    the decisions (an export of approved rows is another export once a decision is added)."""
+    from catalogen.review.decisions import DecisionError, latest, read
+    from catalogen.review.state import apply_decisions, with_defaults
+
+    try:
+        decisions = read(RunStore(run_dir))
+    except DecisionError as exc:
+        raise ExportError(f"{run_dir}: {exc}") from None
+    return apply_decisions(with_defaults(results), latest(decisions)), stable_hash(sorted(d.name for d in decisions))
+
+
 def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Selection:
     """Apply status, filters, image and text presence; attach key and split. Checks options first."""
     # 1. Check every option against the results before dropping any row.
@@ -342,6 +337,8 @@ def select_rows(results: pa.Table, options: ExportOptions, run_dir: Path) -> Sel
     # 2. Keep ok rows, then those every filter keeps, then those with an image and a text.
     kept = pc.fill_null(pc.equal(results.column("status"), "ok"), False)
     excluded = {"not_ok": results.num_rows - _count(kept)}
+    if options.review is not None:
+        kept = _reviewed(results, kept, options.review, excluded)
     for clause, mask in zip(options.where, masks):
         narrower = pc.and_(kept, mask)
         excluded[f"where {clause}"] = _count(kept) - _count(narrower)
@@ -580,7 +577,8 @@ def fingerprint_of(options: ExportOptions, results_sha256: str) -> str:
     """What decides the files an export writes: the same fingerprint may resume the same folder."""
     return stable_hash("export", EXPORT_VERSION, options.format, results_sha256, options.image_stage, options.text,
                        list(options.where), parse_split(options.split), options.shard_size, options.include_degenerate,
-                       *(("dedupe",) if options.dedupe else ()))  # absent when off: earlier fingerprints stay valid
+                       *(("dedupe",) if options.dedupe else ()),  # absent when off: earlier fingerprints stay valid
+                       *(("review", options.review) if options.review else ()))
 
 
 def _file_entry(out: Path, relative: str, rows: int) -> dict[str, Any]:
@@ -617,6 +615,9 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     if options.shard_size < 1:
         raise ExportError(f"--shard-size {options.shard_size}: a shard holds at least one row")
     results = load_results(run_dir)
+    decided = ""
+    if options.review is not None:
+        results, decided = decided_results(results, run_dir)
     selection = select_rows(results, options, run_dir)
     fractions = parse_split(options.split)
     shards, members = plan_shards(selection.splits, list(fractions), options.shard_size)
@@ -624,7 +625,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
     if options.format == "hf":
         hf_features(layout.schema)  # the extra is installed and every column has a `datasets` type
     results_sha256 = sha256_file(run_dir / "results.parquet")
-    fingerprint = fingerprint_of(options, results_sha256)
+    fingerprint = fingerprint_of(options, results_sha256 + decided)
 
     # 2. Claim the output folder, refused before anything is created; say what this export will own
     # before writing any of it.
@@ -662,7 +663,7 @@ def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions,
             "results_sha256": results_sha256, "fingerprint": fingerprint,
             "options": {"image_stage": options.image_stage, "text": options.text, "where": list(options.where),
                         "include_degenerate": options.include_degenerate, "dedupe": options.dedupe,
-                        "split": fractions, "shard_size": options.shard_size},
+                        "review": options.review, "split": fractions, "shard_size": options.shard_size},
             "text_column": selection.text_column, "image_column": selection.image_column,
             "rows": total, "splits": _split_counts(fractions, members, shards), "excluded": selection.excluded,
             "shards": entries, "owned": owned,
