@@ -111,6 +111,18 @@ class Workers:
             if not any((worker, seq) in loads for loads in self.load_seconds.values()):
                 seconds[(worker, seq)] = took  # a load two shards saw counts once, for the first one's stage
 
+    def merge(self, other: Workers) -> None:
+        """Take in what another drive of the same run saw (the stages held back for approval)."""
+        self.shards.update(other.shards)
+        for worker, loads in other.loads.items():
+            self.loads.setdefault(worker, {}).update(loads)
+        for stage, workers in other.stage_workers.items():
+            self.stage_workers.setdefault(stage, set()).update(workers)
+        for stage, loads in other.load_seconds.items():
+            for load, took in loads.items():
+                if not any(load in seen for seen in self.load_seconds.values()):
+                    self.load_seconds.setdefault(stage, {})[load] = took
+
     def stage_loads(self) -> dict[str, dict[str, float]]:
         """Per stage: the workers that ran it and the seconds the models it loaded took in each
         (`catalogen.run.dryrun` adds them once per worker, apart from the seconds per row)."""

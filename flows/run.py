@@ -350,9 +350,7 @@ def _approved_stages(plan: RunPlan, masks, results, driven: _Driven, where: Plac
     driven.budget = driven.budget or more.budget
     driven.crashed += more.crashed
     driven.stopped |= more.stopped
-    for worker, shards in more.workers.shards.items():
-        driven.workers.shards[worker] += shards
-        driven.workers.loads.setdefault(worker, {}).update(more.workers.loads.get(worker, {}))
+    driven.workers.merge(more.workers)
     return _with_columns_of(assemble_results(plan, pending_label="pending" if driven.stopped else None), results)
 
 
