@@ -124,7 +124,7 @@ def test_totals_in_run_json_status_and_the_report_agree_to_the_cent(runs):
     cents = f"{results.cost.sum():,.2f}"
     status = status_output(folder)
     assert f"spent by all runs: {results.device_seconds.sum():,.1f} device-seconds" in status
-    assert re.search(rf"spent by all runs: .* on {ROWS} rows, cost {re.escape(cents)}$", status, re.M), status
+    assert re.search(rf"spent by all runs: .* on {ROWS} stage-rows, cost {re.escape(cents)}$", status, re.M), status
     last = recorded[-1]
     assert f"spent by the last run: {last['device_seconds']:,.1f} device-seconds" in status
     assert status.count("cost ") == 2 and f"cost {last['cost']:,.2f}" in status
@@ -148,9 +148,9 @@ def test_without_costs_every_cost_is_null_not_0():
     meter.add("generate", free)
     assert meter.totals()["cost"] is None
     info = {"invocations": [{"costs": meter.totals()}]}
-    assert spending_lines(info) == ["spent by the last run: 3.0 device-seconds (0.000833 device-hours) on 2 rows, "
+    assert spending_lines(info) == ["spent by the last run: 3.0 device-seconds (0.000833 device-hours) on 2 stage-rows, "
                                     "cost unknown (no `costs:` price)",
-                                    "spent by all runs: 3.0 device-seconds (0.000833 device-hours) on 2 rows, "
+                                    "spent by all runs: 3.0 device-seconds (0.000833 device-hours) on 2 stage-rows, "
                                     "cost unknown (no `costs:` price)"]
 
 

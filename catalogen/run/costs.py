@@ -215,9 +215,10 @@ def money(value: float | None) -> str:
 
 
 def spent_text(totals: Mapping[str, Any]) -> str:
-    """`123.4 device-seconds (0.0343 device-hours) on 12 rows, cost 0.41`"""
+    """`123.4 device-seconds (0.0343 device-hours) on 12 stage-rows, cost 0.41`: a row counts once per
+    stage it went through, so 25 rows of generate -> caption are 50 stage-rows."""
     seconds = totals.get("device_seconds", 0.0)
-    return (f"{seconds:,.1f} device-seconds ({amount(seconds / 3600.0)} device-hours) on {totals.get('rows', 0):,} "
+    return (f"{seconds:,.1f} device-seconds ({amount(seconds / 3600.0)} device-hours) on {totals.get('rows', 0):,} stage-"
             f"rows, cost {money(totals.get('cost'))}")
 
 
