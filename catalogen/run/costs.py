@@ -31,9 +31,14 @@ UNITS = {"device_hours": "device-hours", "cost": "cost", "wall_hours": "wall-hou
 
 def price(costs: Mapping[str, float], device: Device) -> float | None:
     """The device's price per hour: by its model name, else its kind (`cuda`, `cpu`); None if neither."""
-    if device.model and device.model in costs:
-        return costs[device.model]
-    return costs.get(device.kind)
+    return hourly(costs, device.kind, device.model)
+
+
+def hourly(costs: Mapping[str, float], kind: str, name: str | None = None) -> float | None:
+    """The price per hour of a device kind, or of its name (`NVIDIA H100 80GB HBM3`) where priced."""
+    if name and name in costs:
+        return float(costs[name])
+    return float(costs[kind]) if kind in costs else None
 
 
 def with_device_time(part: pa.Table, held_seconds: float, hourly: float | None) -> pa.Table:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalogen import registry
+from catalogen.run.costs import hourly
 from catalogen.run.measurements import (folder_key, key_hash, measurement_key, read_measurement, usable,
                                         write_measurement)
 from catalogen.stage import SKIP_COLUMN
@@ -56,12 +57,9 @@ def device_kind(name: str | None) -> str | None:
 
 
 def price(costs: Mapping[str, float], kind: str) -> float | None:
-    """The price per device-hour of a device kind (`cuda:NVIDIA H100 80GB HBM3`): its name's, else its kind's."""
+    """The price per device-hour of a measurement's device (`cpu`, `cuda:NVIDIA H100 80GB HBM3`)."""
     base, _, name = kind.partition(":")
-    for candidate in (name, kind, base):
-        if candidate and candidate in costs:
-            return float(costs[candidate])
-    return None
+    return hourly(costs, base, name or None)
 
 
 @contextmanager
