@@ -3,7 +3,7 @@ server as users start it (the CLI, a subprocess), decisions checked on disk (dec
 state.current), not only on the page.
 
 One tiny run of 4 ids x 3 variants is made once for the module; tests that change the folder
-beyond decisions work on a copy. The bucket case uses test_object_storage's moto S3 server.
+beyond decisions work on a copy. The whole loop (4 variants scored, ranked, gated, decided) makes its own. The bucket case uses test_object_storage's moto S3 server.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -465,3 +466,50 @@ def test_a_run_folder_in_a_bucket_is_reviewed_and_its_decisions_are_objects_ther
     assert (kept.decision, kept.reason, kept.reviewer) == ("reject", "wrong colour", "erin")
     assert fs.ls(f"{BUCKET}/review-run/{decisions.FOLDER}") == [f"{BUCKET}/review-run/{decisions.FOLDER}/{kept.name}"]
     assert server.products(state="rejected")["items"][0]["by"] == "erin"
+
+
+# --- the whole loop -------------------------------------------------------------------------------
+
+
+def test_the_whole_loop_scores_ranks_gates_and_a_person_decides_in_the_page(chromium, servers, tmp_path):
+    """num_variants 4 -> score -> select (a weighted score) -> gates (a person decides every product)
+    -> the page by keyboard: the best candidate is the one shown large, and the decisions are the rows'."""
+    catalog = write_catalog(tmp_path / "catalog.parquet", {"id": ["mug", "vase"], "prompt": ["a blue mug", "a tall vase"]})
+    out = tmp_path / "out"
+    overrides = {**FAST, "num_variants": 4, "stages": ["generate", "score"],
+                 "select": {"by": "score_aesthetic + 0.05 * score_clip"},
+                 "review": {"reject_if": ["generate_safety_flagged == true"], "approve_if": []}}
+    def flow() -> dict:
+        state = catalogen_run(catalog=str(catalog), out=str(out), overrides=overrides, return_state=True)
+        return run_summary(state)
+
+    with ThreadPoolExecutor(1) as thread:  # Playwright's event loop runs in this one: the flow runs beside it
+        assert thread.submit(flow).result()["ok"] == 8
+
+    made = pq.read_table(out / "results.parquet").to_pylist()
+    best = {}
+    for row_id in ("mug", "vase"):
+        rows = [r for r in made if r["id"] == row_id]
+        # ranked by the weighted score, highest first (ties to the lower variant), computed here from the columns
+        order = sorted(rows, key=lambda r: (-(r["score_aesthetic"] + 0.05 * r["score_clip"]), r["variant"]))
+        assert [r["select_rank"] for r in order] == [1, 2, 3, 4]
+        best[row_id] = order[0]["variant"]
+        assert [(r["variant"], r["selected"], r["review_state"]) for r in order] == \
+            [(best[row_id], True, "needs_review")] + [(r["variant"], False, "alternate") for r in order[1:]]
+        assert order[0]["review_reason"] == "no review.approve_if rule: a person decides"
+
+    server = serve(servers, out, "--reviewer", "dana")
+    page = Page(chromium, server)
+    assert page.listed_states() == {"mug": "needs_review", "vase": "needs_review"}
+    assert page.shown() == "mug" and page.page.get_attribute("#main", "data-variant") == str(best["mug"])
+    page.decide("a")
+    page.key("j")
+    assert page.page.get_attribute("#main", "data-variant") == str(best["vase"])
+    page.decide("3")  # the third candidate, variant 2, ships instead
+    now = states(out)
+    assert now[("mug", best["mug"])] == ("approved", None, "dana", True)
+    assert now[("vase", 2)][0::3] == ("approved", True)
+    assert [now[("vase", v)][0] for v in (0, 1, 3)] == ["alternate"] * 3
+    assert page.listed_states() == {"mug": "approved", "vase": "approved"} and page.errors == []
+    page.close()
+    assert server.stop() == (0, "")
