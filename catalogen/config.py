@@ -67,6 +67,14 @@ class ModelSpec(Strict):
     )
 
 
+def as_model_spec(value: Any, kind: str) -> Any:
+    """A setting that names only a repo id or folder (`caption.model: Salesforce/blip2-opt-6.7b`) as a
+    model spec of the kind the setting loads; a full spec is left as it is (a `mode="before"` validator)."""
+    if isinstance(value, str):
+        return {"repo": value, "kind": kind}
+    return value
+
+
 class DiffusionSpec(ModelSpec):
     """A Stable Diffusion pipeline, and the image sizes it can make."""
 

@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 
 from catalogen.run.batching import AdaptiveBatcher, Outcome, record_batches
 from catalogen.catalog import Rule
-from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.config import ModelSpec, RunConfig, Strict, as_model_spec
 from catalogen.storage.hashing import column_keys, sha256_bytes
 from catalogen.media.images import (
     ImageLoadError,
@@ -76,13 +76,6 @@ PROFILES: dict[str, dict[str, ModelSpec]] = {
 ClipText = Literal["prompt", "base_prompt", "caption"]
 
 
-def _as_spec(value: Any, kind: str) -> Any:
-    """A plain repo id or folder (`caption.model: Salesforce/blip2-opt-6.7b`) as a model spec."""
-    if isinstance(value, str):
-        return {"repo": value, "kind": kind}
-    return value
-
-
 class Settings(Strict):
     """Captioning and scoring settings, one set for the whole run."""
 
@@ -106,12 +99,12 @@ class Settings(Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _captioner_spec(cls, value: Any) -> Any:
-        return _as_spec(value, CAPTIONER_KIND)
+        return as_model_spec(value, CAPTIONER_KIND)
 
     @field_validator("clip_model", mode="before")
     @classmethod
     def _clip_spec(cls, value: Any) -> Any:
-        return _as_spec(value, CLIP_KIND)
+        return as_model_spec(value, CLIP_KIND)
 
 
 PLAN_FIELDS = [

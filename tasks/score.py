@@ -34,7 +34,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from catalogen.catalog import Rule
-from catalogen.config import ModelSpec, RunConfig, Strict
+from catalogen.config import ModelSpec, RunConfig, Strict, as_model_spec
 from catalogen.media.images import ImageLoadError, ImageSettings, catalog_sources, read_planned
 from catalogen.models.aesthetic import KIND as HEAD_KIND
 from catalogen.models.aesthetic import AestheticHead, load_head
@@ -75,13 +75,6 @@ PROFILES: dict[str, dict[str, ModelSpec]] = {
 }
 
 
-def _as_spec(value: Any, kind: str) -> Any:
-    """A plain repo id or folder (`score.clip_model: openai/clip-vit-large-patch14`) as a model spec."""
-    if isinstance(value, str):
-        return {"repo": value, "kind": kind}
-    return value
-
-
 class Settings(Strict):
     """Scoring settings, one set for the whole run."""
 
@@ -101,12 +94,12 @@ class Settings(Strict):
     @field_validator("clip_model", mode="before")
     @classmethod
     def _clip_spec(cls, value: Any) -> Any:
-        return _as_spec(value, CLIP_KIND)
+        return as_model_spec(value, CLIP_KIND)
 
     @field_validator("aesthetic_model", mode="before")
     @classmethod
     def _head_spec(cls, value: Any) -> Any:
-        return _as_spec(value, HEAD_KIND)
+        return as_model_spec(value, HEAD_KIND)
 
 
 PLAN_FIELDS = [
