@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -115,12 +114,13 @@ def end_process_after(seconds: float) -> None:
 
 def _end_process(why: str) -> None:
     """Exit now with the stop's code: rows not finished stay pending (parts are written whole)."""
-    log.warning("%s: ending the process; rows not finished stay pending, run the same command again to resume", why)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    # Straight to the file descriptor: a thread stuck mid-write may hold the logging handler's or the
+    # stream's lock, and a watchdog that waits on it would not end the process.
+    line = f"{why}: ending the process; rows not finished stay pending, run the same command again to resume\n"
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
     os._exit(exit_code())
 
 
