@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import urllib.error
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -512,4 +513,19 @@ def test_the_whole_loop_scores_ranks_gates_and_a_person_decides_in_the_page(chro
     assert [now[("vase", v)][0] for v in (0, 1, 3)] == ["alternate"] * 3
     assert page.listed_states() == {"mug": "approved", "vase": "approved"} and page.errors == []
     page.close()
+    assert server.stop() == (0, "")
+
+
+def test_open_hands_the_printed_url_to_the_browser(run, servers, tmp_path):
+    # webbrowser honours $BROWSER: a script that records what it was asked to open stands in for one.
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf "%s\\n" "$1" >> {opened}\n')
+    browser.chmod(0o755)
+    server = serve(servers, run, "--open", env={**cli_env(), "BROWSER": f"{browser} %s"})
+    for _ in range(100):
+        if opened.exists() and opened.read_text():
+            break
+        time.sleep(0.1)
+    assert opened.read_text().splitlines() == [server.url]  # once, the URL with its token, as printed
     assert server.stop() == (0, "")
